@@ -1,0 +1,5 @@
+"""``python -m slimdeploy`` runs the command line."""
+
+from slimdeploy.cli import main
+
+main()

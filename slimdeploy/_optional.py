@@ -1,0 +1,51 @@
+"""Lazy imports of heavy, optional dependencies.
+
+``optional_import("torch", extra="export")`` returns the module or raises
+``BackendUnavailableError`` with the install command, so a missing backend is exit code 3 with
+a message, never an ImportError traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from types import ModuleType
+
+from slimdeploy.errors import BackendUnavailableError
+
+# How each optional module is installed. torch is pinned to the CPU wheel on purpose: a plain
+# "torch" requirement pulls a multi-GB CUDA build.
+INSTALL_HINTS: dict[str, str] = {
+    "torch": "pip install torch==2.13.0 'slimdeploy[export]'",
+    "onnxslim": "pip install 'slimdeploy[export]'",
+    "onnxscript": "pip install 'slimdeploy[export]'",
+    "sklearn": "pip install 'slimdeploy[export]'",
+    "tensorrt": "pip install 'slimdeploy[trt]' (or use the slimdeploy TensorRT image)",
+    "cuda": "pip install 'slimdeploy[trt]'",
+}
+
+
+def is_available(name: str) -> bool:
+    """True when ``name`` can be imported (checked without importing it)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def optional_import(name: str, purpose: str = "") -> ModuleType:
+    """Import ``name`` or raise ``BackendUnavailableError`` naming the install command.
+
+    Args:
+        name: module to import, e.g. ``"torch"``.
+        purpose: what needed it, for the message (e.g. ``"export"``). Defaults to "".
+    """
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        top = name.split(".")[0]
+        hint = INSTALL_HINTS.get(top, f"pip install {top}")
+        need = f" to {purpose}" if purpose else ""
+        raise BackendUnavailableError(
+            f"{top} is needed{need} but cannot be imported ({exc}) | Fix: {hint}"
+        ) from exc

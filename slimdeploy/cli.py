@@ -1,0 +1,393 @@
+"""The ``slimdeploy`` command line: thin typer commands over the library functions.
+
+Exit codes (DESIGN.md §8): 0 success; 1 a check failed (parity, lint); 2 bad invocation or bad
+input; 3 a backend is not available here. Domain errors (``SlimDeployError``) print one line
+without a traceback; ``SLIMDEPLOY_DEBUG=1`` shows it. Anything else is a bug and shows its
+traceback. Progress goes to stderr; results to stdout (or ``--json FILE|-``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from slimdeploy.errors import BadInputError, CheckFailedError, OutputExistsError, SlimDeployError
+
+app = typer.Typer(
+    name="slimdeploy",
+    help="Deploy slim and dynamic CNNs to ONNX Runtime and TensorRT, with parity checks.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+zoo_app = typer.Typer(help="Architectures and shipped demo checkpoints.", no_args_is_help=True)
+app.add_typer(zoo_app, name="zoo")
+
+out_console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+# Shared options, defined once.
+JsonOpt = Annotated[str | None, typer.Option("--json", help="Write the result as JSON to FILE, or '-' for stdout.")]
+ThreadsOpt = Annotated[int, typer.Option(help="Intra-op threads; 0 lets the backend choose.")]
+DeviceOpt = Annotated[str, typer.Option(help="ONNX Runtime device: cpu or cuda.")]
+AtolOpt = Annotated[float | None, typer.Option(help="Absolute tolerance for every output (default by precision: fp32 1e-4).")]
+RtolOpt = Annotated[float | None, typer.Option(help="Relative tolerance for every output (default by precision: fp32 1e-3).")]
+
+
+def _tolerances(atol: float | None, rtol: float | None, precision: str = "fp32") -> dict[str, tuple[float, float]] | None:
+    """Override the precision's default tolerances with --atol/--rtol where given."""
+    if atol is None and rtol is None:
+        return None
+    from slimdeploy.parity import DEFAULT_TOLERANCES
+
+    default_atol, default_rtol = DEFAULT_TOLERANCES[precision][""]
+    return {"": (default_atol if atol is None else atol, default_rtol if rtol is None else rtol)}
+
+
+class StepPrinter:
+    """Progress on stderr: one line per step with the elapsed time, readable in CI logs."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.started = time.perf_counter()
+        self.quiet = quiet
+
+    def __call__(self, message: str) -> None:
+        if not self.quiet:
+            err_console.print(f"[dim]{time.perf_counter() - self.started:6.1f}s[/dim] {escape(message)}")
+
+
+def _parse_json_arg(text: str | None, option: str) -> dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BadInputError(f"{option} is not valid JSON ({exc}) | Fix: e.g. {option} '{{\"width_mult\": 0.5}}'") from exc
+    if not isinstance(value, dict):
+        raise BadInputError(f"{option} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _parse_ints(text: str, option: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as exc:
+        raise BadInputError(f"{option} takes comma-separated integers, got '{text}'") from exc
+    if not values or any(v < 1 for v in values):
+        raise BadInputError(f"{option} takes positive integers, got '{text}'")
+    return values
+
+
+def _emit_json(data: Any, target: str | None) -> None:
+    if target is None:
+        return
+    text = json.dumps(data, indent=2, default=str)
+    if target == "-":
+        sys.stdout.write(text + "\n")
+    else:
+        Path(target).write_text(text + "\n")
+
+
+def _resolve_checkpoint(checkpoint: str) -> Path:
+    """A path, or ``zoo:NAME`` for a shipped demo checkpoint."""
+    if checkpoint.startswith("zoo:"):
+        from slimdeploy.zoo import zoo_checkpoint_path
+
+        return zoo_checkpoint_path(checkpoint[len("zoo:"):])
+    return Path(checkpoint)
+
+
+def _parity_table(report: Any) -> Table:
+    table = Table(title=f"parity: {report.candidate} vs {report.reference} ({report.samples} samples)")
+    for column in ("output", "batch", "max abs", "mean abs", "max rel", "atol / rtol", "result"):
+        table.add_column(column)
+    for result in report.outputs:
+        table.add_row(
+            result.name, str(result.batch_size), f"{result.max_abs:.2e}", f"{result.mean_abs:.2e}",
+            f"{result.max_rel:.2e}", f"{result.atol:g} / {result.rtol:g}",
+            "[green]pass[/green]" if result else "[red]FAIL[/red]",
+        )
+    return table
+
+
+def _print_parity(report: Any, json_target: str | None) -> None:
+    quiet = json_target == "-"
+    if not quiet:
+        out_console.print(_parity_table(report))
+        if report.task is not None:
+            task = report.task
+            line = f"top-1 agreement {task.top1_agreement:.1%}, top-5 {task.top5_agreement:.1%}"
+            if task.accuracy_reference is not None:
+                line += f"; accuracy reference {task.accuracy_reference:.1%}, candidate {task.accuracy_candidate:.1%}"
+            out_console.print(line)
+        for failure in report.failures:
+            out_console.print(f"[red]failed:[/red] {escape(failure)}")
+        verdict = "[green]PASSED[/green]" if report.passed else "[red]FAILED[/red]"
+        out_console.print(f"parity {verdict}")
+
+
+@app.command()
+def export(
+    checkpoint: Annotated[str, typer.Argument(help="Checkpoint file, or zoo:NAME for a shipped demo model.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Bundle directory to create.")] = Path("bundle"),
+    arch: Annotated[str | None, typer.Option(help="Architecture (needed when the checkpoint does not name one).")] = None,
+    arch_args: Annotated[str | None, typer.Option("--arch-args", help="Constructor arguments as a JSON object.")] = None,
+    target: Annotated[str, typer.Option(help="Deployment target: ort (ONNX Runtime).")] = "ort",
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow a pickled nn.Module checkpoint (runs code from the file).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
+    data: Annotated[Path | None, typer.Option(help=".npz/.npy of parity inputs (keys: input, labels). Default: digits held-out split.")] = None,
+    samples: Annotated[int, typer.Option(help="Held-out samples for parity and the golden file.")] = 32,
+    batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Batch sizes to check parity at, comma-separated.")] = "1,16",
+    opset: Annotated[int | None, typer.Option(help="ONNX opset (default 18).")] = None,
+    no_simplify: Annotated[bool, typer.Option("--no-simplify", help="Skip onnxslim simplification.")] = False,
+    no_reference_weights: Annotated[bool, typer.Option("--no-reference-weights", help="Do not store the PyTorch weights in the bundle.")] = False,
+    atol: AtolOpt = None,
+    rtol: RtolOpt = None,
+    threads: ThreadsOpt = 0,
+    json_out: JsonOpt = None,
+) -> None:
+    """Export a checkpoint to a parity-checked bundle (exit 1 if parity fails; the bundle is still written)."""
+    from slimdeploy.export import export as run_export
+
+    result = run_export(
+        _resolve_checkpoint(checkpoint),
+        out,
+        arch=arch,
+        arch_args=_parse_json_arg(arch_args, "--arch-args"),
+        target=target,
+        trust_pickle=trust_pickle,
+        force=force,
+        data=data,
+        samples=samples,
+        batch_sizes=_parse_ints(batch_sizes, "--batch-sizes"),
+        opset=opset,
+        simplify=not no_simplify,
+        tolerances=_tolerances(atol, rtol),
+        threads=threads,
+        reference_weights=not no_reference_weights,
+        progress=StepPrinter(),
+    )
+    _print_parity(result.report, json_out)
+    for note in result.notes:
+        err_console.print(f"[yellow]note:[/yellow] {escape(note)}")
+    if json_out != "-":
+        model = result.manifest["model"]
+        out_console.print(
+            f"bundle [bold]{escape(str(result.bundle))}[/bold]: {model['arch']}, {model['params']:,} parameters, "
+            f"{model['macs'] / 1e6:.1f} M MACs, exported in {result.manifest['export']['seconds_total']:.1f}s"
+        )
+    _emit_json({"bundle": str(result.bundle), "manifest": result.manifest, "report": result.report.to_dict()}, json_out)
+    if not result.passed:
+        raise CheckFailedError(f"parity failed for '{result.bundle}' (report.json has the details)")
+
+
+@app.command()
+def check(
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
+    data: Annotated[Path | None, typer.Option(help=".npz with input (and ref_<output>, labels); default: the bundle's golden file.")] = None,
+    batch_sizes: Annotated[str | None, typer.Option("--batch-sizes", help="Comma-separated batch sizes (default: the manifest's).")] = None,
+    atol: AtolOpt = None,
+    rtol: RtolOpt = None,
+    device: DeviceOpt = "cpu",
+    threads: ThreadsOpt = 0,
+    json_out: JsonOpt = None,
+    junit: Annotated[Path | None, typer.Option(help="Write a JUnit XML report here (for CI).")] = None,
+) -> None:
+    """Re-check a bundle's parity from the bundle alone (no torch needed). Exit 1 on failure."""
+    from slimdeploy.parity import check_bundle
+
+    report = check_bundle(
+        bundle,
+        data=data,
+        batch_sizes=_parse_ints(batch_sizes, "--batch-sizes") if batch_sizes else None,
+        tolerances=_tolerances(atol, rtol),
+        device=device,
+        threads=threads,
+        progress=StepPrinter(quiet=json_out == "-"),
+    )
+    _print_parity(report, json_out)
+    if json_out:
+        report.write_json(json_out)
+    if junit:
+        report.write_junit(junit)
+    if not report.passed:
+        raise CheckFailedError(f"parity failed for '{bundle}'")
+
+
+@app.command()
+def run(
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
+    inputs: Annotated[Path, typer.Option("--inputs", help=".npz keyed by graph input name.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help=".npz to write, keyed by graph output name.")],
+    batch: Annotated[int, typer.Option(help="Run at most this many rows per call; 0 = all at once.")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
+    device: DeviceOpt = "cpu",
+    threads: ThreadsOpt = 0,
+) -> None:
+    """Run a bundle on inputs from an .npz file and write its outputs to an .npz file."""
+    from slimdeploy.bundle import bundle_runner, load_bundle
+    from slimdeploy.parity import run_batches
+
+    if out.exists() and not force:
+        raise OutputExistsError(f"'{out}' already exists | Fix: choose another --out, or pass --force")
+    loaded = load_bundle(bundle)
+    if not inputs.is_file():
+        raise BadInputError(f"inputs file '{inputs}' does not exist | Fix: check the path")
+    try:
+        with np.load(inputs, allow_pickle=False) as npz:
+            feed = {key: npz[key] for key in npz.files}
+    except (ValueError, OSError) as exc:
+        raise BadInputError(f"cannot read '{inputs}' as .npz ({exc}) | Fix: save it with numpy.savez") from exc
+    with bundle_runner(loaded, device=device, threads=threads) as runner:
+        if batch:
+            from slimdeploy.engines.base import check_feed
+
+            check_feed(feed, runner.input_metadata())
+            outputs = run_batches(runner, feed, batch, batch_inputs=[loaded.input_names[0]])
+        else:
+            outputs = runner.infer(feed)
+    tmp = out.with_name(out.name + ".tmp.npz")
+    np.savez(tmp, **outputs)
+    os.replace(tmp, out)
+    shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in outputs.items())
+    err_console.print(f"wrote {out}: {shapes}")
+
+
+@app.command()
+def bench(
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
+    batch: Annotated[str, typer.Option("--batch", help="Batch sizes, comma-separated.")] = "1,32",
+    warmup: Annotated[int, typer.Option(help="Untimed calls before timing.")] = 10,
+    iterations: Annotated[int, typer.Option(help="Timed calls per batch size.")] = 50,
+    threads: Annotated[int, typer.Option(help="Threads for every runner; 0 = one per CPU core.")] = 0,
+    no_torch: Annotated[bool, typer.Option("--no-torch", help="Do not time the PyTorch reference.")] = False,
+    json_out: JsonOpt = None,
+) -> None:
+    """Latency percentiles and throughput on ONNX Runtime, beside PyTorch eager when torch is here."""
+    from slimdeploy.bench import bench_bundle
+
+    report = bench_bundle(
+        bundle,
+        batch_sizes=_parse_ints(batch, "--batch"),
+        warmup=warmup,
+        iterations=iterations,
+        threads=threads,
+        torch_reference=False if no_torch else None,
+        progress=StepPrinter(quiet=json_out == "-"),
+    )
+    if json_out != "-":
+        table = Table(title=f"latency ({report.threads} threads, {iterations} calls after {warmup} warm-up)")
+        for column in ("runner", "batch", "p50 ms", "p90 ms", "p99 ms", "images/s"):
+            table.add_column(column)
+        for r in report.results:
+            table.add_row(r.runner, str(r.batch_size), f"{r.p50_ms:.3f}", f"{r.p90_ms:.3f}", f"{r.p99_ms:.3f}", f"{r.throughput:,.0f}")
+        out_console.print(table)
+        for key, value in report.speedups.items():
+            out_console.print(f"{key}: {value:.2f}x")
+        for note in report.notes:
+            out_console.print(f"[yellow]note:[/yellow] {escape(note)}")
+    if json_out:
+        report.write_json(json_out)
+
+
+@app.command()
+def inspect(
+    target: Annotated[str, typer.Argument(help="Bundle directory, checkpoint file, or zoo:NAME.")],
+    arch: Annotated[str | None, typer.Option(help="Architecture, for checkpoints that do not name one.")] = None,
+    arch_args: Annotated[str | None, typer.Option("--arch-args", help="Constructor arguments as a JSON object.")] = None,
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow a pickled nn.Module checkpoint.")] = False,
+    json_out: JsonOpt = None,
+) -> None:
+    """Describe a checkpoint or a bundle: architecture, parameters, MACs, inputs and outputs."""
+    from slimdeploy.describe import inspect_bundle, inspect_checkpoint
+
+    path = _resolve_checkpoint(target)
+    if path.is_dir():
+        info = inspect_bundle(path)
+    else:
+        info = inspect_checkpoint(path, arch=arch, arch_args=_parse_json_arg(arch_args, "--arch-args"), trust_pickle=trust_pickle)
+    if json_out != "-":
+        table = Table(show_header=False, title=f"{info['kind']}: {path}")
+        table.add_column("field")
+        table.add_column("value")
+        for key, value in info.items():
+            if key in ("kind", "per_layer_macs"):
+                continue
+            table.add_row(key, escape(value if isinstance(value, str) else json.dumps(value, default=str)))
+        out_console.print(table)
+    _emit_json(info, json_out)
+
+
+@app.command()
+def env(json_out: JsonOpt = None) -> None:
+    """Backends on this machine with their versions, and why a missing one is missing."""
+    from slimdeploy.describe import environment
+
+    rows = environment()
+    if json_out != "-":
+        table = Table(title="slimdeploy environment")
+        for column in ("component", "version", "status"):
+            table.add_column(column)
+        for row in rows:
+            status = "[green]ok[/green]" if row["available"] else f"[yellow]{escape(row['reason'])}[/yellow]"
+            table.add_row(row["name"], escape(row["version"] or "-"), status)
+        out_console.print(table)
+    _emit_json(rows, json_out)
+
+
+@zoo_app.command("list")
+def zoo_list(json_out: JsonOpt = None) -> None:
+    """Registered architectures and shipped demo checkpoints (with accuracy on held-out digits)."""
+    from slimdeploy.zoo import zoo_listing
+
+    rows = zoo_listing()
+    if json_out != "-":
+        table = Table(title="slimdeploy zoo")
+        for column in ("name", "arch", "family", "checkpoint", "dataset", "accuracy"):
+            table.add_column(column)
+        for row in rows:
+            accuracy = f"{row['accuracy']:.1%}" if row.get("accuracy") is not None else "-"
+            checkpoint = f"zoo:{row['name']}" if row.get("checkpoint") else "-"
+            table.add_row(row["name"], row["arch"], row.get("family") or "-", checkpoint, row.get("dataset") or "-", accuracy)
+        out_console.print(table)
+    _emit_json(rows, json_out)
+
+
+@zoo_app.command("train")
+def zoo_train(
+    name: Annotated[str, typer.Argument(help="Zoo entry to retrain (see slimdeploy zoo list).")],
+    out_dir: Annotated[Path | None, typer.Option("--out-dir", help="Write the checkpoint here instead of the package's zoo.")] = None,
+) -> None:
+    """Retrain a shipped demo model on the digits data from its recorded recipe."""
+    from slimdeploy.zoo import train_zoo_entry
+
+    entry = train_zoo_entry(name, out_dir=out_dir)
+    out_console.print(f"trained {entry.name}: held-out accuracy {entry.accuracy:.1%}")
+
+
+def main() -> None:
+    """Console entry point: runs the app and maps domain errors to exit codes."""
+    try:
+        app()
+    except SlimDeployError as exc:
+        if os.environ.get("SLIMDEPLOY_DEBUG"):
+            raise
+        message = str(exc)
+        err_console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
+        if not isinstance(exc, CheckFailedError):
+            err_console.print("[dim](set SLIMDEPLOY_DEBUG=1 for the traceback)[/dim]")
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

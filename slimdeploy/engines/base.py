@@ -1,0 +1,163 @@
+"""The Runner contract shared by every backend (after Polygraphy's ``backend/base/runner.py``).
+
+A runner is activated once (``with runner:`` or ``activate()``), then ``infer(feed)`` takes a
+dict of numpy arrays keyed by input name and returns a dict of numpy arrays keyed by output
+name. ``infer`` validates the feed against ``input_metadata()`` first (names, then dtypes, then
+shapes) and raises ``InputValidationError`` saying what was expected. Subclasses implement
+``_activate``, ``_infer``, ``_deactivate`` and ``input_metadata``/``output_names``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+
+import numpy as np
+
+from slimdeploy.errors import InputValidationError, SlimDeployError
+
+# A dimension is a fixed size (int) or a named dynamic axis (str, e.g. "batch").
+Dim = int | str
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """Name, dtype and shape of a graph input or output; dynamic dims are strings."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[Dim, ...]
+
+    def describe(self) -> str:
+        dims = ", ".join(str(d) for d in self.shape)
+        return f"{self.name}: {np.dtype(self.dtype).name}[{dims}]"
+
+
+def check_feed(feed: Mapping[str, np.ndarray], metadata: Mapping[str, TensorMeta]) -> None:
+    """Validate a feed: every input present and no other, then dtypes, then fixed dims.
+
+    Dynamic dims must agree across inputs that share a name (one batch size per call).
+    Raises ``InputValidationError`` listing every problem found.
+    """
+    problems: list[str] = []
+    missing = [name for name in metadata if name not in feed]
+    extra = [name for name in feed if name not in metadata]
+    if missing:
+        problems.append(f"missing input(s) {missing}")
+    if extra:
+        problems.append(f"unexpected input(s) {extra}")
+    bound: dict[str, int] = {}
+    for name, meta in metadata.items():
+        if name not in feed:
+            continue
+        array = np.asarray(feed[name])
+        if array.dtype != meta.dtype:
+            problems.append(f"'{name}' has dtype {array.dtype}, expected {np.dtype(meta.dtype).name}")
+            continue
+        if array.ndim != len(meta.shape):
+            problems.append(f"'{name}' has shape {list(array.shape)}, expected rank {len(meta.shape)}")
+            continue
+        for axis, (got, want) in enumerate(zip(array.shape, meta.shape)):
+            if isinstance(want, int) and got != want:
+                problems.append(f"'{name}' has shape {list(array.shape)}: axis {axis} should be {want}")
+                break
+            if isinstance(want, str):
+                if bound.setdefault(want, got) != got:
+                    problems.append(f"'{name}' axis {axis} ('{want}') is {got} but another input has {bound[want]}")
+                    break
+    if problems:
+        expected = "; ".join(meta.describe() for meta in metadata.values())
+        raise InputValidationError(f"invalid feed: {'; '.join(problems)} | Note: expected {expected}")
+
+
+class Runner:
+    """Base runner: state checks and feed validation around the backend's ``_infer``.
+
+    Args:
+        name: label used in reports (e.g. ``"onnxruntime"``). Defaults to the class name.
+    """
+
+    backend: str = "base"
+
+    def __init__(self, name: str | None = None) -> None:
+        self.name = name or self.backend
+        self.is_active = False
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def activate(self) -> Runner:
+        if self.is_active:
+            raise SlimDeployError(f"runner '{self.name}' is already active")
+        self._activate()
+        self.is_active = True
+        return self
+
+    def deactivate(self) -> None:
+        if self.is_active:
+            self._deactivate()
+            self.is_active = False
+
+    def __enter__(self) -> Runner:
+        return self.activate()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.deactivate()
+
+    # -- inference --------------------------------------------------------------------------
+    def infer(self, feed: Mapping[str, np.ndarray], check_inputs: bool = True) -> dict[str, np.ndarray]:
+        """Run one batch. Outputs are numpy arrays keyed by output name, in graph order.
+
+        Args:
+            feed: input arrays by name.
+            check_inputs: validate names, dtypes and shapes first. Defaults to True.
+        """
+        if not self.is_active:
+            raise SlimDeployError(f"runner '{self.name}' is not active: use 'with runner:' or activate()")
+        if check_inputs:
+            check_feed(feed, self.input_metadata())
+        return self._infer(feed)
+
+    # -- to implement -----------------------------------------------------------------------
+    def input_metadata(self) -> dict[str, TensorMeta]:
+        raise NotImplementedError
+
+    def output_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def _activate(self) -> None:
+        raise NotImplementedError
+
+    def _infer(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def _deactivate(self) -> None:
+        pass
+
+
+def batched(
+    feed: Mapping[str, np.ndarray],
+    batch_size: int,
+    batch_inputs: Sequence[str] | None = None,
+) -> list[dict[str, np.ndarray]]:
+    """Split a feed into feeds of at most ``batch_size`` rows.
+
+    Args:
+        feed: arrays by name.
+        batch_size: rows per piece; the last piece may be smaller.
+        batch_inputs: names whose leading axis is the batch; other arrays (thresholds) are
+            passed whole to every piece. Defaults to every array.
+    """
+    names = list(feed) if batch_inputs is None else list(batch_inputs)
+    total = len(feed[names[0]])
+    return [
+        {
+            name: np.ascontiguousarray(array[start:start + batch_size]) if name in names else array
+            for name, array in feed.items()
+        }
+        for start in range(0, total, batch_size)
+    ]

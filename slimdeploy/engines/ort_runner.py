@@ -1,0 +1,123 @@
+"""ONNX Runtime runner: CPU by default, CUDA when asked for and present.
+
+    with OrtRunner("bundle/model.onnx", threads=2) as runner:
+        logits = runner.infer({"input": x})["logits"]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from slimdeploy._optional import optional_import
+from slimdeploy.engines.base import Runner, TensorMeta
+from slimdeploy.errors import BackendUnavailableError, BundleError
+
+# ONNX Runtime's type strings → numpy dtypes, for the tensor types our graphs use.
+_ORT_DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def is_available() -> bool:
+    """True when onnxruntime imports."""
+    try:
+        optional_import("onnxruntime")
+    except BackendUnavailableError:
+        return False
+    return True
+
+
+class OrtRunner(Runner):
+    """Runs an ONNX model with ONNX Runtime.
+
+    Args:
+        model: path of the .onnx file, or its serialised bytes.
+        device: ``"cpu"`` or ``"cuda"``. Defaults to ``"cpu"``.
+        threads: intra-op threads; 0 lets ONNX Runtime choose. Defaults to 0.
+        optimization: enable ONNX Runtime's full graph optimisations. Defaults to True.
+        name: label in reports. Defaults to ``"onnxruntime"``.
+    """
+
+    backend = "onnxruntime"
+
+    def __init__(
+        self,
+        model: str | Path | bytes,
+        device: str = "cpu",
+        threads: int = 0,
+        optimization: bool = True,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(name)
+        self.model = model
+        self.device = device
+        self.threads = threads
+        self.optimization = optimization
+        self.session = None
+
+    def _activate(self) -> None:
+        ort = optional_import("onnxruntime", "run ONNX models")
+        provider = PROVIDERS.get(self.device)
+        if provider is None:
+            raise BackendUnavailableError(f"unknown device '{self.device}' | Note: expected one of {sorted(PROVIDERS)}")
+        if provider not in ort.get_available_providers():
+            raise BackendUnavailableError(
+                f"ONNX Runtime here has no {provider} (available: {ort.get_available_providers()}) "
+                "| Fix: pip install onnxruntime-gpu on a CUDA machine, or use --device cpu"
+            )
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3  # errors only: ORT's warnings are noise in a CLI
+        if not self.optimization:
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        source = self.model if isinstance(self.model, bytes) else str(self.model)
+        try:
+            self.session = ort.InferenceSession(source, options, providers=[provider])
+        except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
+            label = "the model bytes" if isinstance(self.model, bytes) else f"'{self.model}'"
+            raise BundleError(f"ONNX Runtime cannot load {label}: {str(exc).strip()[:300]}") from exc
+
+    def _deactivate(self) -> None:
+        self.session = None
+
+    def input_metadata(self) -> dict[str, TensorMeta]:
+        return {
+            arg.name: TensorMeta(arg.name, np.dtype(_ORT_DTYPES[arg.type]), _dims(arg.shape))
+            for arg in self._session().get_inputs()
+        }
+
+    def output_metadata(self) -> dict[str, TensorMeta]:
+        return {
+            arg.name: TensorMeta(arg.name, np.dtype(_ORT_DTYPES[arg.type]), _dims(arg.shape))
+            for arg in self._session().get_outputs()
+        }
+
+    def output_names(self) -> list[str]:
+        return [arg.name for arg in self._session().get_outputs()]
+
+    def _infer(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        names = self.output_names()
+        values = self._session().run(names, dict(feed))
+        return dict(zip(names, values))
+
+    def _session(self):  # noqa: ANN202 - onnxruntime.InferenceSession, imported lazily
+        if self.session is None:
+            raise BackendUnavailableError(f"runner '{self.name}' is not active")
+        return self.session
+
+
+def _dims(shape: Sequence[int | str | None]) -> tuple[int | str, ...]:
+    return tuple(d if isinstance(d, int) else (d or "?") for d in shape)

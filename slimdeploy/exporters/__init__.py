@@ -1,0 +1,9 @@
+"""Export stage: torch.export → ONNX (``export_onnx``), then simplification (``simplify``).
+
+Importing this package is torch-free; torch is imported inside ``export_onnx``.
+"""
+
+from slimdeploy.exporters.onnx_export import ExportSpec, check_onnx, export_onnx
+from slimdeploy.exporters.simplify import simplify
+
+__all__ = ["ExportSpec", "check_onnx", "export_onnx", "simplify"]

@@ -1,0 +1,45 @@
+"""Graph simplification with onnxslim (constant folding, dead-node removal, fusions).
+
+The caller re-checks parity after simplifying; ``simplify`` itself only reports what changed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from slimdeploy._optional import optional_import
+
+
+@dataclass
+class SimplifyResult:
+    """The simplified model and the node counts before and after."""
+
+    model: Any
+    nodes_before: int
+    nodes_after: int
+    ops_before: dict[str, int]
+    ops_after: dict[str, int]
+    error: str = ""
+
+
+def op_counts(model: Any) -> dict[str, int]:
+    """Node count per op type in the main graph."""
+    return dict(Counter(node.op_type for node in model.graph.node))
+
+
+def simplify(model: Any) -> SimplifyResult:
+    """Simplify ``model`` with onnxslim; on an onnxslim failure return it unchanged with the
+    error recorded (simplification is an optimisation, not a requirement)."""
+    onnxslim = optional_import("onnxslim", "simplify ONNX graphs")
+    before = op_counts(model)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            slimmed = onnxslim.slim(model)
+    except Exception as exc:  # onnxslim raises assorted errors on graphs it cannot handle
+        return SimplifyResult(model, sum(before.values()), sum(before.values()), before, before, error=str(exc)[:300])
+    after = op_counts(slimmed)
+    return SimplifyResult(slimmed, sum(before.values()), sum(after.values()), before, after)

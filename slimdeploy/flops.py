@@ -1,0 +1,62 @@
+"""Multiply-accumulate (MAC) and parameter counts of a PyTorch model, per layer.
+
+Counts convolutions and linear layers, which dominate CNN compute (BatchNorm, activations and
+pooling are left out, as in the MobileNets and CondenseNet papers). One MAC = one multiply and
+one add; papers that say "FLOPs" for CNNs usually mean MACs. Counted with forward hooks on one
+example of the model's input size, so it follows whatever path ``forward`` takes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from slimdeploy._optional import optional_import
+
+
+@dataclass
+class MacsReport:
+    """Total MACs and parameters, and MACs per named layer (in call order)."""
+
+    macs: int
+    params: int
+    per_layer: dict[str, int] = field(default_factory=dict)
+
+
+def count_macs(module: Any, input_size: tuple[int, ...]) -> MacsReport:
+    """Count MACs of one forward on a zero input of ``(1, *input_size)``.
+
+    Args:
+        module: ``nn.Module`` (eval mode is restored as it was).
+        input_size: (C, H, W).
+    """
+    torch = optional_import("torch", "count MACs")
+    nn = torch.nn
+    per_layer: dict[str, int] = {}
+    handles = []
+
+    def hook(name: str):  # noqa: ANN202 - returns a forward hook
+        def record(layer: Any, inputs: Any, output: Any) -> None:
+            if isinstance(layer, nn.Conv2d):
+                kernel = layer.weight.shape[1] * layer.weight.shape[2] * layer.weight.shape[3]
+                macs = output.numel() // output.shape[0] * kernel
+            else:  # nn.Linear
+                macs = layer.in_features * layer.out_features * (output.numel() // output.shape[0] // layer.out_features)
+            per_layer[name] = per_layer.get(name, 0) + int(macs)
+
+        return record
+
+    for name, layer in module.named_modules():
+        if isinstance(layer, (nn.Conv2d, nn.Linear)):
+            handles.append(layer.register_forward_hook(hook(name)))
+    was_training = module.training
+    try:
+        module.eval()
+        with torch.inference_mode():
+            module(torch.zeros(1, *input_size))
+    finally:
+        for handle in handles:
+            handle.remove()
+        module.train(was_training)
+    params = sum(p.numel() for p in module.parameters())
+    return MacsReport(sum(per_layer.values()), int(params), per_layer)

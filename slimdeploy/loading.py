@@ -1,0 +1,306 @@
+"""Checkpoint → ``nn.Module``: slimdeploy's own format, foreign state_dicts, pickled modules.
+
+Every checkpoint is read with ``torch.load(weights_only=True)``: tensors and plain containers
+only, no code runs. A file that holds pickled Python objects (a whole ``nn.Module``) is refused
+unless the caller passes ``trust_pickle=True`` (CLI ``--trust-pickle``), because unpickling it
+executes code from the file.
+
+slimdeploy's format (written by ``save_checkpoint``)::
+
+    {"format": "slimdeploy.checkpoint", "format_version": 1,
+     "arch": "spconv_resnet20_cifar", "arch_args": {...},
+     "state_dict": {...},
+     "preprocessing": {"input_size": [3, 32, 32], "mean": [...], "std": [...]},
+     "meta": {"dataset": "digits", "accuracy": 0.97, ...}}
+
+Foreign checkpoints (official SkipNet, CondenseNet, SPConv training scripts, plain state_dicts)
+need ``arch`` unless they name a registered architecture themselves (SkipNet's ``arch`` field,
+CondenseNet's ``model`` field). ``state_dict``/``model`` entries are unwrapped, a DataParallel
+``module.`` prefix is stripped, missing ``num_batches_tracked`` buffers are tolerated (PyTorch
+< 0.4 did not save them) and the legacy non-zip container is read.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from slimdeploy._optional import optional_import
+from slimdeploy.errors import ArchitectureError, CheckpointError, StateDictMismatchError
+
+FORMAT_NAME = "slimdeploy.checkpoint"
+FORMAT_VERSION = 1
+
+# Normalisation used when a foreign checkpoint does not say: CIFAR statistics for 32×32 models
+# (the official SkipNet/CondenseNet CIFAR scripts), ImageNet statistics otherwise.
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+# How many offending keys a mismatch message lists before summarising with a count.
+_KEYS_SHOWN = 5
+
+
+@dataclass
+class Preprocessing:
+    """How images become the model's ``input`` tensor: resize to ``input_size``, scale to [0, 1],
+    subtract ``mean`` and divide by ``std`` per channel."""
+
+    input_size: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"input_size": list(self.input_size), "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Preprocessing:
+        return cls(tuple(data["input_size"]), tuple(data["mean"]), tuple(data["std"]))
+
+    @classmethod
+    def default_for(cls, input_size: tuple[int, int, int]) -> Preprocessing:
+        """CIFAR statistics for inputs of 64 pixels or less, ImageNet statistics above."""
+        small = input_size[-1] <= 64
+        mean, std = (CIFAR_MEAN, CIFAR_STD) if small else (IMAGENET_MEAN, IMAGENET_STD)
+        return cls(tuple(input_size), mean, std)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for export: the module in eval mode and what describes it."""
+
+    module: Any  # torch.nn.Module; typed loosely so this module imports without torch
+    arch: str
+    arch_args: dict[str, Any]
+    preprocessing: Preprocessing
+    source: str
+    meta: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def save_checkpoint(
+    path: str | Path | BinaryIO,
+    module: Any,
+    arch: str,
+    arch_args: Mapping[str, Any],
+    preprocessing: Preprocessing,
+    meta: Mapping[str, Any] | None = None,
+) -> None:
+    """Write ``module``'s weights in slimdeploy's checkpoint format (readable with weights_only).
+
+    Args:
+        path: destination file (its parent must exist) or a binary file object.
+        module: the trained ``nn.Module``.
+        arch: registered architecture name.
+        arch_args: constructor arguments (JSON-compatible values).
+        preprocessing: input size and normalisation the model was trained with.
+        meta: free-form JSON-compatible facts (dataset, accuracy, training command). Defaults to {}.
+    """
+    torch = optional_import("torch", "save a checkpoint")
+    payload = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "arch": arch,
+        "arch_args": dict(arch_args),
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()},
+        "preprocessing": preprocessing.to_dict(),
+        "meta": dict(meta or {}),
+    }
+    torch.save(payload, path if hasattr(path, "write") else str(path))
+
+
+def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> Any:
+    """``torch.load`` the file safely; every way it can fail becomes a ``CheckpointError``.
+
+    Args:
+        path: the checkpoint file.
+        trust_pickle: allow unpickling arbitrary objects (runs code from the file). Defaults to False.
+    """
+    torch = optional_import("torch", "load a checkpoint")
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint '{path}' does not exist or is not a file | Fix: check the path")
+    if zipfile.is_zipfile(path) and _is_torchscript(path):
+        raise CheckpointError(
+            f"'{path}' is a TorchScript archive, which slimdeploy cannot export (torch.export needs "
+            "the Python module) | Fix: save the model's state_dict (torch.save(model.state_dict(), "
+            "'model.pt')) and pass --arch"
+        )
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # The weights-only unpickler names a refused class as "Unsupported global"; any other
+        # unpickling error means the bytes are not a pickle at all.
+        if "Unsupported global" not in str(exc):
+            raise _unreadable(path, exc) from exc
+        refused = str(exc).split("Unsupported global:")[1].split(" was not")[0].strip()
+        if not trust_pickle:
+            raise CheckpointError(
+                f"'{path}' holds pickled Python objects ({refused}), not just tensors; loading it "
+                "would run code from the file | Fix: re-save it as a state_dict, or pass "
+                "--trust-pickle if you trust where it came from"
+            ) from exc
+    except Exception as exc:  # torch raises RuntimeError, EOFError, OSError, zip errors...
+        raise _unreadable(path, exc) from exc
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise _unreadable(path, exc) from exc
+
+
+def _unreadable(path: Path, exc: BaseException) -> CheckpointError:
+    text = str(exc).split("WeightsUnpickler error:")[-1].strip()
+    reason = text.splitlines()[0][:160] if text else type(exc).__name__
+    return CheckpointError(
+        f"cannot read '{path}' as a PyTorch checkpoint ({reason}) | Note: expected a file written "
+        "by torch.save (zip or legacy container); it may be truncated, corrupt or another format "
+        "| Fix: re-download or re-save the checkpoint"
+    )
+
+
+def _is_torchscript(path: Path) -> bool:
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("/constants.pkl") for name in archive.namelist())
+
+
+def load_checkpoint(
+    path: str | Path,
+    arch: str | None = None,
+    arch_args: Mapping[str, Any] | None = None,
+    trust_pickle: bool = False,
+) -> LoadedModel:
+    """Load any supported checkpoint into an eval-mode module of a registered architecture.
+
+    Args:
+        path: checkpoint file.
+        arch: registered architecture name; needed when the checkpoint does not name one.
+            Defaults to the checkpoint's own.
+        arch_args: constructor arguments; override the checkpoint's and those inferred from its
+            keys. Defaults to none.
+        trust_pickle: accept a pickled ``nn.Module`` (runs code). Defaults to False.
+    """
+    torch = optional_import("torch", "load a checkpoint")
+    from slimdeploy.models.registry import get_arch
+
+    obj = read_checkpoint(path, trust_pickle=trust_pickle)
+    source = str(path)
+
+    if isinstance(obj, torch.nn.Module):
+        module = obj.eval()
+        name = arch or type(obj).__name__
+        size = tuple(getattr(module, "input_size", (3, 224, 224)))
+        return LoadedModel(module, name, dict(arch_args or {}), Preprocessing.default_for(size),
+                           source, notes=["loaded a pickled nn.Module (--trust-pickle)"])
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(
+            f"'{path}' holds a {type(obj).__name__}, not a state_dict or checkpoint dict | Fix: "
+            "save model.state_dict() or a dict with a 'state_dict' entry"
+        )
+
+    own_format = obj.get("format") == FORMAT_NAME
+    state_dict = _find_state_dict(obj, path, torch)
+    named_arch = obj.get("arch") if own_format else _named_arch(obj)
+    name = arch or named_arch
+    if not name:
+        raise ArchitectureError(
+            f"'{path}' does not say which architecture it holds | Fix: pass --arch NAME "
+            "(slimdeploy zoo list shows the names)"
+        )
+    info = get_arch(name)
+    notes: list[str] = []
+    state_dict, stripped = _strip_prefix(state_dict)
+    if stripped:
+        notes.append(f"stripped the '{stripped}' key prefix")
+
+    args: dict[str, Any] = {}
+    if info.infer_args is not None:
+        args.update(info.infer_args(state_dict))
+    if own_format:
+        args.update(obj.get("arch_args") or {})
+    args.update(arch_args or {})
+    module = info.build(**args)
+    missing_tracked = _load_state_dict(module, state_dict, info.name, path)
+    if missing_tracked:
+        notes.append(f"{missing_tracked} num_batches_tracked buffers were missing (pre-0.4 checkpoint); kept defaults")
+    module.eval()
+
+    size = tuple(getattr(module, "input_size", info.input_size))
+    if own_format and obj.get("preprocessing"):
+        preprocessing = Preprocessing.from_dict(obj["preprocessing"])
+    else:
+        preprocessing = Preprocessing.default_for(size)  # type: ignore[arg-type]
+    meta = dict(obj.get("meta") or {}) if own_format else {}
+    return LoadedModel(module, info.name, args, preprocessing, source, meta, notes)
+
+
+def _find_state_dict(obj: Mapping[str, Any], path: str | Path, torch: Any) -> dict[str, Any]:
+    """The mapping of tensors inside a checkpoint: ``state_dict``, ``model``, or the dict itself."""
+    for key in ("state_dict", "model"):
+        inner = obj.get(key)
+        if isinstance(inner, Mapping) and inner and _all_tensors(inner, torch):
+            return dict(inner)
+    if obj and _all_tensors(obj, torch):
+        return dict(obj)
+    raise CheckpointError(
+        f"no state_dict found in '{path}' | Note: expected a mapping of tensors, at the top level or "
+        f"under 'state_dict' or 'model'; top-level keys are {sorted(map(str, obj))[:8]} | Fix: save "
+        "model.state_dict()"
+    )
+
+
+def _all_tensors(mapping: Mapping[str, Any], torch: Any) -> bool:
+    return all(isinstance(v, torch.Tensor) for v in mapping.values())
+
+
+def _named_arch(obj: Mapping[str, Any]) -> str | None:
+    """The architecture a foreign checkpoint names, if registered (SkipNet ``arch``,
+    CondenseNet ``model``)."""
+    from slimdeploy.models.registry import get_arch
+
+    for key in ("arch", "model"):
+        value = obj.get(key)
+        if isinstance(value, str):
+            try:
+                return get_arch(value).name
+            except ArchitectureError:
+                continue
+    return None
+
+
+def _strip_prefix(state_dict: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """Remove a ``module.`` prefix (DataParallel) shared by every key."""
+    prefix = "module."
+    if state_dict and all(k.startswith(prefix) for k in state_dict):
+        return {k[len(prefix):]: v for k, v in state_dict.items()}, prefix
+    return state_dict, ""
+
+
+def _load_state_dict(module: Any, state_dict: dict[str, Any], arch: str, path: str | Path) -> int:
+    """Copy weights in after checking keys and shapes; returns the count of tolerated
+    missing ``num_batches_tracked`` buffers. Mismatches raise with the first few keys."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    tolerated = [k for k in missing if k.endswith("num_batches_tracked")]
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong_shape = [
+        f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
+    ]
+    problems = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape (checkpoint vs model)", wrong_shape)):
+        if keys:
+            shown = ", ".join(keys[:_KEYS_SHOWN])
+            more = f" and {len(keys) - _KEYS_SHOWN} more" if len(keys) > _KEYS_SHOWN else ""
+            problems.append(f"{len(keys)} {label}: {shown}{more}")
+    if problems:
+        raise StateDictMismatchError(
+            f"'{path}' does not match architecture '{arch}': {'; '.join(problems)} | Fix: check "
+            "--arch (and --arch-args), or that the checkpoint is the one you meant"
+        )
+    module.load_state_dict({**{k: expected[k] for k in tolerated}, **state_dict}, strict=True)
+    return len(tolerated)

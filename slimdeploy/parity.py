@@ -1,0 +1,383 @@
+"""Decision-aware parity: compare a candidate runner's outputs with a reference.
+
+Checks run in Optimum's order — output names, then shapes, then values — and every failure is
+collected before the verdict (Polygraphy's comparator style). Each output gets an
+``OutputResult`` that is truthy when it passes; a ``ParityReport`` is truthy when everything
+passes. Values pass when every element satisfies ``|c - r| <= atol + rtol * |r|``.
+
+Default tolerances by precision (per output, the ``""`` key is the default for all outputs):
+
+    fp32  atol 1e-4  rtol 1e-3
+    fp16  atol 1e-2  rtol 1e-2
+    int8  atol 0.25  rtol 0.1   (INT8 bundles are judged mainly by top-1 agreement)
+
+The report also carries task agreement (top-1/top-5 agreement with the reference, accuracy when
+labels are given) and a ``decisions`` section that the dynamic families (gates, exits) fill.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+from xml.etree import ElementTree
+
+import numpy as np
+
+from slimdeploy.engines.base import Runner, batched
+
+DEFAULT_TOLERANCES: dict[str, dict[str, tuple[float, float]]] = {
+    "fp32": {"": (1e-4, 1e-3)},
+    "fp16": {"": (1e-2, 1e-2)},
+    "int8": {"": (0.25, 0.1)},
+}
+# Outputs holding class scores, used for top-k agreement and accuracy.
+LOGITS = "logits"
+
+
+def tolerance_for(tolerances: Mapping[str, tuple[float, float]], name: str) -> tuple[float, float]:
+    """(atol, rtol) for output ``name``: its own entry or the ``""`` default."""
+    return tuple(tolerances.get(name, tolerances[""]))  # type: ignore[return-value]
+
+
+@dataclass
+class OutputResult:
+    """Numeric comparison of one output at one batch size. Truthy when it passes."""
+
+    name: str
+    batch_size: int
+    passed: bool
+    atol: float
+    rtol: float
+    max_abs: float = 0.0
+    mean_abs: float = 0.0
+    p99_abs: float = 0.0
+    max_rel: float = 0.0
+    mismatched: int = 0
+    elements: int = 0
+    message: str = ""
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+
+@dataclass
+class TaskResult:
+    """Agreement of class predictions with the reference (and with labels when given)."""
+
+    samples: int
+    top1_agreement: float
+    top5_agreement: float
+    accuracy_reference: float | None = None
+    accuracy_candidate: float | None = None
+
+
+@dataclass
+class ParityReport:
+    """Everything a parity run found. Truthy when every output (and decision) passed."""
+
+    reference: str
+    candidate: str
+    precision: str
+    batch_sizes: list[int]
+    samples: int
+    tolerances: dict[str, list[float]]
+    outputs: list[OutputResult] = field(default_factory=list)
+    task: TaskResult | None = None
+    # Filled by the dynamic families: gate agreement per block, exit agreement per sample.
+    decisions: dict[str, Any] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures and all(self.outputs)
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["passed"] = self.passed
+        return data
+
+    def summary(self) -> dict[str, Any]:
+        """The short form stored in the manifest."""
+        worst: dict[str, float] = {}
+        for result in self.outputs:
+            worst[result.name] = max(worst.get(result.name, 0.0), result.max_abs)
+        summary: dict[str, Any] = {
+            "passed": self.passed,
+            "reference": self.reference,
+            "candidate": self.candidate,
+            "samples": self.samples,
+            "batch_sizes": self.batch_sizes,
+            "max_abs": worst,
+            "failures": len(self.failures),
+        }
+        if self.task is not None:
+            summary["top1_agreement"] = self.task.top1_agreement
+        return summary
+
+    def write_json(self, path: str | Path) -> None:
+        text = json.dumps(self.to_dict(), indent=2)
+        if str(path) == "-":
+            print(text)
+        else:
+            Path(path).write_text(text + "\n")
+
+    def write_junit(self, path: str | Path) -> None:
+        """JUnit XML: one test case per output and batch size, plus task agreement."""
+        cases: list[tuple[str, str | None]] = []
+        for result in self.outputs:
+            detail = None if result.passed else result.message
+            cases.append((f"{result.name}[batch={result.batch_size}]", detail))
+        for failure in self.failures:
+            if not any(failure == detail for _, detail in cases):
+                cases.append((failure.split(":")[0], failure))
+        if self.task is not None:
+            cases.append(("top1_agreement", None))
+        suite = ElementTree.Element(
+            "testsuite",
+            name=f"slimdeploy.parity.{self.candidate}",
+            tests=str(len(cases)),
+            failures=str(sum(1 for _, d in cases if d)),
+            time=f"{self.seconds:.3f}",
+        )
+        for case_name, detail in cases:
+            case = ElementTree.SubElement(suite, "testcase", classname="slimdeploy.parity", name=case_name)
+            if detail:
+                ElementTree.SubElement(case, "failure", message=detail[:200]).text = detail
+        ElementTree.ElementTree(suite).write(str(path), encoding="utf-8", xml_declaration=True)
+
+
+def compare_values(
+    name: str,
+    reference: np.ndarray,
+    candidate: np.ndarray,
+    atol: float,
+    rtol: float,
+    batch_size: int,
+) -> OutputResult:
+    """Compare one output: shapes first, then elementwise tolerance."""
+    if reference.shape != candidate.shape:
+        return OutputResult(
+            name, batch_size, False, atol, rtol,
+            message=f"{name}: shape {list(candidate.shape)} differs from the reference's {list(reference.shape)}",
+        )
+    ref = reference.astype(np.float64)
+    cand = candidate.astype(np.float64)
+    diff = np.abs(cand - ref)
+    if diff.size == 0:
+        return OutputResult(name, batch_size, True, atol, rtol)
+    bad = diff > atol + rtol * np.abs(ref)
+    rel = diff / np.maximum(np.abs(ref), 1e-12)
+    result = OutputResult(
+        name=name,
+        batch_size=batch_size,
+        passed=not bool(bad.any()),
+        atol=atol,
+        rtol=rtol,
+        max_abs=float(diff.max()),
+        mean_abs=float(diff.mean()),
+        p99_abs=float(np.percentile(diff, 99)),
+        max_rel=float(rel.max()),
+        mismatched=int(bad.sum()),
+        elements=int(diff.size),
+    )
+    if not result.passed:
+        result.message = (
+            f"{name}: {result.mismatched}/{result.elements} elements outside atol {atol:g} + rtol {rtol:g} "
+            f"at batch {batch_size} (max abs {result.max_abs:.3g}, max rel {result.max_rel:.3g})"
+        )
+    return result
+
+
+def compare_outputs(
+    reference: Mapping[str, np.ndarray],
+    candidate: Mapping[str, np.ndarray],
+    tolerances: Mapping[str, tuple[float, float]],
+    batch_size: int,
+    names: Iterable[str] | None = None,
+) -> tuple[list[OutputResult], list[str]]:
+    """Compare every output by name; returns per-output results and name-level failures."""
+    failures: list[str] = []
+    wanted = list(names) if names is not None else list(reference)
+    missing = [n for n in wanted if n not in candidate]
+    if missing:
+        failures.append(f"outputs: candidate lacks {missing} (has {sorted(candidate)})")
+    results = [
+        compare_values(n, np.asarray(reference[n]), np.asarray(candidate[n]), *tolerance_for(tolerances, n), batch_size)
+        for n in wanted
+        if n in candidate
+    ]
+    return results, failures
+
+
+def task_agreement(
+    reference_logits: np.ndarray,
+    candidate_logits: np.ndarray,
+    labels: np.ndarray | None = None,
+) -> TaskResult:
+    """Top-1 and top-5 agreement of the candidate with the reference's top-1 class."""
+    ref_top1 = reference_logits.argmax(axis=1)
+    cand_top1 = candidate_logits.argmax(axis=1)
+    k = min(5, candidate_logits.shape[1])
+    cand_top5 = np.argsort(-candidate_logits, axis=1)[:, :k]
+    task = TaskResult(
+        samples=len(ref_top1),
+        top1_agreement=float((ref_top1 == cand_top1).mean()),
+        top5_agreement=float((cand_top5 == ref_top1[:, None]).any(axis=1).mean()),
+    )
+    if labels is not None:
+        task.accuracy_reference = float((ref_top1 == labels).mean())
+        task.accuracy_candidate = float((cand_top1 == labels).mean())
+    return task
+
+
+def run_batches(
+    runner: Runner,
+    feed: Mapping[str, np.ndarray],
+    batch_size: int,
+    batch_inputs: Sequence[str] | None = None,
+) -> dict[str, np.ndarray]:
+    """Run ``feed`` through an active runner ``batch_size`` rows at a time; concatenate."""
+    pieces = [runner.infer(part) for part in batched(feed, batch_size, batch_inputs)]
+    return {name: np.concatenate([p[name] for p in pieces], axis=0) for name in pieces[0]}
+
+
+def check_parity(
+    runner: Runner,
+    feed: Mapping[str, np.ndarray],
+    reference: Mapping[str, np.ndarray],
+    batch_sizes: Sequence[int],
+    reference_name: str,
+    precision: str = "fp32",
+    tolerances: Mapping[str, tuple[float, float]] | None = None,
+    labels: np.ndarray | None = None,
+    progress: Any = None,
+) -> ParityReport:
+    """Run ``runner`` on ``feed`` at each batch size and compare with ``reference``.
+
+    Args:
+        runner: an active candidate runner.
+        feed: inputs for all samples (leading axis = sample).
+        reference: reference outputs for the same samples.
+        batch_sizes: batch sizes to run the candidate at (all samples each time).
+        reference_name: what produced the reference (``"torch"``, ``"golden"``), for the report.
+        precision: ``"fp32"``, ``"fp16"`` or ``"int8"``, picks default tolerances. Defaults to fp32.
+        tolerances: per-output (atol, rtol), ``""`` for the default. Defaults to the precision's.
+        labels: ground-truth classes for accuracy. Defaults to none.
+        progress: optional callable ``(description: str) -> None`` told before each batch size.
+    """
+    tolerances = dict(tolerances or DEFAULT_TOLERANCES[precision])
+    started = time.perf_counter()
+    samples = len(next(iter(feed.values())))
+    report = ParityReport(
+        reference=reference_name,
+        candidate=runner.name,
+        precision=precision,
+        batch_sizes=list(batch_sizes),
+        samples=samples,
+        tolerances={k: list(v) for k, v in tolerances.items()},
+    )
+    candidate_by_batch: dict[int, dict[str, np.ndarray]] = {}
+    for batch_size in batch_sizes:
+        if progress is not None:
+            progress(f"parity at batch {batch_size}")
+        candidate = run_batches(runner, feed, batch_size)
+        candidate_by_batch[batch_size] = candidate
+        results, failures = compare_outputs(reference, candidate, tolerances, batch_size)
+        report.outputs.extend(results)
+        report.failures.extend(f for f in failures if f not in report.failures)
+        report.failures.extend(r.message for r in results if not r)
+    largest = candidate_by_batch[max(batch_sizes)]
+    if LOGITS in reference and LOGITS in largest:
+        report.task = task_agreement(np.asarray(reference[LOGITS]), largest[LOGITS], labels)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def check_bundle(
+    path: str | Path,
+    data: str | Path | None = None,
+    batch_sizes: Sequence[int] | None = None,
+    tolerances: Mapping[str, tuple[float, float]] | None = None,
+    device: str = "cpu",
+    threads: int = 0,
+    progress: Any = None,
+) -> ParityReport:
+    """Re-check a bundle against its golden reference, or against ``data``. Needs no torch
+    unless ``data`` holds inputs without reference outputs.
+
+    Args:
+        path: bundle directory.
+        data: .npz with ``input`` and reference outputs as ``ref_<output>`` (the golden file's
+            layout), optionally ``labels``. Without ``ref_*`` arrays the references are computed
+            with the bundle's PyTorch weights (needs torch). Defaults to the bundle's golden file.
+        batch_sizes: batch sizes to run at. Defaults to the manifest's.
+        tolerances: per-output (atol, rtol), ``""`` the default. Defaults to the manifest's.
+        device: ONNX Runtime device. Defaults to ``"cpu"``.
+        threads: intra-op threads. Defaults to 0 (ONNX Runtime's choice).
+        progress: optional callable told each step.
+    """
+    from slimdeploy.bundle import bundle_runner, load_bundle
+
+    bundle = load_bundle(path)
+    manifest = bundle.manifest
+    arrays, reference_name = _check_arrays(bundle, data, threads)
+    feed = {name: arrays[name] for name in bundle.input_names}
+    reference = {name[len("ref_"):]: value for name, value in arrays.items() if name.startswith("ref_")}
+    labels = arrays.get("labels")
+    stored = {name: tuple(value) for name, value in manifest.get("tolerances", {}).items()}
+    with bundle_runner(bundle, device=device, threads=threads) as runner:
+        return check_parity(
+            runner,
+            feed,
+            reference,
+            batch_sizes or manifest["golden"]["batch_sizes"],
+            reference_name,
+            precision=manifest.get("precision", "fp32"),
+            tolerances=tolerances or stored or None,
+            labels=labels,
+            progress=progress,
+        )
+
+
+def _check_arrays(bundle: Any, data: str | Path | None, threads: int) -> tuple[dict[str, np.ndarray], str]:
+    """Inputs, ``ref_*`` reference outputs and labels for a check, and where the reference came from."""
+    from slimdeploy.bundle import reference_runner
+    from slimdeploy.engines.base import TensorMeta, check_feed
+    from slimdeploy.errors import BadInputError, InputValidationError
+
+    if data is None:
+        return bundle.golden(), "golden"
+    path = Path(data)
+    if not path.is_file():
+        raise BadInputError(f"data file '{path}' does not exist | Fix: check the path")
+    try:
+        with np.load(path, allow_pickle=False) as loaded:
+            arrays = {key: loaded[key] for key in loaded.files}
+    except (ValueError, OSError) as exc:
+        raise BadInputError(f"cannot read '{path}' as .npz ({exc}) | Fix: save it with numpy.savez") from exc
+    metadata = {
+        spec["name"]: TensorMeta(spec["name"], np.dtype(spec["dtype"]), tuple(spec["shape"]))
+        for spec in bundle.manifest["inputs"]
+    }
+    missing = [name for name in metadata if name not in arrays]
+    if missing:
+        raise InputValidationError(
+            f"'{path}' lacks input array(s) {missing} (has {sorted(arrays)}) | Fix: save them with "
+            "np.savez(path, input=x, labels=y)"
+        )
+    check_feed({name: arrays[name] for name in metadata}, metadata)
+    if any(name.startswith("ref_") for name in arrays):
+        return arrays, path.name
+    # No stored reference: compute it with the bundle's PyTorch weights (torch needed).
+    with reference_runner(bundle, threads=threads) as runner:
+        outputs = run_batches(runner, {name: arrays[name] for name in metadata}, 64)
+    arrays.update({f"ref_{name}": value for name, value in outputs.items()})
+    return arrays, "torch"

@@ -1,0 +1,63 @@
+"""Shared fixtures: small checkpoints in every supported format, an exported bundle, and a
+``run_cli`` helper that runs the real command line in a subprocess (real exit codes, real
+stderr, so "no traceback" can be asserted)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread() -> None:
+    """Tests run small tensors, where a second intra-op thread costs more than it saves (and CI
+    machines have two cores shared with ONNX Runtime)."""
+    import torch
+
+    torch.set_num_threads(1)
+SHARED = REPO.parent / "shared"
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m slimdeploy ARGS`` and return the completed process (text output)."""
+    full_env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", **(env or {})}
+    full_env.pop("SLIMDEPLOY_DEBUG", None)
+    return subprocess.run(
+        [sys.executable, "-m", "slimdeploy", *args],
+        capture_output=True, text=True, env=full_env, cwd=cwd or REPO, timeout=600,
+    )
+
+
+def assert_clean_error(result: subprocess.CompletedProcess, code: int, *fragments: str) -> None:
+    """The process exited with ``code``, printed one error line naming ``fragments``, and no
+    traceback."""
+    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "error:" in result.stderr, result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, (fragment, result.stderr)
+
+
+@pytest.fixture(scope="session")
+def zoo_resnet_checkpoint() -> Path:
+    """The shipped trained SPConv ResNet-20 demo checkpoint."""
+    from slimdeploy.zoo import zoo_checkpoint_path
+
+    return zoo_checkpoint_path("spconv_resnet20_digits")
+
+
+@pytest.fixture(scope="session")
+def exported_bundle(tmp_path_factory: pytest.TempPathFactory, zoo_resnet_checkpoint: Path) -> Path:
+    """One bundle of the trained SPConv ResNet-20, exported once for the whole session."""
+    from slimdeploy.export import export
+
+    out = tmp_path_factory.mktemp("bundles") / "resnet20"
+    result = export(zoo_resnet_checkpoint, out, samples=16, batch_sizes=(1, 8))
+    assert result.passed
+    return out

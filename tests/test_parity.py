@@ -1,0 +1,132 @@
+"""Parity comparison: per-output results, collected failures, task agreement, reports."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from xml.etree import ElementTree
+
+import numpy as np
+import pytest
+
+from slimdeploy.engines import Runner, TensorMeta
+from slimdeploy.parity import (
+    DEFAULT_TOLERANCES,
+    ParityReport,
+    check_parity,
+    compare_outputs,
+    compare_values,
+    task_agreement,
+)
+
+
+def test_values_within_tolerance_pass() -> None:
+    ref = np.array([[1.0, -2.0, 3.0]], dtype=np.float64)
+    result = compare_values("logits", ref, ref + 5e-5, atol=1e-4, rtol=0.0, batch_size=1)
+    assert result and result.max_abs == pytest.approx(5e-5, rel=1e-3)
+    assert result.mismatched == 0
+
+
+def test_values_outside_tolerance_fail_with_counts() -> None:
+    ref = np.zeros((2, 4), dtype=np.float32)
+    cand = ref.copy()
+    cand[1, 2] = 0.5
+    result = compare_values("logits", ref, cand, atol=1e-4, rtol=1e-3, batch_size=2)
+    assert not result
+    assert result.mismatched == 1 and result.elements == 8
+    assert "1/8 elements" in result.message and "batch 2" in result.message
+
+
+def test_relative_tolerance_scales_with_reference() -> None:
+    ref = np.array([1000.0], dtype=np.float32)
+    assert compare_values("x", ref, ref + 0.5, atol=0.0, rtol=1e-3, batch_size=1)
+    assert not compare_values("x", ref, ref + 1.5, atol=0.0, rtol=1e-3, batch_size=1)
+
+
+def test_shape_mismatch_fails_before_values() -> None:
+    result = compare_values("logits", np.zeros((2, 10)), np.zeros((2, 9)), 1e-4, 1e-3, 2)
+    assert not result and "shape [2, 9]" in result.message
+
+
+def test_all_failures_collected_names_first() -> None:
+    reference = {"logits": np.zeros((1, 3)), "gates": np.zeros((1, 2))}
+    candidate = {"logits": np.ones((1, 3))}
+    results, failures = compare_outputs(reference, candidate, {"": (1e-4, 1e-3)}, batch_size=1)
+    assert failures == ["outputs: candidate lacks ['gates'] (has ['logits'])"]
+    assert len(results) == 1 and not results[0]
+
+
+def test_per_output_tolerance_overrides_default() -> None:
+    reference = {"logits": np.zeros((1, 3)), "feat": np.zeros((1, 3))}
+    candidate = {"logits": np.full((1, 3), 0.01), "feat": np.full((1, 3), 0.01)}
+    results, _ = compare_outputs(reference, candidate, {"": (1e-4, 0.0), "feat": (0.1, 0.0)}, 1)
+    assert [bool(r) for r in results] == [False, True]
+
+
+def test_task_agreement_and_accuracy() -> None:
+    ref = np.array([[0.9, 0.1, 0.0], [0.1, 0.8, 0.1], [0.2, 0.3, 0.5], [0.6, 0.3, 0.1]])
+    cand = ref.copy()
+    cand[3] = [0.3, 0.6, 0.1]  # top-1 flips to class 1; the reference's class 0 is still top-2
+    task = task_agreement(ref, cand, labels=np.array([0, 1, 2, 1]))
+    assert task.top1_agreement == 0.75
+    assert task.top5_agreement == 1.0
+    assert task.accuracy_reference == 0.75 and task.accuracy_candidate == 1.0
+
+
+class ShiftRunner(Runner):
+    """A fake candidate that adds a constant, and returns a different result at batch 1."""
+
+    backend = "fake"
+
+    def __init__(self, shift: float, shift_at_batch1: float) -> None:
+        super().__init__()
+        self.shift, self.shift_at_batch1 = shift, shift_at_batch1
+
+    def input_metadata(self) -> dict[str, TensorMeta]:
+        return {"input": TensorMeta("input", np.dtype(np.float32), ("batch", 3))}
+
+    def output_names(self) -> list[str]:
+        return ["logits"]
+
+    def _activate(self) -> None:
+        pass
+
+    def _infer(self, feed: dict) -> dict:
+        x = feed["input"]
+        shift = self.shift_at_batch1 if len(x) == 1 else self.shift
+        return {"logits": x + shift}
+
+
+def test_check_parity_runs_every_batch_size_and_catches_batch1_only_bugs() -> None:
+    x = np.random.default_rng(0).standard_normal((6, 3)).astype(np.float32)
+    with ShiftRunner(0.0, 1.0) as runner:
+        report = check_parity(runner, {"input": x}, {"logits": x}, [1, 4], "ref")
+    assert not report
+    assert [bool(r) for r in report.outputs] == [False, True]
+    assert report.task is not None and report.task.samples == 6
+    assert report.tolerances == {"": list(DEFAULT_TOLERANCES["fp32"][""])}
+    with ShiftRunner(0.0, 0.0) as runner:
+        assert check_parity(runner, {"input": x}, {"logits": x}, [1, 4], "ref")
+
+
+def test_reports_json_and_junit(tmp_path: Path) -> None:
+    x = np.zeros((2, 3), dtype=np.float32)
+    with ShiftRunner(0.5, 0.5) as runner:
+        report = check_parity(runner, {"input": x}, {"logits": x}, [2], "ref")
+    report.write_junit(tmp_path / "parity.xml")
+    suite = ElementTree.parse(tmp_path / "parity.xml").getroot()
+    assert suite.tag == "testsuite" and suite.get("failures") == "1"
+    failing = [case for case in suite if case.find("failure") is not None]
+    assert failing[0].get("name") == "logits[batch=2]"
+    report.write_json(tmp_path / "parity.json")
+    import json
+
+    data = json.loads((tmp_path / "parity.json").read_text())
+    assert data["passed"] is False and data["outputs"][0]["max_abs"] == pytest.approx(0.5)
+    assert data["decisions"] == {}
+
+
+def test_report_truthiness_needs_no_failures() -> None:
+    report = ParityReport("a", "b", "fp32", [1], 1, {})
+    assert report
+    report.failures.append("outputs: missing")
+    assert not report

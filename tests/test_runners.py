@@ -1,0 +1,122 @@
+"""One contract test suite, run against every runner (PyTorch and ONNX Runtime)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from slimdeploy.engines import OrtRunner, Runner, TensorMeta, TorchRunner
+from slimdeploy.errors import InputValidationError, SlimDeployError
+from slimdeploy.exporters import ExportSpec, export_onnx
+
+META = {"input": TensorMeta("input", np.dtype(np.float32), ("batch", 3, 8, 8))}
+
+
+class TinyNet(torch.nn.Module):
+    """Conv + BN + pool + linear: enough to exercise every contract point quickly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.fc = torch.nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.bn(self.conv(x))).mean(dim=(2, 3)))
+
+
+@pytest.fixture(scope="module")
+def tiny() -> TinyNet:
+    torch.manual_seed(0)
+    return TinyNet().eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tiny: TinyNet, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
+    path.write_bytes(export_onnx(tiny, (torch.randn(2, 3, 8, 8),), ExportSpec()).SerializeToString())
+    return path
+
+
+@pytest.fixture(params=["torch", "onnxruntime"])
+def make_runner(request: pytest.FixtureRequest, tiny: TinyNet, tiny_onnx: Path) -> Callable[[], Runner]:
+    if request.param == "torch":
+        return lambda: TorchRunner(tiny, META, ["logits"])
+    return lambda: OrtRunner(tiny_onnx)
+
+
+def _x(batch: int) -> np.ndarray:
+    return np.random.default_rng(batch).standard_normal((batch, 3, 8, 8)).astype(np.float32)
+
+
+def test_infer_returns_named_outputs(make_runner: Callable[[], Runner]) -> None:
+    with make_runner() as runner:
+        for batch in (1, 3):
+            outputs = runner.infer({"input": _x(batch)})
+            assert list(outputs) == ["logits"]
+            assert outputs["logits"].shape == (batch, 5)
+            assert outputs["logits"].dtype == np.float32
+
+
+def test_metadata(make_runner: Callable[[], Runner]) -> None:
+    with make_runner() as runner:
+        meta = runner.input_metadata()["input"]
+        assert meta.dtype == np.float32
+        assert meta.shape[1:] == (3, 8, 8) and isinstance(meta.shape[0], str)
+        assert runner.output_names() == ["logits"]
+
+
+@pytest.mark.parametrize(
+    ("feed", "fragment"),
+    [
+        ({}, "missing input(s) ['input']"),
+        ({"input": _x(2), "other": _x(2)}, "unexpected input(s) ['other']"),
+        ({"input": _x(2).astype(np.float64)}, "dtype float64, expected float32"),
+        ({"input": _x(2)[:, :2]}, "axis 1 should be 3"),
+        ({"input": _x(2)[0]}, "expected rank 4"),
+    ],
+)
+def test_bad_feeds_are_refused_with_what_was_expected(
+    make_runner: Callable[[], Runner], feed: dict, fragment: str
+) -> None:
+    with make_runner() as runner, pytest.raises(InputValidationError) as info:
+        runner.infer(feed)
+    assert fragment in str(info.value)
+    assert "expected input: float32[" in str(info.value)
+
+
+def test_inactive_runner_refuses(make_runner: Callable[[], Runner]) -> None:
+    runner = make_runner()
+    with pytest.raises(SlimDeployError, match="not active"):
+        runner.infer({"input": _x(1)})
+    with runner:
+        assert runner.is_active
+        with pytest.raises(SlimDeployError, match="already active"):
+            runner.activate()
+    assert not runner.is_active
+
+
+def test_runners_agree(tiny: TinyNet, tiny_onnx: Path) -> None:
+    x = {"input": _x(4)}
+    with TorchRunner(tiny, META, ["logits"]) as reference, OrtRunner(tiny_onnx) as candidate:
+        np.testing.assert_allclose(candidate.infer(x)["logits"], reference.infer(x)["logits"], atol=1e-5, rtol=1e-4)
+
+
+def test_ort_unknown_device_is_backend_error(tiny_onnx: Path) -> None:
+    from slimdeploy.errors import BackendUnavailableError
+
+    with pytest.raises(BackendUnavailableError, match="cuda|CUDA|unknown device"):
+        OrtRunner(tiny_onnx, device="cuda").activate()
+
+
+def test_ort_unreadable_model(tmp_path: Path) -> None:
+    from slimdeploy.errors import BundleError
+
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(BundleError, match="cannot load"):
+        OrtRunner(bad).activate()
