@@ -87,14 +87,16 @@ class ParityReport:
     tolerances: dict[str, list[float]]
     outputs: list[OutputResult] = field(default_factory=list)
     task: TaskResult | None = None
-    # Filled by the dynamic families: gate agreement per block, exit agreement per sample.
-    decisions: dict[str, Any] = field(default_factory=dict)
+    # Decision agreement per decision output, one entry per batch size (gates, exits).
+    decisions: dict[str, list[DecisionResult]] = field(default_factory=dict)
+    # Samples left out of the numeric comparison because a decision differed, per batch size.
+    excluded_samples: dict[str, int] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
     @property
     def passed(self) -> bool:
-        return not self.failures and all(self.outputs)
+        return not self.failures and all(self.outputs) and all(all(r) for r in self.decisions.values())
 
     def __bool__(self) -> bool:
         return self.passed
@@ -102,6 +104,9 @@ class ParityReport:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["passed"] = self.passed
+        for results in data["decisions"].values():
+            for result in results:
+                result.pop("rows_agree", None)
         return data
 
     def summary(self) -> dict[str, Any]:
@@ -120,6 +125,9 @@ class ParityReport:
         }
         if self.task is not None:
             summary["top1_agreement"] = self.task.top1_agreement
+        for name, results in self.decisions.items():
+            summary[f"{name}_agreement"] = min(r.agreement for r in results)
+            summary[f"{name}_near_threshold"] = max(r.near_threshold for r in results)
         return summary
 
     def write_json(self, path: str | Path) -> None:
@@ -132,6 +140,10 @@ class ParityReport:
     def write_junit(self, path: str | Path) -> None:
         """JUnit XML: one test case per output and batch size, plus task agreement."""
         cases: list[tuple[str, str | None]] = []
+        for results in self.decisions.values():
+            for decision in results:
+                detail = None if decision else decision.message
+                cases.append((f"{decision.name}[batch={decision.batch_size}]", detail))
         for result in self.outputs:
             detail = None if result.passed else result.message
             cases.append((f"{result.name}[batch={result.batch_size}]", detail))
@@ -238,6 +250,97 @@ def task_agreement(
     return task
 
 
+@dataclass(frozen=True)
+class DecisionSpec:
+    """A decision output and how to judge a disagreement.
+
+    Attributes:
+        name: the decision output (``"gates"``: [B, n] uint8, 1 = executed).
+        probs: the output holding the probability behind each decision (``"gate_probs"``).
+        threshold: the threshold the decisions were made at (execute iff prob > threshold).
+        near_margin: a flip whose reference probability lies closer than this to the threshold
+            is reported as near-threshold, not as a defect. Defaults to 1e-3.
+    """
+
+    name: str
+    probs: str
+    threshold: float
+    near_margin: float = 1e-3
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class DecisionResult:
+    """Agreement of one decision output at one batch size."""
+
+    name: str
+    batch_size: int
+    samples: int
+    decisions: int
+    agreement: float
+    per_block_agreement: list[float]
+    near_threshold: int
+    defects: int
+    disagreements: list[dict[str, Any]]
+    # How often the reference opened/closed each block: every gate should be seen both ways.
+    reference_open: list[int]
+    reference_closed: list[int]
+    message: str = ""
+    rows_agree: list[bool] = field(repr=False, default_factory=list)
+
+    def __bool__(self) -> bool:
+        return self.defects == 0
+
+
+# How many disagreements a report lists one by one (the counts cover all of them).
+_DISAGREEMENTS_LISTED = 50
+
+
+def compare_decisions(
+    spec: DecisionSpec,
+    reference: Mapping[str, np.ndarray],
+    candidate: Mapping[str, np.ndarray],
+    batch_size: int,
+) -> DecisionResult:
+    """Compare decision bits exactly; each flip carries the reference's margin to the threshold."""
+    ref = np.asarray(reference[spec.name]).astype(np.int64).reshape(len(reference[spec.name]), -1)
+    cand = np.asarray(candidate[spec.name]).astype(np.int64).reshape(ref.shape)
+    probs = np.asarray(reference[spec.probs], dtype=np.float64).reshape(ref.shape)
+    differ = ref != cand
+    margins = np.abs(probs - spec.threshold)
+    near = differ & (margins < spec.near_margin)
+    listed = []
+    for sample, block in zip(*np.nonzero(differ)):
+        if len(listed) == _DISAGREEMENTS_LISTED:
+            break
+        listed.append({
+            "sample": int(sample), "block": int(block), "reference": int(ref[sample, block]),
+            "candidate": int(cand[sample, block]), "reference_prob": float(probs[sample, block]),
+            "margin": float(margins[sample, block]), "near_threshold": bool(near[sample, block]),
+        })
+    defects = int((differ & ~near).sum())
+    return DecisionResult(
+        message="" if not defects else (
+            f"{spec.name}: {defects} decision(s) differ from the reference at batch {batch_size} "
+            f"beyond the near-threshold margin {spec.near_margin:g}"
+        ),
+        name=spec.name,
+        batch_size=batch_size,
+        samples=ref.shape[0],
+        decisions=int(ref.size),
+        agreement=float(1.0 - differ.mean()) if ref.size else 1.0,
+        per_block_agreement=[float(v) for v in 1.0 - differ.mean(axis=0)] if ref.size else [],
+        near_threshold=int(near.sum()),
+        defects=defects,
+        disagreements=listed,
+        reference_open=[int(v) for v in ref.sum(axis=0)],
+        reference_closed=[int(v) for v in (1 - ref).sum(axis=0)],
+        rows_agree=[bool(v) for v in ~differ.any(axis=1)],
+    )
+
+
 def run_batches(
     runner: Runner,
     feed: Mapping[str, np.ndarray],
@@ -258,9 +361,15 @@ def check_parity(
     precision: str = "fp32",
     tolerances: Mapping[str, tuple[float, float]] | None = None,
     labels: np.ndarray | None = None,
+    decisions: Sequence[DecisionSpec] = (),
+    batch_inputs: Sequence[str] | None = None,
     progress: Any = None,
 ) -> ParityReport:
     """Run ``runner`` on ``feed`` at each batch size and compare with ``reference``.
+
+    Decision outputs are compared exactly first; numeric outputs are then compared only on the
+    samples whose decisions all agree (a flipped gate legitimately changes the logits), and the
+    report says how many samples that left out.
 
     Args:
         runner: an active candidate runner.
@@ -271,6 +380,9 @@ def check_parity(
         precision: ``"fp32"``, ``"fp16"`` or ``"int8"``, picks default tolerances. Defaults to fp32.
         tolerances: per-output (atol, rtol), ``""`` for the default. Defaults to the precision's.
         labels: ground-truth classes for accuracy. Defaults to none.
+        decisions: decision outputs to compare exactly (gates, exits). Defaults to none.
+        batch_inputs: inputs split into batches; others (thresholds) are fed whole. Defaults to
+            every input.
         progress: optional callable ``(description: str) -> None`` told before each batch size.
     """
     tolerances = dict(tolerances or DEFAULT_TOLERANCES[precision])
@@ -284,13 +396,34 @@ def check_parity(
         samples=samples,
         tolerances={k: list(v) for k, v in tolerances.items()},
     )
+    decision_names = {spec.name for spec in decisions}
     candidate_by_batch: dict[int, dict[str, np.ndarray]] = {}
     for batch_size in batch_sizes:
         if progress is not None:
             progress(f"parity at batch {batch_size}")
-        candidate = run_batches(runner, feed, batch_size)
+        candidate = run_batches(runner, feed, batch_size, batch_inputs)
         candidate_by_batch[batch_size] = candidate
-        results, failures = compare_outputs(reference, candidate, tolerances, batch_size)
+        missing = [spec.name for spec in decisions if spec.name not in candidate]
+        rows = np.ones(samples, dtype=bool)
+        for spec in decisions:
+            if spec.name in missing:
+                continue
+            result = compare_decisions(spec, reference, candidate, batch_size)
+            report.decisions.setdefault(spec.name, []).append(result)
+            rows &= np.asarray(result.rows_agree, dtype=bool)
+            if not result:
+                report.failures.append(result.message)
+        numeric = [name for name in reference if name not in decision_names]
+        results, failures = compare_outputs(
+            {name: np.asarray(reference[name])[rows] for name in numeric},
+            {name: np.asarray(value)[rows] for name, value in candidate.items() if name in numeric},
+            tolerances,
+            batch_size,
+        )
+        if missing:
+            failures.append(f"outputs: candidate lacks {missing} (has {sorted(candidate)})")
+        if not rows.all():
+            report.excluded_samples[str(batch_size)] = int((~rows).sum())
         report.outputs.extend(results)
         report.failures.extend(f for f in failures if f not in report.failures)
         report.failures.extend(r.message for r in results if not r)

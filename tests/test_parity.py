@@ -130,3 +130,64 @@ def test_report_truthiness_needs_no_failures() -> None:
     assert report
     report.failures.append("outputs: missing")
     assert not report
+
+
+class GateRunner(Runner):
+    """A fake gated model: returns fixed candidate gates and logits derived from them."""
+
+    backend = "fake"
+
+    def __init__(self, gates: np.ndarray, probs: np.ndarray) -> None:
+        super().__init__()
+        self.gates, self.probs = gates, probs
+
+    def input_metadata(self) -> dict[str, TensorMeta]:
+        return {"input": TensorMeta("input", np.dtype(np.int64), ("batch",))}
+
+    def output_names(self) -> list[str]:
+        return ["logits", "gates", "gate_probs"]
+
+    def _activate(self) -> None:
+        pass
+
+    def _infer(self, feed: dict) -> dict:
+        rows = feed["input"]
+        gates = self.gates[rows]
+        return {"logits": gates.sum(axis=1, keepdims=True).astype(np.float32), "gates": gates,
+                "gate_probs": self.probs[rows]}
+
+
+def test_decisions_compared_exactly_with_margins() -> None:
+    from slimdeploy.parity import DecisionSpec
+
+    ref_gates = np.array([[1, 0], [0, 1], [1, 1], [0, 0]], dtype=np.uint8)
+    probs = np.array([[0.9, 0.1], [0.2, 0.5004], [0.7, 0.8], [0.1, 0.3]], dtype=np.float32)
+    reference = {"logits": ref_gates.sum(axis=1, keepdims=True).astype(np.float32), "gates": ref_gates, "gate_probs": probs}
+    spec = DecisionSpec("gates", "gate_probs", threshold=0.5)
+    feed = {"input": np.arange(4)}
+
+    # Sample 1 flips block 1, whose reference probability is 4e-4 from the threshold: reported
+    # as near-threshold, not a defect; sample 1 is left out of the numeric comparison.
+    near = ref_gates.copy()
+    near[1, 1] = 0
+    with GateRunner(near, probs) as runner:
+        report = check_parity(runner, feed, reference, [1, 4], "ref", decisions=[spec])
+    assert report.passed, report.failures
+    result = report.decisions["gates"][0]
+    assert result.near_threshold == 1 and result.defects == 0
+    assert result.disagreements[0]["sample"] == 1 and result.disagreements[0]["margin"] == pytest.approx(4e-4, abs=1e-6)
+    assert result.per_block_agreement == [1.0, 0.75]
+    assert result.reference_open == [2, 2] and result.reference_closed == [2, 2]
+    assert report.excluded_samples == {"1": 1, "4": 1}
+    assert report.summary()["gates_agreement"] == 0.875
+
+    # A flip far from the threshold is a defect, and the report fails.
+    far = ref_gates.copy()
+    far[0, 0] = 0
+    with GateRunner(far, probs) as runner:
+        report = check_parity(runner, feed, reference, [2], "ref", decisions=[spec])
+    assert not report.passed
+    assert report.decisions["gates"][0].defects == 1
+    assert "gates: 1 decision(s) differ" in report.failures[0]
+    data = report.to_dict()
+    assert "rows_agree" not in data["decisions"]["gates"][0]
