@@ -164,6 +164,20 @@ class Bundle:
     def output_names(self) -> list[str]:
         return [spec["name"] for spec in self.manifest["outputs"]]
 
+    @property
+    def batch_inputs(self) -> list[str]:
+        """Inputs whose axis 0 is the batch (thresholds are not)."""
+        return [spec["name"] for spec in self.manifest["inputs"] if spec["shape"][:1] == ["batch"]]
+
+    def input_meta(self, name: str) -> Any:
+        """``TensorMeta`` of a graph input, from the manifest."""
+        from slimdeploy.engines.base import TensorMeta
+
+        for spec in self.manifest["inputs"]:
+            if spec["name"] == name:
+                return TensorMeta(name, np.dtype(spec["dtype"]), tuple(spec["shape"]), optional=bool(spec.get("optional")))
+        raise BundleError(f"bundle '{self.path}' has no input '{name}'")
+
 
 def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     """Read a bundle's manifest and check that every listed file is present and unaltered.
@@ -199,23 +213,34 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     return Bundle(root, manifest)
 
 
-def bundle_runner(bundle: Bundle, device: str = "cpu", threads: int = 0) -> Any:
-    """The runner that executes this bundle: ONNX Runtime on its (single) graph.
+def bundle_runner(bundle: Bundle, device: str = "cpu", threads: int = 0, replay: bool = False) -> Any:
+    """The runner that executes this bundle: ONNX Runtime on its graph, or the staged
+    controller over one ONNX Runtime session per piece.
 
     Args:
         bundle: a loaded bundle.
         device: ``"cpu"`` or ``"cuda"``. Defaults to ``"cpu"``.
         threads: intra-op threads; 0 lets ONNX Runtime choose. Defaults to 0.
+        replay: staged bundles only: take gate decisions from the feed. Defaults to False.
     """
-    from slimdeploy.engines.ort_runner import OrtRunner
+    from slimdeploy.engines.factory import make_runner
 
-    return OrtRunner(bundle.graph_path("model"), device=device, threads=threads)
+    manifest = bundle.manifest
+    return make_runner(
+        {graph["name"]: bundle.file(graph["file"]) for graph in bundle.graphs},
+        manifest.get("dynamic"),
+        bundle.input_meta("input"),
+        plan=manifest.get("stages") or None,
+        decision_defaults=manifest.get("decisions", {}).get("thresholds"),
+        device=device,
+        threads=threads,
+        replay=replay,
+    )
 
 
 def reference_runner(bundle: Bundle, threads: int = 0) -> Any:
     """A ``TorchRunner`` over the bundle's ``reference.pt`` (needs torch); raises
     ``BundleError`` when the bundle carries no reference weights."""
-    from slimdeploy.engines.base import TensorMeta
     from slimdeploy.engines.torch_runner import TorchRunner
     from slimdeploy.loading import load_checkpoint
 
@@ -226,8 +251,5 @@ def reference_runner(bundle: Bundle, threads: int = 0) -> Any:
             "--no-reference-weights"
         )
     loaded = load_checkpoint(bundle.file(relative))
-    inputs = {
-        spec["name"]: TensorMeta(spec["name"], np.dtype(spec["dtype"]), tuple(spec["shape"]))
-        for spec in bundle.manifest["inputs"]
-    }
+    inputs = {spec["name"]: bundle.input_meta(spec["name"]) for spec in bundle.manifest["inputs"]}
     return TorchRunner(loaded.module, inputs, bundle.output_names, threads=threads, name="torch")

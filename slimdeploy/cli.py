@@ -130,6 +130,19 @@ def _print_parity(report: Any, json_target: str | None) -> None:
             if task.accuracy_reference is not None:
                 line += f"; accuracy reference {task.accuracy_reference:.1%}, candidate {task.accuracy_candidate:.1%}"
             out_console.print(line)
+        for name, results in report.decisions.items():
+            for result in results:
+                out_console.print(
+                    f"{name} at batch {result.batch_size}: agreement {result.agreement:.2%} over "
+                    f"{result.decisions} decisions, {result.near_threshold} near-threshold flip(s), "
+                    f"{result.defects} defect(s)"
+                )
+            first = results[0]
+            never = [i + 1 for i, (o, c) in enumerate(zip(first.reference_open, first.reference_closed)) if not o or not c]
+            if never:
+                out_console.print(f"[yellow]note:[/yellow] {name}: blocks {never} were seen only open or only closed in these samples")
+        for batch, count in report.excluded_samples.items():
+            out_console.print(f"numeric parity at batch {batch} left out {count} sample(s) whose decisions differ")
         for failure in report.failures:
             out_console.print(f"[red]failed:[/red] {escape(failure)}")
         verdict = "[green]PASSED[/green]" if report.passed else "[red]FAILED[/red]"
@@ -143,6 +156,7 @@ def export(
     arch: Annotated[str | None, typer.Option(help="Architecture (needed when the checkpoint does not name one).")] = None,
     arch_args: Annotated[str | None, typer.Option("--arch-args", help="Constructor arguments as a JSON object.")] = None,
     target: Annotated[str, typer.Option(help="Deployment target: ort (ONNX Runtime).")] = "ort",
+    dynamic: Annotated[str | None, typer.Option(help="Form of a gated model: mask, if, compact or staged (default for ort: compact).")] = None,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow a pickled nn.Module checkpoint (runs code from the file).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
     data: Annotated[Path | None, typer.Option(help=".npz/.npy of parity inputs (keys: input, labels). Default: digits held-out split.")] = None,
@@ -165,6 +179,7 @@ def export(
         arch=arch,
         arch_args=_parse_json_arg(arch_args, "--arch-args"),
         target=target,
+        dynamic=dynamic,
         trust_pickle=trust_pickle,
         force=force,
         data=data,

@@ -27,13 +27,19 @@ import numpy as np
 from slimdeploy.bundle import GOLDEN, REFERENCE_WEIGHTS, REPORT, ensure_writable, write_bundle
 from slimdeploy.engines.base import TensorMeta, check_feed
 from slimdeploy.errors import BadInputError, InputValidationError
-from slimdeploy.parity import ParityReport, check_parity, run_batches
+from slimdeploy.parity import DecisionSpec, ParityReport, check_parity, run_batches
 from slimdeploy.versions import versions
 
 TARGETS = ("ort",)
 DEFAULT_SAMPLES = 32
 DEFAULT_BATCH_SIZES = (1, 16)
 MODEL_FILE = "model.onnx"
+STAGES_DIR = "stages"
+GATED_FORMS = ("mask", "if", "compact", "staged")
+# Default dynamic form per target: compact routes per sample inside one flat graph.
+DEFAULT_FORMS = {"ort": "compact"}
+GATED_OUTPUTS = ("logits", "gates", "gate_probs")
+DEFAULT_GATE_THRESHOLD = 0.5
 
 Progress = Callable[[str], None]
 
@@ -80,6 +86,7 @@ def export(
     arch: str | None = None,
     arch_args: Mapping[str, Any] | None = None,
     target: str = "ort",
+    dynamic: str | None = None,
     trust_pickle: bool = False,
     force: bool = False,
     data: str | Path | None = None,
@@ -101,6 +108,8 @@ def export(
         arch: registered architecture; needed when the checkpoint does not name one.
         arch_args: constructor arguments overriding the checkpoint's and the inferred ones.
         target: ``"ort"``. Defaults to ``"ort"``.
+        dynamic: form of a gated model: ``mask``, ``if``, ``compact`` or ``staged``. Defaults to
+            the target's (``compact`` for ``ort``); must be None for static models.
         trust_pickle: allow a pickled ``nn.Module`` checkpoint (runs code). Defaults to False.
         force: replace an existing ``out``. Defaults to False.
         data: .npz/.npy with parity inputs (and labels). Defaults to the digits held-out split.
@@ -117,7 +126,7 @@ def export(
     """
     from slimdeploy import exporters
     from slimdeploy._optional import optional_import
-    from slimdeploy.engines.ort_runner import OrtRunner
+    from slimdeploy.engines.factory import make_runner
     from slimdeploy.engines.torch_runner import TorchRunner
     from slimdeploy.flops import count_macs
     from slimdeploy.loading import load_checkpoint, save_checkpoint
@@ -135,49 +144,68 @@ def export(
     say("loading checkpoint")
     loaded = load_checkpoint(checkpoint, arch=arch, arch_args=arch_args, trust_pickle=trust_pickle)
     notes.extend(loaded.notes)
+    info = _registered(loaded.arch)
+    gated = bool(info and info.family == "skipnet")
+    form = _choose_form(dynamic, gated, target)
     prep = loaded.preprocessing
     input_meta = TensorMeta("input", np.dtype(np.float32), ("batch", *prep.input_size))
+    output_names = list(GATED_OUTPUTS) if gated else ["logits"]
+    decisions = [DecisionSpec("gates", "gate_probs", DEFAULT_GATE_THRESHOLD)] if gated else []
 
-    say("preparing held-out inputs")
-    inputs, labels, data_source = _parity_inputs(
-        data, prep, samples, input_meta, trained_on_digits=loaded.meta.get("dataset") == "digits"
+    say("preparing held-out inputs and the PyTorch reference")
+    pool, pool_labels, data_source = _parity_inputs(
+        data, prep, None if gated else samples, input_meta, trained_on_digits=loaded.meta.get("dataset") == "digits"
     )
+    with TorchRunner(loaded.module, {"input": input_meta}, output_names) as reference_runner:
+        pool_reference = run_batches(reference_runner, {"input": pool}, batch_size=64)
+    # Gated models: pick samples so that every gate is seen both open and closed where the
+    # data allows (a gate frozen at trace time is the typical silent failure).
+    rows = _covering_rows(pool_reference["gates"], samples) if gated else np.arange(len(pool))
+    inputs = pool[rows]
+    labels = pool_labels[rows] if pool_labels is not None else None
+    reference = {name: value[rows] for name, value in pool_reference.items()}
     feed = {"input": inputs}
-
-    say("running the PyTorch reference")
-    spec = exporters.ExportSpec(opset=opset or exporters.onnx_export.DEFAULT_OPSET)
-    with TorchRunner(loaded.module, {"input": input_meta}, spec.output_names) as reference_runner:
-        reference = run_batches(reference_runner, feed, batch_size=len(inputs))
     macs = count_macs(loaded.module, prep.input_size)
 
-    say("exporting with torch.export")
+    say(f"exporting with torch.export{f' ({form} form)' if form else ''}")
     export_started = time.perf_counter()
-    generator = torch.Generator().manual_seed(0)
-    example = torch.randn(exporters.onnx_export.EXAMPLE_BATCH, *prep.input_size, generator=generator)
-    model = exporters.export_onnx(loaded.module, (example,), spec)
+    spec = exporters.ExportSpec(output_names=output_names, opset=opset or exporters.onnx_export.DEFAULT_OPSET)
+    graphs, plan = _export_graphs(loaded.module, form, prep.input_size, spec, torch)
     export_seconds = time.perf_counter() - export_started
-    exporters.check_onnx(model)
+    for graph in graphs.values():
+        exporters.check_onnx(graph)
+    threshold_defaults = {"gate_threshold": DEFAULT_GATE_THRESHOLD} if gated else {}
 
-    def parity(graph: Any, label: str) -> ParityReport:
-        with OrtRunner(graph.SerializeToString(), threads=threads) as runner:
+    def parity(candidate: dict[str, Any], label: str) -> ParityReport:
+        sources = {name: graph.SerializeToString() for name, graph in candidate.items()}
+        runner = make_runner(sources, form, input_meta, plan=plan, decision_defaults=threshold_defaults, threads=threads)
+        with runner:
             return check_parity(runner, feed, reference, batch_sizes, "torch", tolerances=tolerances,
-                                labels=labels, progress=lambda step: say(f"{label}: {step}"))
+                                labels=labels, decisions=decisions, batch_inputs=["input"],
+                                progress=lambda step: say(f"{label}: {step}"))
 
-    say("checking parity of the exported graph")
-    report = parity(model, "exported graph")
+    say("checking parity of the exported graph" + ("s" if len(graphs) > 1 else ""))
+    report = parity(graphs, "exported")
     simplified_info: dict[str, Any] = {"applied": False}
     if simplify:
         say("simplifying with onnxslim")
-        result = exporters.simplify(model)
-        simplified_info = {"applied": False, "nodes_before": result.nodes_before, "nodes_after": result.nodes_after}
-        if result.error:
-            notes.append(f"onnxslim failed, kept the unsimplified graph: {result.error}")
+        results = {name: exporters.simplify(graph) for name, graph in graphs.items()}
+        simplified_info = {
+            "applied": False,
+            "nodes_before": sum(r.nodes_before for r in results.values()),
+            "nodes_after": sum(r.nodes_after for r in results.values()),
+        }
+        errors = [f"{name}: {r.error}" for name, r in results.items() if r.error]
+        if errors:
+            notes.append(f"onnxslim failed, kept the unsimplified graphs: {errors[0]}")
         else:
-            exporters.check_onnx(result.model)
+            slimmed = {name: r.model for name, r in results.items()}
+            for graph in slimmed.values():
+                exporters.check_onnx(graph)
             say("re-checking parity after simplification")
-            slim_report = parity(result.model, "simplified graph")
+            slim_report = parity(slimmed, "simplified")
             if slim_report.passed or not report.passed:
-                model, report = result.model, slim_report
+                graphs, report = slimmed, slim_report
                 simplified_info["applied"] = True
             else:
                 notes.append("onnxslim's graph failed parity where the exported one passed; kept the exported graph")
@@ -186,7 +214,15 @@ def export(
     golden: dict[str, np.ndarray] = {"input": inputs, **{f"ref_{k}": v for k, v in reference.items()}}
     if labels is not None:
         golden["labels"] = labels
-    info = _registered(loaded.arch)
+    graph_files = {name: (MODEL_FILE if name == "model" else f"{STAGES_DIR}/{name}.onnx") for name in graphs}
+    inputs_spec = [_spec_dict(input_meta)]
+    outputs_spec = [{"name": "logits", "dtype": "float32", "shape": ["batch", int(reference["logits"].shape[1])]}]
+    if gated:
+        n_gated = int(reference["gates"].shape[1])
+        inputs_spec.append({"name": "gate_threshold", "dtype": "float32", "shape": [], "optional": True,
+                            "default": DEFAULT_GATE_THRESHOLD})
+        outputs_spec += [{"name": "gates", "dtype": "uint8", "shape": ["batch", n_gated]},
+                         {"name": "gate_probs", "dtype": "float32", "shape": ["batch", n_gated]}]
     manifest = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "versions": versions(),
@@ -202,14 +238,17 @@ def export(
         },
         "preprocessing": prep.to_dict(),
         "target": target,
-        "dynamic": None,
+        "dynamic": form,
         "precision": "fp32",
         "opset": spec.opset,
-        "inputs": [_spec_dict(input_meta)],
-        "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch", int(reference["logits"].shape[1])]}],
-        "graphs": [{"name": "model", "file": MODEL_FILE}],
-        "decisions": {"outputs": [], "thresholds": {}},
-        "stages": [],
+        "inputs": inputs_spec,
+        "outputs": outputs_spec,
+        "graphs": [{"name": name, "file": file} for name, file in graph_files.items()],
+        "decisions": {
+            "outputs": [d.to_dict() for d in decisions],
+            "thresholds": threshold_defaults,
+        },
+        "stages": plan or {},
         "golden": {
             "file": GOLDEN, "samples": int(len(inputs)), "batch_sizes": list(batch_sizes),
             "source": data_source, "labels": labels is not None, "reference": "torch",
@@ -217,7 +256,7 @@ def export(
         "tolerances": report.tolerances,
         "parity": report.summary(),
         "export": {
-            "seconds_total": None,  # filled below, once the bundle is written
+            "seconds_total": None,  # filled below, just before the bundle is written
             "seconds_torch_export": round(export_seconds, 3),
             "simplify": simplified_info,
             "peak_rss_mb": None,
@@ -225,7 +264,7 @@ def export(
         },
     }
     files: dict[str, Any] = {
-        MODEL_FILE: model.SerializeToString(),
+        **{graph_files[name]: graph.SerializeToString() for name, graph in graphs.items()},
         GOLDEN: golden,
         REPORT: (json.dumps(report.to_dict(), indent=2) + "\n").encode(),
     }
@@ -259,14 +298,64 @@ def _spec_dict(meta: TensorMeta) -> dict[str, Any]:
     return {"name": meta.name, "dtype": np.dtype(meta.dtype).name, "shape": list(meta.shape)}
 
 
+def _choose_form(dynamic: str | None, gated: bool, target: str) -> str | None:
+    """The dynamic form: None for static models; for gated ones ``dynamic`` or the target's
+    default (``compact`` on ONNX Runtime: exact and saving per sample at any batch size)."""
+    if not gated:
+        if dynamic is not None:
+            raise BadInputError(
+                f"--dynamic {dynamic} applies to models that make decisions (gates, exits); this "
+                "architecture is static | Fix: leave out --dynamic"
+            )
+        return None
+    form = dynamic or DEFAULT_FORMS[target]
+    if form not in GATED_FORMS:
+        raise BadInputError(f"unknown dynamic form '{form}' | Note: expected one of {list(GATED_FORMS)}")
+    return form
+
+
+def _export_graphs(module: Any, form: str | None, input_size: tuple[int, ...], spec: Any, torch: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The form's graphs by name (``model`` for single-graph forms) and its staged plan."""
+    from slimdeploy import exporters
+    from slimdeploy.exporters import gated
+
+    if form is None:
+        generator = torch.Generator().manual_seed(0)
+        example = torch.randn(exporters.onnx_export.EXAMPLE_BATCH, *input_size, generator=generator)
+        return {"model": exporters.export_onnx(module, (example,), spec)}, None
+    pieces, plan = gated.gated_pieces(module, input_size, opset=spec.opset)
+    if form == "staged":
+        return pieces, plan.to_dict()
+    return {"model": gated.compose_form(form, pieces, plan, input_size)}, None
+
+
+def _covering_rows(gates: np.ndarray, count: int) -> np.ndarray:
+    """``count`` row indices, chosen first so that every gate is seen open and closed (greedy
+    cover of the (block, state) pairs the rows show), then in order."""
+    chosen: list[int] = []
+    uncovered = {(block, state) for block in range(gates.shape[1]) for state in (0, 1)}
+    seen = {(block, int(gates[row, block])) for row in range(len(gates)) for block in range(gates.shape[1])}
+    uncovered &= seen
+    while uncovered and len(chosen) < count:
+        gains = [len(uncovered & {(b, int(gates[row, b])) for b in range(gates.shape[1])}) for row in range(len(gates))]
+        best = int(np.argmax(gains))
+        if gains[best] == 0:
+            break
+        chosen.append(best)
+        uncovered -= {(b, int(gates[best, b])) for b in range(gates.shape[1])}
+    rest = [row for row in range(len(gates)) if row not in chosen]
+    return np.array(sorted(chosen + rest[: max(0, count - len(chosen))]), dtype=np.int64)
+
+
 def _parity_inputs(
     data: str | Path | None,
     prep: Any,
-    samples: int,
+    samples: int | None,
     input_meta: TensorMeta,
     trained_on_digits: bool,
 ) -> tuple[np.ndarray, np.ndarray | None, str]:
-    """Held-out inputs for the parity check: the user's file, or the digits held-out split."""
+    """Held-out inputs for the parity check: the user's file, or the digits held-out split
+    (the first ``samples``, or all of it when None)."""
     if data is not None:
         inputs, labels = load_data_file(data)
         inputs, labels = inputs[:samples], (labels[:samples] if labels is not None else None)
@@ -278,4 +367,4 @@ def _parity_inputs(
     # Digits labels mean something only for models trained on digits (the zoo's).
     if not trained_on_digits:
         labels = None
-    return inputs, labels, f"digits:heldout[:{samples}]"
+    return inputs, labels, "digits:heldout" + (f"[:{samples}]" if samples else "")

@@ -462,10 +462,11 @@ def check_bundle(
     bundle = load_bundle(path)
     manifest = bundle.manifest
     arrays, reference_name = _check_arrays(bundle, data, threads)
-    feed = {name: arrays[name] for name in bundle.input_names}
+    feed = {name: arrays[name] for name in bundle.input_names if name in arrays}
     reference = {name[len("ref_"):]: value for name, value in arrays.items() if name.startswith("ref_")}
     labels = arrays.get("labels")
     stored = {name: tuple(value) for name, value in manifest.get("tolerances", {}).items()}
+    decisions = [DecisionSpec(**spec) for spec in manifest.get("decisions", {}).get("outputs", [])]
     with bundle_runner(bundle, device=device, threads=threads) as runner:
         return check_parity(
             runner,
@@ -476,6 +477,8 @@ def check_bundle(
             precision=manifest.get("precision", "fp32"),
             tolerances=tolerances or stored or None,
             labels=labels,
+            decisions=decisions,
+            batch_inputs=bundle.batch_inputs,
             progress=progress,
         )
 
@@ -483,7 +486,7 @@ def check_bundle(
 def _check_arrays(bundle: Any, data: str | Path | None, threads: int) -> tuple[dict[str, np.ndarray], str]:
     """Inputs, ``ref_*`` reference outputs and labels for a check, and where the reference came from."""
     from slimdeploy.bundle import reference_runner
-    from slimdeploy.engines.base import TensorMeta, check_feed
+    from slimdeploy.engines.base import check_feed
     from slimdeploy.errors import BadInputError, InputValidationError
 
     if data is None:
@@ -496,21 +499,19 @@ def _check_arrays(bundle: Any, data: str | Path | None, threads: int) -> tuple[d
             arrays = {key: loaded[key] for key in loaded.files}
     except (ValueError, OSError) as exc:
         raise BadInputError(f"cannot read '{path}' as .npz ({exc}) | Fix: save it with numpy.savez") from exc
-    metadata = {
-        spec["name"]: TensorMeta(spec["name"], np.dtype(spec["dtype"]), tuple(spec["shape"]))
-        for spec in bundle.manifest["inputs"]
-    }
-    missing = [name for name in metadata if name not in arrays]
+    metadata = {spec["name"]: bundle.input_meta(spec["name"]) for spec in bundle.manifest["inputs"]}
+    missing = [name for name, meta in metadata.items() if name not in arrays and not meta.optional]
     if missing:
         raise InputValidationError(
             f"'{path}' lacks input array(s) {missing} (has {sorted(arrays)}) | Fix: save them with "
             "np.savez(path, input=x, labels=y)"
         )
-    check_feed({name: arrays[name] for name in metadata}, metadata)
+    feed = {name: arrays[name] for name in metadata if name in arrays}
+    check_feed(feed, metadata)
     if any(name.startswith("ref_") for name in arrays):
         return arrays, path.name
     # No stored reference: compute it with the bundle's PyTorch weights (torch needed).
     with reference_runner(bundle, threads=threads) as runner:
-        outputs = run_batches(runner, {name: arrays[name] for name in metadata}, 64)
+        outputs = run_batches(runner, feed, 64, bundle.batch_inputs)
     arrays.update({f"ref_{name}": value for name, value in outputs.items()})
     return arrays, "torch"

@@ -23,11 +23,15 @@ Dim = int | str
 
 @dataclass(frozen=True)
 class TensorMeta:
-    """Name, dtype and shape of a graph input or output; dynamic dims are strings."""
+    """Name, dtype and shape of a graph input or output; dynamic dims are strings.
+
+    ``optional`` inputs have a default inside the graph (thresholds) and may be left out.
+    """
 
     name: str
     dtype: np.dtype
     shape: tuple[Dim, ...]
+    optional: bool = False
 
     def describe(self) -> str:
         dims = ", ".join(str(d) for d in self.shape)
@@ -41,7 +45,7 @@ def check_feed(feed: Mapping[str, np.ndarray], metadata: Mapping[str, TensorMeta
     Raises ``InputValidationError`` listing every problem found.
     """
     problems: list[str] = []
-    missing = [name for name in metadata if name not in feed]
+    missing = [name for name, meta in metadata.items() if name not in feed and not meta.optional]
     extra = [name for name in feed if name not in metadata]
     if missing:
         problems.append(f"missing input(s) {missing}")
@@ -67,7 +71,7 @@ def check_feed(feed: Mapping[str, np.ndarray], metadata: Mapping[str, TensorMeta
                     problems.append(f"'{name}' axis {axis} ('{want}') is {got} but another input has {bound[want]}")
                     break
     if problems:
-        expected = "; ".join(meta.describe() for meta in metadata.values())
+        expected = "; ".join(meta.describe() + (" (optional)" if meta.optional else "") for meta in metadata.values())
         raise InputValidationError(f"invalid feed: {'; '.join(problems)} | Note: expected {expected}")
 
 

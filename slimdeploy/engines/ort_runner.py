@@ -80,7 +80,8 @@ class OrtRunner(Runner):
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
-        options.log_severity_level = 3  # errors only: ORT's warnings are noise in a CLI
+        # Errors only: ORT warns about every threshold input that has a default initializer.
+        options.log_severity_level = 3
         if not self.optimization:
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         source = self.model if isinstance(self.model, bytes) else str(self.model)
@@ -94,10 +95,15 @@ class OrtRunner(Runner):
         self.session = None
 
     def input_metadata(self) -> dict[str, TensorMeta]:
-        return {
+        """Required inputs, then optional ones (inputs with a default initializer: thresholds)."""
+        session = self._session()
+        metadata = {
             arg.name: TensorMeta(arg.name, np.dtype(_ORT_DTYPES[arg.type]), _dims(arg.shape))
-            for arg in self._session().get_inputs()
+            for arg in session.get_inputs()
         }
+        for arg in session.get_overridable_initializers():
+            metadata[arg.name] = TensorMeta(arg.name, np.dtype(_ORT_DTYPES[arg.type]), _dims(arg.shape), optional=True)
+        return metadata
 
     def output_metadata(self) -> dict[str, TensorMeta]:
         return {

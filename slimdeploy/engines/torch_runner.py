@@ -69,7 +69,13 @@ class TorchRunner(Runner):
 
     def _infer(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self._torch
-        args = [torch.from_numpy(np.ascontiguousarray(feed[name])) for name in self._inputs]
+        # Optional inputs (thresholds) left out of the feed fall back to forward's defaults, so
+        # positional arguments stop at the first one missing.
+        args = []
+        for name in self._inputs:
+            if name not in feed:
+                break
+            args.append(torch.from_numpy(np.ascontiguousarray(feed[name])))
         with torch.inference_mode():
             result = self.module(*args)
         if isinstance(result, Mapping):

@@ -43,13 +43,15 @@ class ExportSpec:
     opset: int = DEFAULT_OPSET
 
 
-def export_onnx(module: Any, example_inputs: Sequence[Any], spec: ExportSpec) -> Any:
+def export_onnx(module: Any, example_inputs: Sequence[Any], spec: ExportSpec, as_list: bool = False) -> Any:
     """Export ``module`` to an ``onnx.ModelProto``.
 
     Args:
         module: ``nn.Module`` in eval mode.
         example_inputs: tensors for ``forward``, with batch ``EXAMPLE_BATCH`` on batch inputs.
         spec: names, dynamic axes and opset.
+        as_list: ``forward`` takes the inputs as one list argument (many inputs), not
+            positionally. Defaults to False.
 
     Raises:
         ExportError: torch.export or the ONNX translation failed (an unsupported layer or
@@ -57,7 +59,10 @@ def export_onnx(module: Any, example_inputs: Sequence[Any], spec: ExportSpec) ->
     """
     torch = optional_import("torch", "export a model")
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    dynamic_shapes = tuple({0: batch} if name in spec.batch_inputs else None for name in spec.input_names)
+    dynamic_shapes: Any = tuple({0: batch} if name in spec.batch_inputs else None for name in spec.input_names)
+    args: tuple[Any, ...] = tuple(example_inputs)
+    if as_list:
+        dynamic_shapes, args = (list(dynamic_shapes),), (list(example_inputs),)
     # The exporter prints its progress and a few known-harmless warnings (torchvision ops
     # not installed); slimdeploy shows its own progress instead.
     quiet_loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
@@ -69,7 +74,7 @@ def export_onnx(module: Any, example_inputs: Sequence[Any], spec: ExportSpec) ->
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 module,
-                tuple(example_inputs),
+                args,
                 dynamo=True,
                 input_names=spec.input_names,
                 output_names=spec.output_names,

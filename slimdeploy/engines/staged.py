@@ -1,0 +1,141 @@
+"""Staged execution of a gated network: one graph per piece, decisions and routing on the host.
+
+``StagedGatedRunner`` follows the plan a ``staged`` bundle records (``stages`` in the
+manifest, see ``exporters.gated``): run the stem; for each gated block, run its gate on every
+row, then the block only on the rows whose gate opened and the skip path only on the others
+(the batch shrinks per block, so each sample saves what its gates skip); finally the head.
+Every piece is a flat graph, so it runs on any runner (ONNX Runtime here, TensorRT engines on
+a GPU).
+
+With ``replay=True`` the runner takes the decisions as an input (``gates``, [B, n-1] uint8)
+instead of making them: fed the reference's decisions, it separates numeric error from
+decision flips.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from slimdeploy.engines.base import Runner, TensorMeta
+
+DEFAULT_GATE_THRESHOLD = 0.5
+
+
+class StagedGatedRunner(Runner):
+    """Runs a gated network piece by piece.
+
+    Args:
+        make_runner: callable returning the runner of a piece by name (``"stem"``, ``"gate0"``,
+            ``"exec1"``, ``"skip6"``, ``"head"``...).
+        plan: the manifest's ``stages`` entry: ``n_blocks``, ``state``, ``state_width``, ``skips``.
+        input_meta: metadata of the image input ``input``.
+        gate_threshold: default threshold when the feed has no ``gate_threshold``. Defaults to 0.5.
+        replay: take decisions from the feed's ``gates`` instead of the gates. Defaults to False.
+        name: label in reports. Defaults to ``"staged"``.
+    """
+
+    backend = "staged"
+
+    def __init__(
+        self,
+        make_runner: Callable[[str], Runner],
+        plan: Mapping[str, Any],
+        input_meta: TensorMeta,
+        gate_threshold: float = DEFAULT_GATE_THRESHOLD,
+        replay: bool = False,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(name)
+        self.plan = dict(plan)
+        self.n_blocks = int(plan["n_blocks"])
+        self.state_names = list(plan["state"])
+        self.state_width = int(plan["state_width"])
+        self.skips = set(plan["skips"])
+        self.input_meta = input_meta
+        self.gate_threshold = gate_threshold
+        self.replay = replay
+        self._make_runner = make_runner
+        self.runners: dict[str, Runner] = {}
+        # Rows each block ran on, summed over calls: what the skipping saved.
+        self.executed_rows = np.zeros(self.n_blocks, dtype=np.int64)
+        self.total_rows = 0
+
+    def piece_names(self) -> list[str]:
+        names = ["stem"]
+        for k in range(1, self.n_blocks):
+            names += [f"gate{k - 1}", f"exec{k}"] + ([f"skip{k}"] if k in self.skips else [])
+        return [*names, "head"]
+
+    def _activate(self) -> None:
+        for name in self.piece_names():
+            runner = self._make_runner(name)
+            runner.activate()
+            self.runners[name] = runner
+
+    def _deactivate(self) -> None:
+        for runner in self.runners.values():
+            runner.deactivate()
+        self.runners = {}
+
+    def input_metadata(self) -> dict[str, TensorMeta]:
+        metadata = {"input": self.input_meta}
+        if self.replay:
+            metadata["gates"] = TensorMeta("gates", np.dtype(np.uint8), ("batch", self.n_blocks - 1))
+        else:
+            metadata["gate_threshold"] = TensorMeta("gate_threshold", np.dtype(np.float32), (), optional=True)
+        return metadata
+
+    def output_names(self) -> list[str]:
+        return ["logits", "gates", "gate_probs"]
+
+    def _run(self, piece: str, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # Pieces come from our own export: skip re-validating every call on the hot path.
+        return self.runners[piece].infer(feed, check_inputs=False)
+
+    def _infer(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = feed["input"]
+        batch = len(images)
+        threshold = float(feed["gate_threshold"]) if "gate_threshold" in feed else self.gate_threshold
+        x = self._run("stem", {"x": images})["y"]
+        state = [np.zeros((batch, self.state_width), dtype=np.float32) for _ in self.state_names]
+        gates = np.zeros((batch, self.n_blocks - 1), dtype=np.uint8)
+        probs = np.zeros((batch, self.n_blocks - 1), dtype=np.float32)
+        self.total_rows += batch
+        self.executed_rows[0] += batch
+        for k in range(1, self.n_blocks):
+            out = self._run(f"gate{k - 1}", {"x": x, **dict(zip(self.state_names, state))})
+            state = [out[f"{name}_next"] for name in self.state_names]
+            probs[:, k - 1] = out["prob"]
+            execute = feed["gates"][:, k - 1].astype(bool) if self.replay else out["prob"] > threshold
+            gates[:, k - 1] = execute
+            x = self._route(k, x, execute)
+        logits = self._run("head", {"x": x})["logits"]
+        return {"logits": logits, "gates": gates, "gate_probs": probs}
+
+    def _route(self, k: int, x: np.ndarray, execute: np.ndarray) -> np.ndarray:
+        """Block k on the rows that execute, its skip path on the others."""
+        on = np.flatnonzero(execute)
+        off = np.flatnonzero(~execute)
+        self.executed_rows[k] += len(on)
+        if k not in self.skips:
+            if len(on) == 0:
+                return x
+            result = x.copy()
+            if len(on) == len(x):
+                return self._run(f"exec{k}", {"x": x})["y"]
+            result[on] = self._run(f"exec{k}", {"x": np.ascontiguousarray(x[on])})["y"]
+            return result
+        parts = {}
+        if len(on):
+            parts["on"] = self._run(f"exec{k}", {"x": x if len(off) == 0 else np.ascontiguousarray(x[on])})["y"]
+        if len(off):
+            parts["off"] = self._run(f"skip{k}", {"x": x if len(on) == 0 else np.ascontiguousarray(x[off])})["y"]
+        if len(parts) == 1:
+            return next(iter(parts.values()))
+        shape = parts["on"].shape[1:]
+        result = np.empty((len(x), *shape), dtype=parts["on"].dtype)
+        result[on], result[off] = parts["on"], parts["off"]
+        return result

@@ -1,0 +1,176 @@
+"""Dynamic forms of gated residual networks (SkipNet), DESIGN.md §3.
+
+Every form is assembled from the same pieces, exported once (``exporters.pieces``):
+
+    stem      input                      -> x          (stem and block 0, which always runs)
+    exec{k}   x                          -> y          (block k executed), k = 1..n-1
+    skip{k}   x                          -> y          (block k skipped; only blocks that downsample)
+    gate{k}   x [, h, c]                 -> prob [, h_next, c_next]   (gate on block k's output), k = 0..n-2
+    head      x                          -> logits
+
+Block k (k >= 1) executes for a sample iff ``gate{k-1}``'s probability > ``gate_threshold``.
+
+- ``mask``: every block computed, ``Where`` picks per sample (what the papers' code does).
+- ``if``: one ``If`` per gated block on a 0-D bool (any sample executes); inside, the block runs
+  on the whole batch and ``Where`` keeps the skip path for samples whose gate is closed. Exact
+  at any batch size; saves the block when no sample needs it (fully at batch 1).
+- ``compact``: ``NonZero`` → ``Gather`` the executing rows → block → ``ScatterND`` back over the
+  skip path. Exact and saves per sample at any batch size.
+- ``staged``: the pieces as separate graphs; ``engines.staged.StagedGatedRunner`` routes rows
+  on the host.
+
+Every form outputs ``logits``, ``gates`` ([B, n-1] uint8, 1 = executed) and ``gate_probs``
+([B, n-1] float32), and takes ``gate_threshold`` (0-D float32, default 0.5 stored as an
+initializer so it can be omitted).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from slimdeploy._optional import optional_import
+from slimdeploy.exporters.compose import GraphBuilder, rename_outputs
+from slimdeploy.exporters.onnx_export import DEFAULT_OPSET, EXAMPLE_BATCH
+from slimdeploy.exporters.pieces import Piece, export_pieces
+
+FORMS = ("mask", "if", "compact", "staged")
+DEFAULT_GATE_THRESHOLD = 0.5
+OUTPUTS = ("logits", "gates", "gate_probs")
+
+
+@dataclass
+class GatedPlan:
+    """How the pieces of a gated network connect: what the staged controller and the
+    composed forms follow. Stored in the bundle manifest under ``stages``."""
+
+    n_blocks: int
+    state: list[str]  # names of the carried gate state tensors ([] or ["h", "c"])
+    state_width: int  # columns of each state tensor
+    skips: list[int]  # blocks with a downsampling skip path
+    graphs: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "gated", "n_blocks": self.n_blocks, "state": self.state,
+                "state_width": self.state_width, "skips": self.skips, "graphs": self.graphs}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GatedPlan:
+        return cls(data["n_blocks"], list(data["state"]), data["state_width"], list(data["skips"]), list(data["graphs"]))
+
+
+def gated_pieces(model: Any, input_size: tuple[int, ...], opset: int = DEFAULT_OPSET) -> tuple[dict[str, onnx.ModelProto], GatedPlan]:
+    """Export the pieces of a gated network (one torch.export call) and describe the plan."""
+    torch = optional_import("torch", "export a model")
+    generator = torch.Generator().manual_seed(0)
+    image = torch.randn(EXAMPLE_BATCH, *input_size, generator=generator)
+    pieces: list[Piece] = [Piece("stem", lambda x: model.run_block(0, model.stem(x)), {"x": image}, ["y"])]
+    skips: list[int] = []
+    with torch.inference_mode():
+        x = model.run_block(0, model.stem(image))
+        state = model.gate_init_state(x)
+    state_names = ["h", "c"][: len(state)]
+    state_width = int(state[0].shape[1]) if state else 0
+    for k in range(1, model.n_blocks):
+        gate_inputs = {"x": x.clone(), **{n: s.clone() for n, s in zip(state_names, state)}}
+        # State outputs need names of their own: a graph's input and output cannot share one.
+        next_state = [f"{n}_next" for n in state_names]
+        pieces.append(Piece(f"gate{k - 1}", _gate_fn(model, k - 1, len(state)), gate_inputs, ["prob", *next_state]))
+        pieces.append(Piece(f"exec{k}", _block_fn(model.run_block, k), {"x": x.clone()}, ["y"]))
+        if model.block(k).downsample is not None:
+            skips.append(k)
+            pieces.append(Piece(f"skip{k}", _block_fn(model.skip, k), {"x": x.clone()}, ["y"]))
+        with torch.inference_mode():
+            _, state = model.gate(k - 1, x, state)
+            x = model.run_block(k, x)
+    pieces.append(Piece("head", model.head, {"x": x.clone()}, ["logits"]))
+    graphs = export_pieces(model, pieces, opset=opset)
+    plan = GatedPlan(model.n_blocks, state_names, state_width, skips, graphs=list(graphs))
+    return graphs, plan
+
+
+def _block_fn(method: Any, k: int) -> Any:
+    return lambda x: method(k, x)
+
+
+def _gate_fn(model: Any, k: int, n_state: int) -> Any:
+    def gate(x: Any, *state: Any) -> Any:
+        prob, new_state = model.gate(k, x, tuple(state))
+        return (prob, *new_state) if n_state else prob
+
+    return gate
+
+
+def compose_form(form: str, graphs: dict[str, onnx.ModelProto], plan: GatedPlan, input_size: tuple[int, ...]) -> onnx.ModelProto:
+    """One ONNX graph of the ``mask``, ``if`` or ``compact`` form from the pieces."""
+    if form not in ("mask", "if", "compact"):
+        raise ValueError(f"compose_form builds mask, if and compact, not '{form}'")
+    g = GraphBuilder()
+    x = g.inline(graphs["stem"], ["input"], "stem/")[0]
+    state = _initial_state(g, plan) if plan.state else []
+    axes0 = g.constant(np.array([0], dtype=np.int64), "axes0")
+    axes123 = g.constant(np.array([1, 2, 3], dtype=np.int64), "axes123")
+    axes1 = g.constant(np.array([1], dtype=np.int64), "axes1")
+    gate_bits, gate_probs = [], []
+    for k in range(1, plan.n_blocks):
+        prob, *state = g.inline(graphs[f"gate{k - 1}"], [x, *state], f"gate{k - 1}/")
+        execute = g.one("Greater", [prob, "gate_threshold"], hint=f"execute{k}")
+        gate_bits.append(g.one("Unsqueeze", [g.one("Cast", [execute], to=TensorProto.UINT8), axes1]))
+        gate_probs.append(g.one("Unsqueeze", [prob, axes1]))
+        skipped = g.inline(graphs[f"skip{k}"], [x], f"skip{k}/")[0] if k in plan.skips else x
+        if form == "mask":
+            executed = g.inline(graphs[f"exec{k}"], [x], f"exec{k}/")[0]
+            x = g.one("Where", [g.one("Unsqueeze", [execute, axes123]), executed, skipped], hint=f"x{k}")
+        elif form == "if":
+            # 0-D condition from a rank-0 reduction over the gate bits cast to int32: the form
+            # TensorRT accepts with a dynamic batch (tensorrt-facts.md, "Control flow").
+            any_execute = g.one("Cast", [g.one("ReduceMax", [g.one("Cast", [execute], to=TensorProto.INT32)], keepdims=0)], to=TensorProto.BOOL)
+            then_branch = g.branch()
+            executed = then_branch.inline(graphs[f"exec{k}"], [x], f"exec{k}/")[0]
+            chosen = then_branch.one("Where", [then_branch.one("Unsqueeze", [execute, axes123]), executed, skipped])
+            else_branch = g.branch()
+            x = g.if_node(any_execute, then_branch, [chosen], else_branch, [skipped], hint=f"block{k}")[0]
+        else:  # compact
+            rows = g.one("NonZero", [execute], hint=f"rows{k}")  # [1, K]
+            picked = g.one("Gather", [x, g.one("Squeeze", [rows, axes0])], axis=0, hint=f"picked{k}")
+            executed = g.inline(graphs[f"exec{k}"], [picked], f"exec{k}/")[0]
+            x = g.one("ScatterND", [skipped, g.one("Transpose", [rows], perm=[1, 0]), executed], hint=f"x{k}")
+    logits = g.inline(graphs["head"], [x], "head/")[0]
+    if gate_bits:
+        gates = g.one("Concat", gate_bits, axis=1)
+        probs = g.one("Concat", gate_probs, axis=1)
+    else:  # a network with one block decides nothing: [B, 0] outputs
+        gates = g.one("Slice", [g.one("Cast", [logits], to=TensorProto.UINT8), g.constant(np.array([0], np.int64)), g.constant(np.array([0], np.int64)), axes1])
+        probs = g.one("Slice", [logits, g.constant(np.array([0], np.int64)), g.constant(np.array([0], np.int64)), axes1])
+    rename_outputs(g, [logits, gates, probs], OUTPUTS)
+    n_gated = plan.n_blocks - 1
+    num_classes = graphs["head"].graph.output[0].type.tensor_type.shape.dim[1].dim_value
+    model = g.build(
+        inputs=[
+            helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", *input_size]),
+            helper.make_tensor_value_info("gate_threshold", TensorProto.FLOAT, []),
+        ],
+        outputs=[
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", num_classes]),
+            helper.make_tensor_value_info("gates", TensorProto.UINT8, ["batch", n_gated]),
+            helper.make_tensor_value_info("gate_probs", TensorProto.FLOAT, ["batch", n_gated]),
+        ],
+        opset_imports=graphs["stem"].opset_import,
+        defaults={"gate_threshold": np.array(DEFAULT_GATE_THRESHOLD, dtype=np.float32)},
+        name=f"skipnet_{form}",
+    )
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _initial_state(g: GraphBuilder, plan: GatedPlan) -> list[str]:
+    """Zero recurrent state [B, width] for each state tensor, B read from the input."""
+    start, end = g.constant(np.array([0], np.int64)), g.constant(np.array([1], np.int64))
+    batch = g.one("Slice", [g.one("Shape", ["input"]), start, end], hint="batch")
+    shape = g.one("Concat", [batch, g.constant(np.array([plan.state_width], np.int64))], axis=0)
+    zero = helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0])
+    return [g.one("ConstantOfShape", [shape], value=zero, hint=f"{name}0") for name in plan.state]
