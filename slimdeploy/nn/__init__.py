@@ -4,6 +4,29 @@ Importing this package imports torch.
 """
 
 from slimdeploy.nn.depthwise_separable import DepthwiseSeparable
+from slimdeploy.nn.gated_residual import (
+    GatedBasicBlock,
+    GatedBottleneck,
+    GatedResidual,
+    projection_shortcut,
+)
+from slimdeploy.nn.gates import (
+    FeedforwardGateI,
+    FeedforwardGateII,
+    RecurrentGate,
+    RecurrentGateEmbedding,
+)
 from slimdeploy.nn.spconv import SPConv3x3
 
-__all__ = ["DepthwiseSeparable", "SPConv3x3"]
+__all__ = [
+    "DepthwiseSeparable",
+    "FeedforwardGateI",
+    "FeedforwardGateII",
+    "GatedBasicBlock",
+    "GatedBottleneck",
+    "GatedResidual",
+    "RecurrentGate",
+    "RecurrentGateEmbedding",
+    "SPConv3x3",
+    "projection_shortcut",
+]

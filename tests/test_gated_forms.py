@@ -1,0 +1,142 @@
+"""SkipNet dynamic forms against the official code's outputs (../shared/upstream-kit).
+
+The pieces of each kit model are exported once; every form is composed from them and must
+reproduce the kit's gate decisions exactly and its logits within 1e-4, at batch 8 and batch 1
+(where the official code fails), and follow ``gate_threshold`` given at run time.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from slimdeploy.engines import OrtRunner, Runner, TensorMeta
+from slimdeploy.engines.staged import StagedGatedRunner
+from slimdeploy.exporters.gated import FORMS, GatedPlan, compose_form, gated_pieces
+from slimdeploy.loading import load_checkpoint
+from tests.conftest import SHARED
+
+KIT = SHARED / "upstream-kit"
+KIT_MODELS = ["skipnet_cifar10_feedforward_38", "skipnet_cifar10_rnn_gate_38"]
+INPUT_META = TensorMeta("input", np.dtype(np.float32), ("batch", 3, 32, 32))
+
+
+@pytest.fixture(scope="module", params=KIT_MODELS)
+def kit(request: pytest.FixtureRequest) -> dict[str, Any]:
+    folder = KIT / request.param
+    loaded = load_checkpoint(folder / "checkpoint.pth.tar")  # the checkpoint names its arch
+    graphs, plan = gated_pieces(loaded.module, (3, 32, 32))
+    reference = torch.load(folder / "ref_outputs.pt", weights_only=True)
+    return {
+        "name": request.param,
+        "module": loaded.module,
+        "graphs": graphs,
+        "plan": plan,
+        "input": torch.load(folder / "input.pt", weights_only=True).numpy(),
+        "logits": reference["logits"].numpy(),
+        "executed": reference["executed"].numpy().T.astype(np.uint8),  # [B, n_gated]
+        "p_execute": reference["p_execute"].numpy().T,
+    }
+
+
+def form_runner(kit: dict[str, Any], form: str, replay: bool = False) -> Runner:
+    """A runner for ``form`` built from the kit model's pieces."""
+    if form == "staged":
+        graphs = {name: graph.SerializeToString() for name, graph in kit["graphs"].items()}
+        return StagedGatedRunner(lambda name: OrtRunner(graphs[name], threads=1), kit["plan"].to_dict(), INPUT_META, replay=replay)
+    return OrtRunner(compose_form(form, kit["graphs"], kit["plan"], (3, 32, 32)).SerializeToString(), threads=1)
+
+
+def run_in_batches(runner: Runner, x: np.ndarray, batch: int, **extra: Any) -> dict[str, np.ndarray]:
+    parts = [runner.infer({"input": x[i:i + batch], **{k: (v[i:i + batch] if k == "gates" else v) for k, v in extra.items()}})
+             for i in range(0, len(x), batch)]
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("batch", [8, 1])
+def test_form_reproduces_official_outputs(kit: dict[str, Any], form: str, batch: int) -> None:
+    with form_runner(kit, form) as runner:
+        out = run_in_batches(runner, kit["input"], batch)
+    np.testing.assert_array_equal(out["gates"], kit["executed"])
+    np.testing.assert_allclose(out["logits"], kit["logits"], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(out["gate_probs"], kit["p_execute"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_threshold_is_a_runtime_input(kit: dict[str, Any], form: str) -> None:
+    x = kit["input"]
+    with form_runner(kit, form) as runner:
+        for threshold in (0.3, 0.7):
+            out = runner.infer({"input": x, "gate_threshold": np.array(threshold, dtype=np.float32)})
+            with torch.inference_mode():
+                logits, gates, _ = kit["module"](torch.from_numpy(x), threshold)
+            np.testing.assert_array_equal(out["gates"], gates.numpy())
+            np.testing.assert_allclose(out["logits"], logits.numpy(), atol=1e-4, rtol=0)
+        assert not np.array_equal(
+            runner.infer({"input": x, "gate_threshold": np.array(0.3, np.float32)})["gates"],
+            runner.infer({"input": x, "gate_threshold": np.array(0.7, np.float32)})["gates"],
+        )
+
+
+def test_staged_replays_given_decisions(kit: dict[str, Any]) -> None:
+    flipped = kit["executed"].copy()
+    flipped[:, 3] = 1 - flipped[:, 3]  # force block 4 the other way for every sample
+    with form_runner(kit, "staged", replay=True) as runner:
+        out = run_in_batches(runner, kit["input"], 4, gates=flipped)
+    np.testing.assert_array_equal(out["gates"], flipped)
+    assert np.abs(out["logits"] - kit["logits"]).max() > 1e-3  # the flip changed the answer
+    with form_runner(kit, "staged", replay=True) as runner:
+        same = run_in_batches(runner, kit["input"], 8, gates=kit["executed"])
+    np.testing.assert_allclose(same["logits"], kit["logits"], atol=1e-4, rtol=0)
+
+
+def test_staged_batch_shrinks_per_block(kit: dict[str, Any]) -> None:
+    with form_runner(kit, "staged") as runner:
+        runner.infer({"input": kit["input"]})
+        executed = runner.executed_rows
+    assert executed[0] == len(kit["input"])
+    np.testing.assert_array_equal(executed[1:], kit["executed"].sum(axis=0))
+
+
+def _ops(model: onnx.ModelProto) -> list[str]:
+    return [node.op_type for node in model.graph.node]
+
+
+def test_graph_structure_of_each_form(kit: dict[str, Any]) -> None:
+    n_gated = kit["plan"].n_blocks - 1
+    if_model = compose_form("if", kit["graphs"], kit["plan"], (3, 32, 32))
+    ifs = [node for node in if_model.graph.node if node.op_type == "If"]
+    assert len(ifs) == n_gated
+    # Each condition is a 0-D bool made by a rank-0 reduction (what TensorRT accepts).
+    producers = {out: node for node in if_model.graph.node for out in node.output}
+    for node in ifs:
+        cast = producers[node.input[0]]
+        assert cast.op_type == "Cast" and producers[cast.input[0]].op_type == "ReduceMax"
+        then_names = {o.name for o in node.attribute[0].g.output} | {o.name for o in node.attribute[1].g.output}
+        assert len(then_names) == 2  # the two branches' outputs are named apart
+    compact = compose_form("compact", kit["graphs"], kit["plan"], (3, 32, 32))
+    assert _ops(compact).count("NonZero") == n_gated and _ops(compact).count("ScatterND") == n_gated
+    assert "If" not in _ops(compact)
+    mask = compose_form("mask", kit["graphs"], kit["plan"], (3, 32, 32))
+    assert "If" not in _ops(mask) and "NonZero" not in _ops(mask)
+    assert [i.name for i in mask.graph.input] == ["input", "gate_threshold"]
+    assert [o.name for o in mask.graph.output] == ["logits", "gates", "gate_probs"]
+
+
+def test_plan_roundtrip(kit: dict[str, Any]) -> None:
+    plan: GatedPlan = kit["plan"]
+    assert GatedPlan.from_dict(plan.to_dict()) == plan
+    assert plan.skips == [6, 12]  # the blocks that open groups 2 and 3 downsample
+    assert plan.state == ([] if "feedforward" in kit["name"] else ["h", "c"])
+
+
+def test_compose_refuses_staged(kit: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match="not 'staged'"):
+        compose_form("staged", kit["graphs"], kit["plan"], (3, 32, 32))
+
+
