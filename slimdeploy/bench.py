@@ -42,6 +42,24 @@ class LatencyResult:
 
 
 @dataclass
+class DecisionStats:
+    """What a gated bundle decided on the benchmark inputs, and the compute it predicts.
+
+    MACs are per sample (Conv and Linear layers, gate cost included). ``predicted_speedup`` is
+    the ``mask`` form's MACs over this form's at that batch size: what skipping should buy.
+    """
+
+    form: str
+    samples: int
+    skip_rate_per_block: list[float]
+    skip_rate: float
+    macs_mask: float
+    macs_ideal: float
+    macs_form: dict[str, float]
+    predicted_speedup: dict[str, float]
+
+
+@dataclass
 class BenchReport:
     """All timings of one bench run, and the machine facts that frame them."""
 
@@ -49,6 +67,7 @@ class BenchReport:
     threads: int
     results: list[LatencyResult] = field(default_factory=list)
     speedups: dict[str, float] = field(default_factory=dict)
+    decisions: DecisionStats | None = None
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -94,11 +113,58 @@ def tiled_feed(bundle: Bundle, batch_size: int) -> dict[str, np.ndarray]:
     """The golden inputs repeated or cut to ``batch_size`` rows."""
     golden = bundle.golden()
     feed = {}
-    for name in bundle.input_names:
+    for name in bundle.batch_inputs:
         array = golden[name]
         reps = -(-batch_size // len(array))
         feed[name] = np.ascontiguousarray(np.concatenate([array] * reps)[:batch_size])
     return feed
+
+
+def gated_macs(plan: dict[str, Any], gates: np.ndarray, form: str, batch_size: int) -> float:
+    """Mean MACs per sample of a gated network for given decisions, as ``form`` computes them.
+
+    Args:
+        plan: the manifest's ``gating`` (``n_blocks``, ``skips``, ``macs`` per piece).
+        gates: decisions [N, n_blocks - 1] (1 = executed), N a multiple of ``batch_size`` or not.
+        form: ``mask`` (every block and skip path), ``if`` (a block runs on the whole batch when
+            any sample needs it), ``compact`` (block on executing rows, skip path on all rows),
+            ``staged`` (block on executing rows, skip path on the others) or ``ideal`` (the same
+            as staged: what the decisions themselves predict).
+        batch_size: rows per call, which matters for ``if``.
+    """
+    macs, skips = plan["macs"], set(plan["skips"])
+    n = len(gates)
+    total = (macs["stem"] + macs["head"] + sum(macs[f"gate{k - 1}"] for k in range(1, plan["n_blocks"]))) * n
+    for k in range(1, plan["n_blocks"]):
+        on = gates[:, k - 1].astype(bool)
+        exec_macs, skip_macs = macs[f"exec{k}"], macs.get(f"skip{k}", 0) if k in skips else 0
+        if form == "mask":
+            total += (exec_macs + skip_macs) * n
+        elif form == "if":
+            batches_on = sum(len(chunk) for chunk in np.array_split(on, max(1, -(-n // batch_size))) if chunk.any())
+            total += exec_macs * batches_on + skip_macs * n
+        elif form == "compact":
+            total += exec_macs * on.sum() + skip_macs * n
+        else:  # staged, ideal
+            total += exec_macs * on.sum() + skip_macs * (~on).sum()
+    return float(total / max(n, 1))
+
+
+def decision_stats(bundle: Bundle, gates: np.ndarray, batch_sizes: Sequence[int]) -> DecisionStats:
+    """Skip rates and predicted MACs of a gated bundle for the decisions it made."""
+    plan, form = bundle.manifest["gating"], bundle.manifest["dynamic"]
+    mask = gated_macs(plan, gates, "mask", 1)
+    by_batch = {str(b): gated_macs(plan, gates, form, b) for b in batch_sizes}
+    return DecisionStats(
+        form=form,
+        samples=len(gates),
+        skip_rate_per_block=[float(v) for v in 1 - gates.mean(axis=0)],
+        skip_rate=float(1 - gates.mean()),
+        macs_mask=mask,
+        macs_ideal=gated_macs(plan, gates, "ideal", 1),
+        macs_form=by_batch,
+        predicted_speedup={b: mask / v for b, v in by_batch.items()},
+    )
 
 
 def bench_bundle(
@@ -108,6 +174,7 @@ def bench_bundle(
     iterations: int = DEFAULT_ITERATIONS,
     threads: int = 0,
     torch_reference: bool | None = None,
+    baseline: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> BenchReport:
     """Benchmark a bundle on ONNX Runtime and, when possible, PyTorch eager.
@@ -120,6 +187,8 @@ def bench_bundle(
         threads: intra-op threads for every runner; 0 means one per CPU core. Defaults to 0.
         torch_reference: also time PyTorch; None means when torch and the bundle's reference
             weights are present. Defaults to None.
+        baseline: another bundle of the same model (e.g. its ``mask`` form) timed side by side;
+            the report gives this bundle's speed-up over it. Defaults to none.
         progress: optional callable told each step.
     """
     say = progress or (lambda _message: None)
@@ -127,6 +196,12 @@ def bench_bundle(
     bundle = load_bundle(path)
     report = BenchReport(bundle=str(bundle.path), threads=threads)
     runners: list[Runner] = [bundle_runner(bundle, threads=threads)]
+    runners[0].name = bundle.manifest.get("dynamic") or "onnxruntime"
+    if baseline is not None:
+        other = load_bundle(baseline)
+        base_runner = bundle_runner(other, threads=threads)
+        base_runner.name = f"baseline:{other.manifest.get('dynamic') or 'onnxruntime'}"
+        runners.append(base_runner)
     want_torch = torch_reference if torch_reference is not None else (
         is_available("torch") and bool(bundle.manifest.get("reference_weights"))
     )
@@ -140,8 +215,17 @@ def bench_bundle(
                 say(f"{runner.name} at batch {batch_size}")
                 report.results.append(time_runner(runner, tiled_feed(bundle, batch_size), warmup, iterations))
     by_key = {(r.runner, r.batch_size): r for r in report.results}
+    main = runners[0].name
     for batch_size in batch_sizes:
-        ort, ref = by_key.get(("onnxruntime", batch_size)), by_key.get(("torch", batch_size))
-        if ort and ref:
-            report.speedups[f"onnxruntime_vs_torch_batch{batch_size}"] = ref.p50_ms / ort.p50_ms
+        ours = by_key.get((main, batch_size))
+        for other in runners[1:]:
+            theirs = by_key.get((other.name, batch_size))
+            if ours and theirs:
+                label = "onnxruntime_vs_torch" if other.name == "torch" else f"vs_{other.name.replace(':', '_')}"
+                report.speedups[f"{label}_batch{batch_size}"] = theirs.p50_ms / ours.p50_ms
+    if bundle.manifest.get("gating"):
+        with bundle_runner(bundle, threads=threads) as runner:
+            golden = bundle.golden()
+            gates = runner.infer({"input": golden["input"]})["gates"]
+        report.decisions = decision_stats(bundle, gates, batch_sizes)
     return report

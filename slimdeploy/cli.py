@@ -286,6 +286,7 @@ def bench(
     iterations: Annotated[int, typer.Option(help="Timed calls per batch size.")] = 50,
     threads: Annotated[int, typer.Option(help="Threads for every runner; 0 = one per CPU core.")] = 0,
     no_torch: Annotated[bool, typer.Option("--no-torch", help="Do not time the PyTorch reference.")] = False,
+    baseline: Annotated[Path | None, typer.Option(help="Another bundle of the same model (e.g. its mask form) to time side by side.")] = None,
     json_out: JsonOpt = None,
 ) -> None:
     """Latency percentiles and throughput on ONNX Runtime, beside PyTorch eager when torch is here."""
@@ -298,6 +299,7 @@ def bench(
         iterations=iterations,
         threads=threads,
         torch_reference=False if no_torch else None,
+        baseline=baseline,
         progress=StepPrinter(quiet=json_out == "-"),
     )
     if json_out != "-":
@@ -309,6 +311,16 @@ def bench(
         out_console.print(table)
         for key, value in report.speedups.items():
             out_console.print(f"{key}: {value:.2f}x")
+        stats = report.decisions
+        if stats is not None:
+            rates = " ".join(f"{rate:.0%}" for rate in stats.skip_rate_per_block)
+            out_console.print(f"skip rate per gated block ({stats.samples} samples): {rates}; overall {stats.skip_rate:.1%}")
+            out_console.print(
+                f"MACs per sample: mask {stats.macs_mask / 1e6:.2f} M, decisions alone {stats.macs_ideal / 1e6:.2f} M, "
+                + ", ".join(f"{stats.form} at batch {b} {v / 1e6:.2f} M" for b, v in stats.macs_form.items())
+            )
+            out_console.print("predicted speed-up over mask: " + ", ".join(
+                f"batch {b} {v:.2f}x" for b, v in stats.predicted_speedup.items()))
         for note in report.notes:
             out_console.print(f"[yellow]note:[/yellow] {escape(note)}")
     if json_out:

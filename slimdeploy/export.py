@@ -248,7 +248,10 @@ def export(
             "outputs": [d.to_dict() for d in decisions],
             "thresholds": threshold_defaults,
         },
-        "stages": plan or {},
+        # Gated models: how the pieces connect and what each costs (the staged controller
+        # follows it; bench predicts MACs from it). Staged bundles list their stage graphs.
+        "gating": plan or {},
+        "stages": list(graphs) if form == "staged" else [],
         "golden": {
             "file": GOLDEN, "samples": int(len(inputs)), "batch_sizes": list(batch_sizes),
             "source": data_source, "labels": labels is not None, "reference": "torch",
@@ -315,7 +318,8 @@ def _choose_form(dynamic: str | None, gated: bool, target: str) -> str | None:
 
 
 def _export_graphs(module: Any, form: str | None, input_size: tuple[int, ...], spec: Any, torch: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """The form's graphs by name (``model`` for single-graph forms) and its staged plan."""
+    """The form's graphs by name (``model`` for single-graph forms) and, for gated models, the
+    plan of their pieces (how they connect, MACs per piece)."""
     from slimdeploy import exporters
     from slimdeploy.exporters import gated
 
@@ -326,7 +330,7 @@ def _export_graphs(module: Any, form: str | None, input_size: tuple[int, ...], s
     pieces, plan = gated.gated_pieces(module, input_size, opset=spec.opset)
     if form == "staged":
         return pieces, plan.to_dict()
-    return {"model": gated.compose_form(form, pieces, plan, input_size)}, None
+    return {"model": gated.compose_form(form, pieces, plan, input_size)}, plan.to_dict()
 
 
 def _covering_rows(gates: np.ndarray, count: int) -> np.ndarray:

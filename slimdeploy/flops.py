@@ -31,17 +31,32 @@ def count_macs(module: Any, input_size: tuple[int, ...]) -> MacsReport:
         input_size: (C, H, W).
     """
     torch = optional_import("torch", "count MACs")
+    return count_macs_of(module, module, torch.zeros(1, *input_size))
+
+
+def count_macs_of(module: Any, compute: Any, *inputs: Any) -> MacsReport:
+    """Count the MACs of ``compute(*inputs)``, a computation using ``module``'s layers (a whole
+    forward, or one piece of it such as a single residual block). Inputs should have batch 1:
+    the count is per sample.
+
+    Args:
+        module: the ``nn.Module`` whose Conv2d and Linear layers are counted.
+        compute: the callable to run.
+        inputs: its arguments.
+    """
+    torch = optional_import("torch", "count MACs")
     nn = torch.nn
     per_layer: dict[str, int] = {}
     handles = []
 
     def hook(name: str):  # noqa: ANN202 - returns a forward hook
-        def record(layer: Any, inputs: Any, output: Any) -> None:
+        def record(layer: Any, args: Any, output: Any) -> None:
             if isinstance(layer, nn.Conv2d):
                 kernel = layer.weight.shape[1] * layer.weight.shape[2] * layer.weight.shape[3]
-                macs = output.numel() // output.shape[0] * kernel
+                macs = output.numel() // max(output.shape[0], 1) * kernel
             else:  # nn.Linear
-                macs = layer.in_features * layer.out_features * (output.numel() // output.shape[0] // layer.out_features)
+                rows = output.numel() // max(output.shape[0], 1) // layer.out_features
+                macs = layer.in_features * layer.out_features * rows
             per_layer[name] = per_layer.get(name, 0) + int(macs)
 
         return record
@@ -53,7 +68,7 @@ def count_macs(module: Any, input_size: tuple[int, ...]) -> MacsReport:
     try:
         module.eval()
         with torch.inference_mode():
-            module(torch.zeros(1, *input_size))
+            compute(*inputs)
     finally:
         for handle in handles:
             handle.remove()

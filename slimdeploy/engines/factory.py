@@ -31,7 +31,7 @@ def make_runner(
         graphs: graph name → .onnx path or bytes (``"model"`` for single-graph forms).
         form: ``None`` (static), ``"mask"``, ``"if"``, ``"compact"`` or ``"staged"``.
         input_meta: the image input's metadata.
-        plan: the staged plan (manifest ``stages``); needed for ``staged``.
+        plan: the gating plan (manifest ``gating``); needed for ``staged``.
         decision_defaults: default thresholds by input name (``gate_threshold``).
         device: ONNX Runtime device. Defaults to ``"cpu"``.
         threads: intra-op threads per session; 0 lets ONNX Runtime choose. Defaults to 0.

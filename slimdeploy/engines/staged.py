@@ -1,6 +1,6 @@
 """Staged execution of a gated network: one graph per piece, decisions and routing on the host.
 
-``StagedGatedRunner`` follows the plan a ``staged`` bundle records (``stages`` in the
+``StagedGatedRunner`` follows the plan a ``staged`` bundle records (``gating`` in the
 manifest, see ``exporters.gated``): run the stem; for each gated block, run its gate on every
 row, then the block only on the rows whose gate opened and the skip path only on the others
 (the batch shrinks per block, so each sample saves what its gates skip); finally the head.
@@ -30,7 +30,7 @@ class StagedGatedRunner(Runner):
     Args:
         make_runner: callable returning the runner of a piece by name (``"stem"``, ``"gate0"``,
             ``"exec1"``, ``"skip6"``, ``"head"``...).
-        plan: the manifest's ``stages`` entry: ``n_blocks``, ``state``, ``state_width``, ``skips``.
+        plan: the manifest's ``gating`` entry: ``n_blocks``, ``state``, ``state_width``, ``skips``.
         input_meta: metadata of the image input ``input``.
         gate_threshold: default threshold when the feed has no ``gate_threshold``. Defaults to 0.5.
         replay: take decisions from the feed's ``gates`` instead of the gates. Defaults to False.

@@ -37,6 +37,7 @@ from slimdeploy._optional import optional_import
 from slimdeploy.exporters.compose import GraphBuilder, rename_outputs
 from slimdeploy.exporters.onnx_export import DEFAULT_OPSET, EXAMPLE_BATCH
 from slimdeploy.exporters.pieces import Piece, export_pieces
+from slimdeploy.flops import count_macs_of
 
 FORMS = ("mask", "if", "compact", "staged")
 DEFAULT_GATE_THRESHOLD = 0.5
@@ -53,14 +54,18 @@ class GatedPlan:
     state_width: int  # columns of each state tensor
     skips: list[int]  # blocks with a downsampling skip path
     graphs: list[str] = field(default_factory=list)
+    # MACs per sample of each piece (Conv and Linear layers), for predicted savings.
+    macs: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": "gated", "n_blocks": self.n_blocks, "state": self.state,
-                "state_width": self.state_width, "skips": self.skips, "graphs": self.graphs}
+                "state_width": self.state_width, "skips": self.skips, "graphs": self.graphs,
+                "macs": self.macs}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GatedPlan:
-        return cls(data["n_blocks"], list(data["state"]), data["state_width"], list(data["skips"]), list(data["graphs"]))
+        return cls(data["n_blocks"], list(data["state"]), data["state_width"], list(data["skips"]),
+                   list(data["graphs"]), dict(data.get("macs", {})))
 
 
 def gated_pieces(model: Any, input_size: tuple[int, ...], opset: int = DEFAULT_OPSET) -> tuple[dict[str, onnx.ModelProto], GatedPlan]:
@@ -89,7 +94,11 @@ def gated_pieces(model: Any, input_size: tuple[int, ...], opset: int = DEFAULT_O
             x = model.run_block(k, x)
     pieces.append(Piece("head", model.head, {"x": x.clone()}, ["logits"]))
     graphs = export_pieces(model, pieces, opset=opset)
-    plan = GatedPlan(model.n_blocks, state_names, state_width, skips, graphs=list(graphs))
+    macs = {
+        piece.name: count_macs_of(model, piece.compute, *(t[:1] for t in piece.inputs.values())).macs
+        for piece in pieces
+    }
+    plan = GatedPlan(model.n_blocks, state_names, state_width, skips, graphs=list(graphs), macs=macs)
     return graphs, plan
 
 
