@@ -268,7 +268,7 @@ def run(
             from slimdeploy.engines.base import check_feed
 
             check_feed(feed, runner.input_metadata())
-            outputs = run_batches(runner, feed, batch, batch_inputs=[loaded.input_names[0]])
+            outputs = run_batches(runner, feed, batch, batch_inputs=loaded.batch_inputs)
         else:
             outputs = runner.infer(feed)
     tmp = out.with_name(out.name + ".tmp.npz")

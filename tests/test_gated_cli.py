@@ -1,0 +1,88 @@
+"""End to end on an official SkipNet checkpoint: export --dynamic, check, run, bench."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import SHARED, assert_clean_error, run_cli
+
+KIT = SHARED / "upstream-kit" / "skipnet_cifar10_rnn_gate_38"
+
+
+@pytest.fixture(scope="module")
+def kit_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("kit") / "inputs.npz"
+    np.savez(path, input=torch.load(KIT / "input.pt", weights_only=True).numpy())
+    return path
+
+
+@pytest.fixture(scope="module")
+def staged_bundle(tmp_path_factory: pytest.TempPathFactory, kit_data: Path) -> Path:
+    out = tmp_path_factory.mktemp("bundles") / "rnn38_staged"
+    result = run_cli("export", str(KIT / "checkpoint.pth.tar"), "--dynamic", "staged", "--data", str(kit_data),
+                     "--samples", "8", "--batch-sizes", "1,8", "--out", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "gates at batch 8: agreement 100.00%" in result.stdout
+    return out
+
+
+@pytest.mark.slow
+def test_staged_bundle_layout_and_decisions(staged_bundle: Path) -> None:
+    manifest = json.loads((staged_bundle / "manifest.json").read_text())
+    assert manifest["model"]["arch"] == "cifar10_rnn_gate_38" and manifest["dynamic"] == "staged"
+    assert [o["name"] for o in manifest["outputs"]] == ["logits", "gates", "gate_probs"]
+    assert manifest["inputs"][1] == {"name": "gate_threshold", "dtype": "float32", "shape": [], "optional": True, "default": 0.5}
+    assert manifest["decisions"]["outputs"][0]["name"] == "gates"
+    assert manifest["gating"]["n_blocks"] == 18 and manifest["gating"]["state"] == ["h", "c"]
+    assert len(manifest["stages"]) == 1 + 17 * 2 + 2 + 1  # stem, gate+exec per block, 2 skips, head
+    assert all((staged_bundle / "stages" / f"{name}.onnx").is_file() for name in manifest["stages"])
+    reference = torch.load(KIT / "ref_outputs.pt", weights_only=True)
+    with np.load(staged_bundle / "golden.npz") as golden:
+        np.testing.assert_array_equal(golden["ref_gates"].T, reference["executed"].numpy().astype(np.uint8))
+    report = json.loads((staged_bundle / "report.json").read_text())
+    gates = report["decisions"]["gates"]
+    assert [g["batch_size"] for g in gates] == [1, 8] and all(g["agreement"] == 1.0 for g in gates)
+
+
+@pytest.mark.slow
+def test_check_run_and_threshold_of_staged_bundle(tmp_path: Path, staged_bundle: Path, kit_data: Path) -> None:
+    result = run_cli("check", str(staged_bundle), "--json", "-")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["decisions"]["gates"][0]["defects"] == 0
+
+    x = np.load(kit_data)["input"]
+    for threshold, name in ((0.5, "default"), (0.9, "strict")):
+        feed = {"input": x} if name == "default" else {"input": x, "gate_threshold": np.array(threshold, np.float32)}
+        np.savez(tmp_path / f"{name}.npz", **feed)
+        result = run_cli("run", str(staged_bundle), "--inputs", str(tmp_path / f"{name}.npz"), "--out", str(tmp_path / f"{name}_out.npz"), "--batch", "3")
+        assert result.returncode == 0, result.stderr
+    default, strict = np.load(tmp_path / "default_out.npz"), np.load(tmp_path / "strict_out.npz")
+    reference = torch.load(KIT / "ref_outputs.pt", weights_only=True)
+    np.testing.assert_array_equal(default["gates"].T, reference["executed"].numpy().astype(np.uint8))
+    assert strict["gates"].sum() < default["gates"].sum()  # a stricter threshold skips more
+
+
+@pytest.mark.slow
+def test_bench_reports_skip_rates_and_predicted_macs(staged_bundle: Path) -> None:
+    result = run_cli("bench", str(staged_bundle), "--batch", "1,8", "--warmup", "1", "--iterations", "3", "--no-torch", "--json", "-")
+    assert result.returncode == 0, result.stderr
+    stats = json.loads(result.stdout)["decisions"]
+    executed = torch.load(KIT / "ref_outputs.pt", weights_only=True)["executed"].numpy()
+    np.testing.assert_allclose(stats["skip_rate_per_block"], 1 - executed.mean(axis=1), atol=1e-6)
+    assert stats["macs_mask"] > stats["macs_ideal"] > 0
+    assert stats["predicted_speedup"]["8"] == pytest.approx(stats["macs_mask"] / stats["macs_ideal"])
+
+
+def test_dynamic_option_refused_for_static_models(tmp_path: Path, zoo_resnet_checkpoint: Path) -> None:
+    result = run_cli("export", str(zoo_resnet_checkpoint), "--dynamic", "if", "--out", str(tmp_path / "b"))
+    assert_clean_error(result, 2, "static")
+
+
+def test_unknown_dynamic_form(tmp_path: Path) -> None:
+    result = run_cli("export", str(KIT / "checkpoint.pth.tar"), "--dynamic", "loop", "--out", str(tmp_path / "b"))
+    assert_clean_error(result, 2, "unknown dynamic form 'loop'")
