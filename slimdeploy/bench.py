@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,6 +107,62 @@ def time_runner(
         mean_ms=float(times.mean()) * 1e3,
         throughput=batch / p50,
     )
+
+
+def compare_runners(
+    runners: Mapping[str, Runner],
+    feeds: Sequence[dict[str, np.ndarray]],
+    warmup: int = DEFAULT_WARMUP,
+    rounds: int = 5,
+    calls_per_round: int | None = None,
+    settle_s: float = 0.05,
+) -> dict[str, LatencyResult]:
+    """Time active runners side by side, taking turns in rounds (order reversed every other
+    round) so that machine noise falls on all of them alike.
+
+    Each round times ``calls_per_round`` calls per runner, cycling through ``feeds`` (several
+    feeds at batch 1 let per-sample decisions vary). ``mean_ms`` is the median over rounds of
+    each round's mean call time: with feeds whose cost differs, the mean is what throughput
+    follows; p50/p90/p99 are over all timed calls.
+
+    Args:
+        runners: active runners by label.
+        feeds: one or more feeds, all of the same batch size.
+        warmup: untimed calls per runner before the first round. Defaults to 10.
+        rounds: timed rounds. Defaults to 5.
+        calls_per_round: calls per runner per round. Defaults to ``len(feeds)``.
+        settle_s: pause before each turn, so the previous runner's worker threads stop spinning
+            (ONNX Runtime's and torch's thread pools spin briefly after a call). Defaults to 0.05.
+    """
+    calls = calls_per_round or len(feeds)
+    for runner in runners.values():
+        for i in range(warmup):
+            runner.infer(feeds[i % len(feeds)], check_inputs=False)
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    round_means: dict[str, list[float]] = {name: [] for name in runners}
+    order = list(runners)
+    for round_index in range(rounds):
+        for name in order if round_index % 2 == 0 else order[::-1]:
+            runner, spent = runners[name], []
+            time.sleep(settle_s)
+            for i in range(calls):
+                feed = feeds[i % len(feeds)]
+                start = time.perf_counter()
+                runner.infer(feed, check_inputs=False)
+                spent.append(time.perf_counter() - start)
+            times[name].extend(spent)
+            round_means[name].append(float(np.mean(spent)))
+    batch = len(next(iter(feeds[0].values())))
+    results = {}
+    for name, values in times.items():
+        array = np.asarray(values)
+        p50 = float(np.percentile(array, 50))
+        results[name] = LatencyResult(
+            runner=name, batch_size=batch, iterations=len(array), p50_ms=p50 * 1e3,
+            p90_ms=float(np.percentile(array, 90)) * 1e3, p99_ms=float(np.percentile(array, 99)) * 1e3,
+            mean_ms=float(np.median(round_means[name])) * 1e3, throughput=batch / p50,
+        )
+    return results
 
 
 def tiled_feed(bundle: Bundle, batch_size: int) -> dict[str, np.ndarray]:

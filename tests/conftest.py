@@ -26,8 +26,8 @@ SHARED = REPO.parent / "shared"
 
 def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run ``python -m slimdeploy ARGS`` and return the completed process (text output)."""
-    full_env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", **(env or {})}
-    full_env.pop("SLIMDEPLOY_DEBUG", None)
+    base = {key: value for key, value in os.environ.items() if key != "SLIMDEPLOY_DEBUG"}
+    full_env = {**base, "COLUMNS": "200", "NO_COLOR": "1", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "slimdeploy", *args],
         capture_output=True, text=True, env=full_env, cwd=cwd or REPO, timeout=600,
