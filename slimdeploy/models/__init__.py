@@ -1,11 +1,10 @@
-"""Reference architectures and their registry. Importing this package imports torch.
+"""Reference architectures and their registry.
 
-Each module registers its architectures with ``@register_model``; importing them here fills
-the registry. ``get_arch(name)`` and ``list_models()`` are the doors.
+Importing this package is torch-free: the architecture modules (which import torch) register
+themselves when the registry is first asked for a name (``get_arch``, ``list_models``); ``registry.ARCHITECTURE_MODULES``
+lists them.
 """
 
-from slimdeploy.models import mobilenet, spconv_resnet  # noqa: F401  (registers architectures)
-from slimdeploy.models import skipnet  # noqa: F401  (registers architectures)
 from slimdeploy.models.registry import ArchInfo, get_arch, list_models, register_model
 
 __all__ = ["ArchInfo", "get_arch", "list_models", "register_model"]

@@ -128,7 +128,18 @@ def get_arch(name: str) -> ArchInfo:
         ) from None
 
 
+# Modules whose import registers architectures (each imports torch).
+ARCHITECTURE_MODULES = (
+    "slimdeploy.models.mobilenet",
+    "slimdeploy.models.spconv_resnet",
+    "slimdeploy.models.skipnet",
+)
+
+
 def _ensure_loaded() -> None:
-    # Architectures register themselves on import of slimdeploy.models (which imports torch),
-    # so the registry is filled lazily: importing this module alone stays torch-free.
-    import slimdeploy.models  # noqa: F401
+    # The registry fills lazily, on the first question, so that importing slimdeploy.models
+    # stays torch-free (the runtime side imports it on edge images without torch).
+    import importlib
+
+    for module in ARCHITECTURE_MODULES:
+        importlib.import_module(module)

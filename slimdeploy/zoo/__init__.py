@@ -61,6 +61,8 @@ class ZooEntry:
         description: one line for ``zoo list``.
         family: architecture family (``"spconv"``, ``"mobilenet"``), so that listing needs no torch.
         input_size: (C, H, W) of the model input.
+        metrics: further held-out figures, JSON values (a gated model's ``skip_rate``,
+            ``baseline_accuracy``, ...). Defaults to {}.
         directory: folder holding ``checkpoint``; not written to ``zoo.json``. Defaults to the
             package's ``checkpoints/``.
     """
@@ -76,6 +78,7 @@ class ZooEntry:
     description: str
     family: str = ""
     input_size: list[int] | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
     directory: Path = field(default=CHECKPOINT_DIR, compare=False, repr=False)
 
     @property
@@ -142,7 +145,8 @@ def get_zoo_entry(name: str) -> ZooEntry:
     by_arch = [e.name for e in entries.values() if e.arch == name]
     hints = []
     if by_arch:
-        hints.append(f"'{name}' is an architecture; its shipped checkpoints are {', '.join(by_arch)}")
+        shipped = ", ".join(by_arch)
+        hints.append(f"'{name}' is an architecture; its shipped checkpoints are {shipped}")
     elif close:
         hints.append(f"did you mean {', '.join(close)}?")
     hints.append(f"shipped: {', '.join(sorted(entries)) or 'none'}")
@@ -199,6 +203,7 @@ def zoo_listing() -> list[dict[str, Any]]:
                 "accuracy": None,
                 "params": None,
                 "description": info.description,
+                "metrics": None,
             })
     for entry in list_zoo():
         info = archs.get(entry.arch)
@@ -215,6 +220,7 @@ def zoo_listing() -> list[dict[str, Any]]:
             "accuracy": entry.accuracy,
             "params": entry.params,
             "description": entry.description,
+            "metrics": dict(entry.metrics),
         })
     return rows
 
