@@ -140,3 +140,18 @@ def test_compose_refuses_staged(kit: dict[str, Any]) -> None:
         compose_form("staged", kit["graphs"], kit["plan"], (3, 32, 32))
 
 
+
+
+def test_simplified_forms_keep_the_threshold_input(kit: dict[str, Any]) -> None:
+    """onnxslim would fold the default threshold into a constant; simplify keeps it an input."""
+    from slimdeploy.exporters import simplify
+
+    model = compose_form("compact", kit["graphs"], kit["plan"], (3, 32, 32))
+    slimmed = simplify(model)
+    assert not slimmed.error
+    with OrtRunner(slimmed.model.SerializeToString(), threads=1) as runner:
+        assert runner.input_metadata()["gate_threshold"].optional
+        strict = runner.infer({"input": kit["input"], "gate_threshold": np.array(0.9, np.float32)})
+        default = runner.infer({"input": kit["input"]})
+    np.testing.assert_array_equal(default["gates"], kit["executed"])
+    assert strict["gates"].sum() < default["gates"].sum()

@@ -36,10 +36,23 @@ def simplify(model: Any) -> SimplifyResult:
     error recorded (simplification is an optimisation, not a requirement)."""
     onnxslim = optional_import("onnxslim", "simplify ONNX graphs")
     before = op_counts(model)
+    # Graph inputs with a default (an initializer of the same name: thresholds) would be folded
+    # into constants by onnxslim; take the defaults out while simplifying and put them back.
+    input_names = {value.name for value in model.graph.input}
+    defaults = [init for init in model.graph.initializer if init.name in input_names]
+    stripped = model
+    if defaults:
+        stripped = type(model)()
+        stripped.CopyFrom(model)
+        keep = [init for init in stripped.graph.initializer if init.name not in input_names]
+        del stripped.graph.initializer[:]
+        stripped.graph.initializer.extend(keep)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            slimmed = onnxslim.slim(model)
+            slimmed = onnxslim.slim(stripped)
     except Exception as exc:  # onnxslim raises assorted errors on graphs it cannot handle
         return SimplifyResult(model, sum(before.values()), sum(before.values()), before, before, error=str(exc)[:300])
+    kept_inputs = {value.name for value in slimmed.graph.input}
+    slimmed.graph.initializer.extend(init for init in defaults if init.name in kept_inputs)
     after = op_counts(slimmed)
     return SimplifyResult(slimmed, sum(before.values()), sum(after.values()), before, after)
