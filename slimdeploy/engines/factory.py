@@ -43,7 +43,8 @@ def make_runner(
         raise ValueError("a staged form needs its plan")
     defaults = dict(decision_defaults or {})
     return StagedGatedRunner(
-        lambda name: OrtRunner(graphs[name], device=device, threads=threads, name=name),
+        # Many sessions run in turn: spinning worker threads of one would steal the next's cores.
+        lambda name: OrtRunner(graphs[name], device=device, threads=threads, spinning=False, name=name),
         plan,
         input_meta,
         gate_threshold=defaults.get("gate_threshold", 0.5),
