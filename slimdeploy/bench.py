@@ -8,7 +8,6 @@ times depend on the machine; the ratios are the figures to read.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -21,6 +20,7 @@ import numpy as np
 from slimdeploy._optional import is_available
 from slimdeploy.bundle import Bundle, bundle_runner, load_bundle, reference_runner
 from slimdeploy.engines.base import Runner
+from slimdeploy.files import write_json
 
 DEFAULT_BATCH_SIZES = (1, 32)
 DEFAULT_WARMUP = 10
@@ -74,11 +74,7 @@ class BenchReport:
         return asdict(self)
 
     def write_json(self, path: str | Path) -> None:
-        text = json.dumps(self.to_dict(), indent=2)
-        if str(path) == "-":
-            print(text)
-        else:
-            Path(path).write_text(text + "\n")
+        write_json(self.to_dict(), path)
 
 
 def time_runner(

@@ -22,6 +22,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from slimdeploy.errors import BadInputError, CheckFailedError, OutputExistsError, SlimDeployError
+from slimdeploy.files import write_json
 
 app = typer.Typer(
     name="slimdeploy",
@@ -89,13 +90,8 @@ def _parse_ints(text: str, option: str) -> list[int]:
 
 
 def _emit_json(data: Any, target: str | None) -> None:
-    if target is None:
-        return
-    text = json.dumps(data, indent=2, default=str)
-    if target == "-":
-        sys.stdout.write(text + "\n")
-    else:
-        Path(target).write_text(text + "\n")
+    if target is not None:
+        write_json(data, target)
 
 
 def _resolve_checkpoint(checkpoint: str) -> Path:
@@ -251,18 +247,13 @@ def run(
 ) -> None:
     """Run a bundle on inputs from an .npz file and write its outputs to an .npz file."""
     from slimdeploy.bundle import bundle_runner, load_bundle
+    from slimdeploy.files import read_arrays
     from slimdeploy.parity import run_batches
 
     if out.exists() and not force:
         raise OutputExistsError(f"'{out}' already exists | Fix: choose another --out, or pass --force")
     loaded = load_bundle(bundle)
-    if not inputs.is_file():
-        raise BadInputError(f"inputs file '{inputs}' does not exist | Fix: check the path")
-    try:
-        with np.load(inputs, allow_pickle=False) as npz:
-            feed = {key: npz[key] for key in npz.files}
-    except (ValueError, OSError) as exc:
-        raise BadInputError(f"cannot read '{inputs}' as .npz ({exc}) | Fix: save it with numpy.savez") from exc
+    feed = read_arrays(inputs)
     with bundle_runner(loaded, device=device, threads=threads) as runner:
         if batch:
             from slimdeploy.engines.base import check_feed

@@ -27,6 +27,7 @@ import numpy as np
 from slimdeploy.bundle import GOLDEN, REFERENCE_WEIGHTS, REPORT, ensure_writable, write_bundle
 from slimdeploy.engines.base import TensorMeta, check_feed
 from slimdeploy.errors import BadInputError, InputValidationError
+from slimdeploy.files import read_arrays
 from slimdeploy.parity import DecisionSpec, ParityReport, check_parity, run_batches
 from slimdeploy.versions import versions
 
@@ -61,22 +62,13 @@ class ExportResult:
 def load_data_file(path: str | Path, input_name: str = "input") -> tuple[np.ndarray, np.ndarray | None]:
     """Inputs (and labels, when present) from an .npz (keys ``input``, optional ``labels``) or
     an .npy file holding the input array."""
-    path = Path(path)
-    if not path.is_file():
-        raise BadInputError(f"data file '{path}' does not exist | Fix: check the path")
-    try:
-        if path.suffix == ".npy":
-            return np.load(path, allow_pickle=False), None
-        with np.load(path, allow_pickle=False) as data:
-            if input_name not in data.files:
-                raise InputValidationError(
-                    f"'{path}' has no array '{input_name}' (has {data.files}) | Fix: save the inputs "
-                    f"with np.savez(path, {input_name}=x, labels=y)"
-                )
-            labels = data["labels"] if "labels" in data.files else None
-            return data[input_name], labels
-    except (ValueError, OSError) as exc:
-        raise BadInputError(f"cannot read '{path}' as .npz/.npy ({exc}) | Fix: save it with numpy.savez") from exc
+    arrays = read_arrays(path, default_name=input_name)
+    if input_name not in arrays:
+        raise InputValidationError(
+            f"'{path}' has no array '{input_name}' (has {sorted(arrays)}) | Fix: save the inputs "
+            f"with np.savez(path, {input_name}=x, labels=y)"
+        )
+    return arrays[input_name], arrays.get("labels")
 
 
 def export(
@@ -253,7 +245,7 @@ def export(
         "gating": plan or {},
         "stages": list(graphs) if form == "staged" else [],
         "golden": {
-            "file": GOLDEN, "samples": int(len(inputs)), "batch_sizes": list(batch_sizes),
+            "file": GOLDEN, "samples": len(inputs), "batch_sizes": list(batch_sizes),
             "source": data_source, "labels": labels is not None, "reference": "torch",
         },
         "tolerances": report.tolerances,

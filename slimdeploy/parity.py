@@ -17,7 +17,6 @@ labels are given) and a ``decisions`` section that the dynamic families (gates, 
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -28,6 +27,7 @@ from xml.etree import ElementTree
 import numpy as np
 
 from slimdeploy.engines.base import Runner, batched
+from slimdeploy.files import write_json
 
 DEFAULT_TOLERANCES: dict[str, dict[str, tuple[float, float]]] = {
     "fp32": {"": (1e-4, 1e-3)},
@@ -131,11 +131,7 @@ class ParityReport:
         return summary
 
     def write_json(self, path: str | Path) -> None:
-        text = json.dumps(self.to_dict(), indent=2)
-        if str(path) == "-":
-            print(text)
-        else:
-            Path(path).write_text(text + "\n")
+        write_json(self.to_dict(), path)
 
     def write_junit(self, path: str | Path) -> None:
         """JUnit XML: one test case per output and batch size, plus task agreement."""
@@ -487,18 +483,13 @@ def _check_arrays(bundle: Any, data: str | Path | None, threads: int) -> tuple[d
     """Inputs, ``ref_*`` reference outputs and labels for a check, and where the reference came from."""
     from slimdeploy.bundle import reference_runner
     from slimdeploy.engines.base import check_feed
-    from slimdeploy.errors import BadInputError, InputValidationError
+    from slimdeploy.errors import InputValidationError
+    from slimdeploy.files import read_arrays
 
     if data is None:
         return bundle.golden(), "golden"
     path = Path(data)
-    if not path.is_file():
-        raise BadInputError(f"data file '{path}' does not exist | Fix: check the path")
-    try:
-        with np.load(path, allow_pickle=False) as loaded:
-            arrays = {key: loaded[key] for key in loaded.files}
-    except (ValueError, OSError) as exc:
-        raise BadInputError(f"cannot read '{path}' as .npz ({exc}) | Fix: save it with numpy.savez") from exc
+    arrays = read_arrays(path)
     metadata = {spec["name"]: bundle.input_meta(spec["name"]) for spec in bundle.manifest["inputs"]}
     missing = [name for name, meta in metadata.items() if name not in arrays and not meta.optional]
     if missing:
