@@ -111,7 +111,7 @@ def measure(runners: dict[str, Any], plan: dict[str, Any], x: np.ndarray, batch:
             row.update(predicted=round(predicted, 3), realised=round(realised, 3),
                        realised_over_predicted=round(realised / predicted, 3))
         rows[name] = row
-    return {"batch": batch, "samples": int(len(used)), "skip_rate": round(float(1 - gates.mean()), 4), "forms": rows}
+    return {"batch": batch, "samples": len(used), "skip_rate": round(float(1 - gates.mean()), 4), "forms": rows}
 
 
 def demo_model(settings: dict[str, Any], threads: int) -> dict[str, Any]:

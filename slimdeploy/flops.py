@@ -49,7 +49,7 @@ def count_macs_of(module: Any, compute: Any, *inputs: Any) -> MacsReport:
     per_layer: dict[str, int] = {}
     handles = []
 
-    def hook(name: str):  # noqa: ANN202 - returns a forward hook
+    def hook(name: str):
         def record(layer: Any, args: Any, output: Any) -> None:
             if isinstance(layer, nn.Conv2d):
                 kernel = layer.weight.shape[1] * layer.weight.shape[2] * layer.weight.shape[3]

@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from slimdeploy.errors import ArchitectureError, CheckpointError, StateDictMismatchError
-from slimdeploy.loading import FORMAT_NAME, Preprocessing, load_checkpoint, read_checkpoint, save_checkpoint
+from slimdeploy.loading import (
+    FORMAT_NAME,
+    Preprocessing,
+    load_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
 from slimdeploy.models import get_arch
 
 ARCH = "spconv_resnet20_cifar"

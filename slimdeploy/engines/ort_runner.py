@@ -126,7 +126,7 @@ class OrtRunner(Runner):
         values = self._session().run(names, dict(feed))
         return dict(zip(names, values))
 
-    def _session(self):  # noqa: ANN202 - onnxruntime.InferenceSession, imported lazily
+    def _session(self):
         if self.session is None:
             raise BackendUnavailableError(f"runner '{self.name}' is not active")
         return self.session
