@@ -49,6 +49,7 @@ def test_failure_mid_write_leaves_nothing(tmp_path: Path) -> None:
     write_bundle(out, {"model.onnx": b"old"}, dict(MANIFEST_FIELDS))
 
     class Boom(dict):
+        # Fails after the first file, while the staging directory is being filled.
         def items(self):
             yield "model.onnx", b"new"
             raise RuntimeError("disk full")
