@@ -155,3 +155,29 @@ def test_simplified_forms_keep_the_threshold_input(kit: dict[str, Any]) -> None:
         default = runner.infer({"input": kit["input"]})
     np.testing.assert_array_equal(default["gates"], kit["executed"])
     assert strict["gates"].sum() < default["gates"].sum()
+
+
+def test_imagenet_recurrent_gate_forms_match_pytorch() -> None:
+    """ImageNet SkipNet (7x7 stem + maxpool, Conv2d proj): forms agree with the reference."""
+    from slimdeploy.models import get_arch
+
+    torch.manual_seed(0)
+    model = get_arch("imagenet_rnn_gate_18").build().eval()
+    with torch.no_grad():
+        model.control.proj.weight.mul_(20)  # spread the probabilities so decisions differ
+    x = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        logits, gates, _ = model(x)
+    assert 0 < int(gates.sum()) < gates.numel()
+    graphs, plan = gated_pieces(model, (3, 224, 224))
+    meta = TensorMeta("input", np.dtype(np.float32), ("batch", 3, 224, 224))
+    sources = {name: graph.SerializeToString() for name, graph in graphs.items()}
+    runners = [
+        OrtRunner(compose_form("compact", graphs, plan, (3, 224, 224)).SerializeToString(), threads=1),
+        StagedGatedRunner(lambda name: OrtRunner(sources[name], threads=1), plan.to_dict(), meta),
+    ]
+    for runner in runners:
+        with runner:
+            out = runner.infer({"input": x.numpy()})
+        np.testing.assert_array_equal(out["gates"], gates.numpy())
+        np.testing.assert_allclose(out["logits"], logits.numpy(), atol=1e-4, rtol=0)

@@ -121,8 +121,9 @@ def compose_form(form: str, graphs: dict[str, onnx.ModelProto], plan: GatedPlan,
     g = GraphBuilder()
     x = g.inline(graphs["stem"], ["input"], "stem/")[0]
     state = _initial_state(g, plan) if plan.state else []
-    axes0 = g.constant(np.array([0], dtype=np.int64), "axes0")
-    axes123 = g.constant(np.array([1, 2, 3], dtype=np.int64), "axes123")
+    # Axes constants, made only for the forms that use them (no unused initializers).
+    axes0 = g.constant(np.array([0], dtype=np.int64), "axes0") if form == "compact" else ""
+    axes123 = g.constant(np.array([1, 2, 3], dtype=np.int64), "axes123") if form != "compact" else ""
     axes1 = g.constant(np.array([1], dtype=np.int64), "axes1")
     gate_bits, gate_probs = [], []
     for k in range(1, plan.n_blocks):
