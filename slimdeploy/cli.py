@@ -387,9 +387,12 @@ def zoo_train(
     out_dir: Annotated[Path | None, typer.Option("--out-dir", help="Write the checkpoint here instead of the package's zoo.")] = None,
 ) -> None:
     """Retrain a shipped demo model on the digits data from its recorded recipe."""
-    from slimdeploy.zoo import train_zoo_entry
+    from slimdeploy.zoo.train import train_zoo_entry
+    from slimdeploy.zoo.train_gated import GATED_RECIPES, train_gated_zoo_entry
 
-    entry = train_zoo_entry(name, out_dir=out_dir)
+    # Gated models (SkipNet) train with straight-through gates and a compute penalty.
+    train = train_gated_zoo_entry if name in GATED_RECIPES else train_zoo_entry
+    entry = train(name, out_dir=out_dir)
     out_console.print(f"trained {entry.name}: held-out accuracy {entry.accuracy:.1%}")
 
 

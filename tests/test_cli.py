@@ -261,3 +261,8 @@ def test_zoo_list_json_contract() -> None:
 def test_usage_error_is_exit_2() -> None:
     result = run_cli("export")
     assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+def test_zoo_train_unknown_name_is_exit_2() -> None:
+    result = run_cli("zoo", "train", "spconv_resnet20_digit")
+    assert_clean_error(result, 2, "spconv_resnet20_digits")
