@@ -371,12 +371,16 @@ def zoo_list(json_out: JsonOpt = None) -> None:
     rows = zoo_listing()
     if json_out != "-":
         table = Table(title="slimdeploy zoo")
-        for column in ("name", "arch", "family", "checkpoint", "dataset", "accuracy"):
+        for column in ("name", "arch", "family", "checkpoint", "dataset", "accuracy", "notes"):
             table.add_column(column)
         for row in rows:
             accuracy = f"{row['accuracy']:.1%}" if row.get("accuracy") is not None else "-"
             checkpoint = f"zoo:{row['name']}" if row.get("checkpoint") else "-"
-            table.add_row(row["name"], row["arch"], row.get("family") or "-", checkpoint, row.get("dataset") or "-", accuracy)
+            metrics = row.get("metrics") or {}
+            notes = ""
+            if "skip_rate" in metrics:  # gated models: what they skip, and the no-gate baseline
+                notes = f"skips {metrics['skip_rate']:.0%} of gated blocks; no-gate baseline {metrics['baseline_accuracy']:.1%}"
+            table.add_row(row["name"], row["arch"], row.get("family") or "-", checkpoint, row.get("dataset") or "-", accuracy, notes)
         out_console.print(table)
     _emit_json(rows, json_out)
 
