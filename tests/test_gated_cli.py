@@ -86,3 +86,21 @@ def test_dynamic_option_refused_for_static_models(tmp_path: Path, zoo_resnet_che
 def test_unknown_dynamic_form(tmp_path: Path) -> None:
     result = run_cli("export", str(KIT / "checkpoint.pth.tar"), "--dynamic", "loop", "--out", str(tmp_path / "b"))
     assert_clean_error(result, 2, "unknown dynamic form 'loop'")
+
+
+@pytest.mark.slow
+def test_trained_demo_skipnet_bundle_passes_check(tmp_path: Path) -> None:
+    """The shipped SkipNet, default form on ONNX Runtime (compact), on held-out digits."""
+    out = tmp_path / "skipnet38"
+    result = run_cli("export", "zoo:skipnet38_digits", "--out", str(out), "--samples", "24")
+    assert result.returncode == 0, result.stdout + result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["dynamic"] == "compact"
+    report = json.loads((out / "report.json").read_text())
+    assert report["task"]["accuracy_reference"] >= 0.95
+    gates = report["decisions"]["gates"][0]
+    assert gates["agreement"] == 1.0
+    # The samples were picked so that gates the data shows both ways are seen both ways.
+    assert sum(1 for o, c in zip(gates["reference_open"], gates["reference_closed"]) if o and c) >= 3
+    result = run_cli("check", str(out), "--json", "-")
+    assert result.returncode == 0 and json.loads(result.stdout)["passed"]
