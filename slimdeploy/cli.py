@@ -392,11 +392,8 @@ def zoo_train(
 ) -> None:
     """Retrain a shipped demo model on the digits data from its recorded recipe."""
     from slimdeploy.zoo.train import train_zoo_entry
-    from slimdeploy.zoo.train_gated import GATED_RECIPES, train_gated_zoo_entry
 
-    # Gated models (SkipNet) train with straight-through gates and a compute penalty.
-    train = train_gated_zoo_entry if name in GATED_RECIPES else train_zoo_entry
-    entry = train(name, out_dir=out_dir)
+    entry = train_zoo_entry(name, out_dir=out_dir)
     out_console.print(f"trained {entry.name}: held-out accuracy {entry.accuracy:.1%}")
 
 

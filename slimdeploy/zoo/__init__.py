@@ -127,6 +127,25 @@ def write_index(entries: list[ZooEntry], index_path: Path = INDEX_PATH) -> None:
         raise
 
 
+def unknown_recipe(name: str, recipes: list[str]) -> UnknownZooEntryError:
+    """The error for a zoo name with no training recipe, with close matches."""
+    close = difflib.get_close_matches(name, recipes, n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    return UnknownZooEntryError(
+        f"no training recipe for zoo entry '{name}' | Note: {hint}recipes: "
+        f"{', '.join(sorted(recipes))} | Fix: pick one of these"
+    )
+
+
+def record_entry(entry: ZooEntry, shipped: bool) -> ZooEntry:
+    """Replace ``entry``'s line in the package's ``zoo.json`` when it is a shipped checkpoint
+    (a run written elsewhere leaves the index alone); returns the entry."""
+    if shipped:
+        entries = [e for e in read_index(INDEX_PATH) if e.name != entry.name]
+        write_index([*entries, entry], INDEX_PATH)
+    return entry
+
+
 def list_zoo() -> list[ZooEntry]:
     """The shipped demo checkpoints, sorted by name."""
     return sorted(read_index(), key=lambda e: e.name)

@@ -34,14 +34,7 @@ from typing import Any
 
 from slimdeploy._optional import optional_import
 from slimdeploy.loading import Preprocessing, save_checkpoint
-from slimdeploy.zoo import (
-    CHECKPOINT_DIR,
-    INDEX_PATH,
-    UnknownZooEntryError,
-    ZooEntry,
-    read_index,
-    write_index,
-)
+from slimdeploy.zoo import CHECKPOINT_DIR, ZooEntry, record_entry, unknown_recipe
 
 DATASET = "digits"
 
@@ -366,15 +359,12 @@ def train_zoo_entry(
         epochs: override the recipe's epochs (for quick trials). Defaults to the recipe's.
         progress: called with progress lines. Defaults to ``print``.
     """
-    if name not in RECIPES:
-        import difflib
+    from slimdeploy.zoo.train_gated import GATED_RECIPES, train_gated_zoo_entry
 
-        close = difflib.get_close_matches(name, list(RECIPES), n=3, cutoff=0.5)
-        hint = f"did you mean {', '.join(close)}? " if close else ""
-        raise UnknownZooEntryError(
-            f"no training recipe for zoo entry '{name}' | Note: {hint}recipes: "
-            f"{', '.join(sorted(RECIPES))} | Fix: pick one of these"
-        )
+    if name in GATED_RECIPES:  # SkipNets train with straight-through gates and a penalty
+        return train_gated_zoo_entry(name, out_dir, epochs=epochs, progress=progress)
+    if name not in RECIPES:
+        raise unknown_recipe(name, [*RECIPES, *GATED_RECIPES])
     recipe = RECIPES[name]
     if epochs is not None:
         recipe = replace(recipe, epochs=epochs)
@@ -401,10 +391,7 @@ def train_zoo_entry(
         input_size=list(result.input_size),
         directory=directory,
     )
-    if out_dir is None:
-        entries = [e for e in read_index(INDEX_PATH) if e.name != name]
-        write_index([*entries, entry], INDEX_PATH)
-    return entry
+    return record_entry(entry, shipped=out_dir is None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -50,14 +50,7 @@ from typing import Any
 
 from slimdeploy._optional import optional_import
 from slimdeploy.loading import Preprocessing, save_checkpoint
-from slimdeploy.zoo import (
-    CHECKPOINT_DIR,
-    INDEX_PATH,
-    UnknownZooEntryError,
-    ZooEntry,
-    read_index,
-    write_index,
-)
+from slimdeploy.zoo import CHECKPOINT_DIR, ZooEntry, record_entry, unknown_recipe
 from slimdeploy.zoo.train import DATASET, TrainSettings, _optimizer, _random_shifts
 
 GATE_THRESHOLD = 0.5
@@ -502,14 +495,7 @@ def train_gated_zoo_entry(
         progress: called with progress lines. Defaults to ``print``.
     """
     if name not in GATED_RECIPES:
-        import difflib
-
-        close = difflib.get_close_matches(name, list(GATED_RECIPES), n=3, cutoff=0.5)
-        hint = f"did you mean {', '.join(close)}? " if close else ""
-        raise UnknownZooEntryError(
-            f"no gated training recipe for zoo entry '{name}' | Note: {hint}gated recipes: "
-            f"{', '.join(sorted(GATED_RECIPES))} | Fix: pick one of these"
-        )
+        raise unknown_recipe(name, list(GATED_RECIPES))
     if out_dir is None and train_count is not None:
         raise ValueError("a run on part of the training data must go to an out_dir, not over "
                          "the shipped checkpoint")
@@ -554,10 +540,7 @@ def train_gated_zoo_entry(
         metrics=metrics,
         directory=directory,
     )
-    if out_dir is None:
-        entries = [e for e in read_index(INDEX_PATH) if e.name != name]
-        write_index([*entries, entry], INDEX_PATH)
-    return entry
+    return record_entry(entry, shipped=out_dir is None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
