@@ -12,8 +12,9 @@ Block k (k >= 1) executes for a sample iff ``gate{k-1}``'s probability > ``gate_
 
 - ``mask``: every block computed, ``Where`` picks per sample (what the papers' code does).
 - ``if``: one ``If`` per gated block on a 0-D bool (any sample executes); inside, the block runs
-  on the whole batch and ``Where`` keeps the skip path for samples whose gate is closed. Exact
-  at any batch size; saves the block when no sample needs it (fully at batch 1).
+  on the whole batch and, unless every sample executes (a nested ``If``), ``Where`` keeps the
+  skip path for samples whose gate is closed. Exact at any batch size; saves the block when no
+  sample needs it (fully at batch 1).
 - ``compact``: ``NonZero`` → ``Gather`` the executing rows → block → ``ScatterND`` back over the
   skip path. Exact and saves per sample at any batch size.
 - ``staged``: the pieces as separate graphs; ``engines.staged.StagedGatedRunner`` routes rows
@@ -138,10 +139,16 @@ def compose_form(form: str, graphs: dict[str, onnx.ModelProto], plan: GatedPlan,
         elif form == "if":
             # 0-D condition from a rank-0 reduction over the gate bits cast to int32: the form
             # TensorRT accepts with a dynamic batch (tensorrt-facts.md, "Control flow").
-            any_execute = g.one("Cast", [g.one("ReduceMax", [g.one("Cast", [execute], to=TensorProto.INT32)], keepdims=0)], to=TensorProto.BOOL)
+            bits = g.one("Cast", [execute], to=TensorProto.INT32)
+            any_execute = g.one("Cast", [g.one("ReduceMax", [bits], keepdims=0)], to=TensorProto.BOOL)
+            all_execute = g.one("Cast", [g.one("ReduceMin", [bits], keepdims=0)], to=TensorProto.BOOL)
             then_branch = g.branch()
             executed = then_branch.inline(graphs[f"exec{k}"], [x], f"exec{k}/")[0]
-            chosen = then_branch.one("Where", [then_branch.one("Unsqueeze", [execute, axes123]), executed, skipped])
+            # When every sample executes (always so at batch 1) the block's output is the
+            # answer: a nested If spares the per-sample Where.
+            mixed = then_branch.branch()
+            chosen = mixed.one("Where", [mixed.one("Unsqueeze", [execute, axes123]), executed, skipped])
+            chosen = then_branch.if_node(all_execute, then_branch.branch(), [executed], mixed, [chosen], hint=f"all{k}")[0]
             else_branch = g.branch()
             x = g.if_node(any_execute, then_branch, [chosen], else_branch, [skipped], hint=f"block{k}")[0]
         else:  # compact
