@@ -79,6 +79,7 @@ def export(
     arch_args: Mapping[str, Any] | None = None,
     target: str = "ort",
     dynamic: str | None = None,
+    condense_classifier: bool = False,
     trust_pickle: bool = False,
     force: bool = False,
     data: str | Path | None = None,
@@ -102,6 +103,9 @@ def export(
         target: ``"ort"``. Defaults to ``"ort"``.
         dynamic: form of a gated model: ``mask``, ``if``, ``compact`` or ``staged``. Defaults to
             the target's (``compact`` for ``ort``); must be None for static models.
+        condense_classifier: CondenseNet: also prune the classifier as the official converter
+            does (lossy; parity is then against the condensed PyTorch model). Defaults to False:
+            the classifier stays exact and parity is against the learned model.
         trust_pickle: allow a pickled ``nn.Module`` checkpoint (runs code). Defaults to False.
         force: replace an existing ``out``. Defaults to False.
         data: .npz/.npy with parity inputs (and labels). Defaults to the digits held-out split.
@@ -140,6 +144,20 @@ def export(
     gated = bool(info and info.family == "skipnet")
     form = _choose_form(dynamic, gated, target)
     prep = loaded.preprocessing
+    # The module that is exported, and the one parity compares against (the same unless a
+    # deploy transform changes the model).
+    deploy_module, reference_module, deploy_arch, deploy_args = loaded.module, loaded.module, loaded.arch, loaded.arch_args
+    transforms: list[str] = []
+    if loaded.arch == "condensenet":
+        say("condensing learned group convolutions")
+        deploy_module, deploy_arch, deploy_args = _condense(loaded.module, condense_classifier)
+        transforms.append("condense" + ("+classifier" if condense_classifier else ""))
+        if condense_classifier:
+            # The official lossy classifier changes the logits by design: compare the graph
+            # with the condensed PyTorch model instead of the learned one.
+            reference_module = deploy_module
+    elif condense_classifier:
+        raise BadInputError("--condense-classifier applies to the 'condensenet' (training form) architecture")
     input_meta = TensorMeta("input", np.dtype(np.float32), ("batch", *prep.input_size))
     output_names = list(GATED_OUTPUTS) if gated else ["logits"]
     decisions = [DecisionSpec("gates", "gate_probs", DEFAULT_GATE_THRESHOLD)] if gated else []
@@ -148,7 +166,7 @@ def export(
     pool, pool_labels, data_source = _parity_inputs(
         data, prep, None if gated else samples, input_meta, trained_on_digits=loaded.meta.get("dataset") == "digits"
     )
-    with TorchRunner(loaded.module, {"input": input_meta}, output_names) as reference_runner:
+    with TorchRunner(reference_module, {"input": input_meta}, output_names) as reference_runner:
         pool_reference = run_batches(reference_runner, {"input": pool}, batch_size=64)
     # Gated models: pick samples so that every gate is seen both open and closed where the
     # data allows (a gate frozen at trace time is the typical silent failure).
@@ -157,12 +175,12 @@ def export(
     labels = pool_labels[rows] if pool_labels is not None else None
     reference = {name: value[rows] for name, value in pool_reference.items()}
     feed = {"input": inputs}
-    macs = count_macs(loaded.module, prep.input_size)
+    macs = count_macs(deploy_module, prep.input_size)
 
     say(f"exporting with torch.export{f' ({form} form)' if form else ''}")
     export_started = time.perf_counter()
     spec = exporters.ExportSpec(output_names=output_names, opset=opset or exporters.onnx_export.DEFAULT_OPSET)
-    graphs, plan = _export_graphs(loaded.module, form, prep.input_size, spec, torch)
+    graphs, plan = _export_graphs(deploy_module, form, prep.input_size, spec, torch)
     export_seconds = time.perf_counter() - export_started
     for graph in graphs.values():
         exporters.check_onnx(graph)
@@ -221,6 +239,8 @@ def export(
         "model": {
             "arch": loaded.arch,
             "arch_args": loaded.arch_args,
+            "deployed_arch": deploy_arch,
+            "transforms": transforms,
             "family": info.family if info else "custom",
             "dynamic": bool(info.dynamic) if info else False,
             "source": Path(loaded.source).name,
@@ -267,7 +287,8 @@ def export(
         # The PyTorch weights ride along (weights_only format) so that, where torch is
         # installed, `check --data` can compute fresh references and `bench` can time PyTorch.
         buffer = io.BytesIO()
-        save_checkpoint(buffer, loaded.module, loaded.arch, loaded.arch_args, prep, loaded.meta)
+        reference_arch, reference_args = (deploy_arch, deploy_args) if reference_module is deploy_module else (loaded.arch, loaded.arch_args)
+        save_checkpoint(buffer, reference_module, reference_arch, reference_args, prep, loaded.meta)
         files[REFERENCE_WEIGHTS] = buffer.getvalue()
         manifest["reference_weights"] = REFERENCE_WEIGHTS
     else:
@@ -276,6 +297,15 @@ def export(
     manifest["export"]["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     bundle_path = write_bundle(out, files, manifest, force=force)
     return ExportResult(bundle_path, manifest, report, notes)
+
+
+def _condense(module: Any, condense_classifier: bool) -> tuple[Any, str, dict[str, Any]]:
+    """The deploy form of a training-form CondenseNet, its architecture and arguments."""
+    from slimdeploy.models.condensenet import infer_condensenet_args
+    from slimdeploy.transforms import condense
+
+    deployed = condense(module, condense_classifier=condense_classifier)
+    return deployed, "condensenet_converted", infer_condensenet_args(deployed.state_dict())
 
 
 def _registered(name: str) -> Any:

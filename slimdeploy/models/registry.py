@@ -133,6 +133,7 @@ ARCHITECTURE_MODULES = (
     "slimdeploy.models.mobilenet",
     "slimdeploy.models.spconv_resnet",
     "slimdeploy.models.skipnet",
+    "slimdeploy.models.condensenet",
 )
 
 

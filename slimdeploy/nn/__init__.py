@@ -3,6 +3,7 @@
 Importing this package imports torch.
 """
 
+from slimdeploy.nn.condensed_conv import CondensedConv, CondensedLinear
 from slimdeploy.nn.depthwise_separable import DepthwiseSeparable
 from slimdeploy.nn.gated_residual import (
     GatedBasicBlock,
@@ -16,15 +17,19 @@ from slimdeploy.nn.gates import (
     RecurrentGate,
     RecurrentGateEmbedding,
 )
+from slimdeploy.nn.learned_group_conv import LearnedGroupConv
 from slimdeploy.nn.spconv import SPConv3x3
 
 __all__ = [
+    "CondensedConv",
+    "CondensedLinear",
     "DepthwiseSeparable",
     "FeedforwardGateI",
     "FeedforwardGateII",
     "GatedBasicBlock",
     "GatedBottleneck",
     "GatedResidual",
+    "LearnedGroupConv",
     "RecurrentGate",
     "RecurrentGateEmbedding",
     "SPConv3x3",

@@ -1,0 +1,49 @@
+"""End to end on the official CondenseNet kit: export condenses the learned model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from tests.conftest import SHARED, assert_clean_error, run_cli
+
+KIT = SHARED / "upstream-kit" / "condensenet_cifar10_small"
+
+
+@pytest.fixture(scope="module")
+def kit_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("kit") / "inputs.npz"
+    np.savez(path, input=torch.load(KIT / "input.pt", weights_only=True).numpy())
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("flag", "reference"), [((), "logits_learned"), (("--condense-classifier",), "logits_converted")])
+def test_learned_checkpoint_exports_condensed(tmp_path: Path, kit_data: Path, flag: tuple[str, ...], reference: str) -> None:
+    out = tmp_path / "bundle"
+    result = run_cli("export", str(KIT / "checkpoint.pth.tar"), "--data", str(kit_data), "--samples", "4",
+                     "--batch-sizes", "1,4", "--out", str(out), *flag)
+    assert result.returncode == 0, result.stdout + result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"]["arch"] == "condensenet" and manifest["model"]["deployed_arch"] == "condensenet_converted"
+    assert manifest["model"]["transforms"] == ["condense" + ("+classifier" if flag else "")]
+    graph = onnx.load(out / "model.onnx").graph
+    ops = [node.op_type for node in graph.node]
+    assert "Gather" in ops and "Mul" not in ops  # index layers, no masked dense convolution
+    assert sum(1 for n in graph.node if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute)) >= 6
+    # The bundle's graph reproduces the official outputs.
+    x = np.load(kit_data)["input"]
+    np.savez(tmp_path / "in.npz", input=x)
+    assert run_cli("run", str(out), "--inputs", str(tmp_path / "in.npz"), "--out", str(tmp_path / "out.npz")).returncode == 0
+    expected = torch.load(KIT / "ref_outputs.pt", weights_only=True)[reference].numpy()
+    np.testing.assert_allclose(np.load(tmp_path / "out.npz")["logits"], expected, atol=1e-4, rtol=0)
+
+
+def test_condense_classifier_refused_for_other_architectures(tmp_path: Path, zoo_resnet_checkpoint: Path) -> None:
+    result = run_cli("export", str(zoo_resnet_checkpoint), "--condense-classifier", "--out", str(tmp_path / "b"))
+    assert_clean_error(result, 2, "condensenet")
