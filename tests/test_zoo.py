@@ -158,8 +158,13 @@ def test_every_entry_has_a_recipe() -> None:
         from slimdeploy.zoo.train_gated import GATED_RECIPES
     except ImportError:
         GATED_RECIPES = {}  # noqa: N806
+    try:  # CondenseNets too (condensation schedule and group lasso)
+        from slimdeploy.zoo.train_condensenet import CONDENSE_RECIPES
+    except ImportError:
+        CONDENSE_RECIPES = {}  # noqa: N806
     for entry in ENTRIES:
-        assert entry.name in RECIPES or entry.name in GATED_RECIPES, entry.name
+        assert entry.name in RECIPES or entry.name in GATED_RECIPES \
+            or entry.name in CONDENSE_RECIPES, entry.name
         if entry.name in RECIPES:
             recipe = RECIPES[entry.name]
             assert recipe.arch == entry.arch
