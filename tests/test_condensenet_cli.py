@@ -47,3 +47,13 @@ def test_learned_checkpoint_exports_condensed(tmp_path: Path, kit_data: Path, fl
 def test_condense_classifier_refused_for_other_architectures(tmp_path: Path, zoo_resnet_checkpoint: Path) -> None:
     result = run_cli("export", str(zoo_resnet_checkpoint), "--condense-classifier", "--out", str(tmp_path / "b"))
     assert_clean_error(result, 2, "condensenet")
+
+
+@pytest.mark.slow
+def test_demo_condensenet_bundle_passes_check(tmp_path: Path) -> None:
+    out = tmp_path / "condensenet"
+    result = run_cli("export", "zoo:condensenet_digits", "--out", str(out), "--samples", "16")
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["task"]["top1_agreement"] == 1.0 and report["task"]["accuracy_reference"] >= 0.95
+    assert run_cli("check", str(out)).returncode == 0
