@@ -378,23 +378,50 @@ def train_zoo_entry(
         recipe.arch, recipe.arch_args, directory / filename, recipe.epochs, recipe.seed,
         settings=recipe.settings, train_command=command, progress=progress,
     )
+    return record_trained(name, recipe, result, result.accuracy, command, directory, shipped=out_dir is None)
+
+
+def record_trained(
+    name: str,
+    recipe: Any,
+    result: Any,
+    accuracy: float,
+    command: str,
+    directory: Path,
+    shipped: bool,
+    metrics: dict[str, Any] | None = None,
+) -> ZooEntry:
+    """The zoo entry of a finished training run (any trainer), written to ``zoo.json`` when
+    ``shipped``.
+
+    Args:
+        name: zoo name; the checkpoint is ``directory / f"{name}.pt"``.
+        recipe: the recipe trained (``arch``, ``arch_args``, ``description``).
+        result: the run's result (``arch``, ``params``, ``input_size``).
+        accuracy: held-out top-1 of the shipped model.
+        command: the command that reproduces the run.
+        directory: folder of the checkpoint.
+        shipped: the checkpoint replaced the package's; record it in ``zoo.json``.
+        metrics: extra figures for ``zoo list`` (skip rate, kept fraction...). Defaults to none.
+    """
     from slimdeploy.models.registry import get_arch
 
     entry = ZooEntry(
         name=name,
         arch=result.arch,
         arch_args=dict(recipe.arch_args),
-        checkpoint=filename,
+        checkpoint=f"{name}.pt",
         dataset=DATASET,
-        accuracy=result.accuracy,
+        accuracy=accuracy,
         params=result.params,
         train_command=command,
         description=recipe.description,
         family=get_arch(recipe.arch).family,
         input_size=list(result.input_size),
+        metrics=dict(metrics or {}),
         directory=directory,
     )
-    return record_entry(entry, shipped=out_dir is None)
+    return record_entry(entry, shipped=shipped)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -38,8 +38,15 @@ from typing import Any
 
 from slimdeploy._optional import optional_import
 from slimdeploy.loading import Preprocessing, save_checkpoint
-from slimdeploy.zoo import CHECKPOINT_DIR, ZooEntry, record_entry, unknown_recipe
-from slimdeploy.zoo.train import DATASET, TrainSettings, _optimizer, _random_shifts, evaluate
+from slimdeploy.zoo import CHECKPOINT_DIR, ZooEntry, unknown_recipe
+from slimdeploy.zoo.train import (
+    DATASET,
+    TrainSettings,
+    _optimizer,
+    _random_shifts,
+    evaluate,
+    record_trained,
+)
 
 
 @dataclass(frozen=True)
@@ -349,8 +356,6 @@ def train_condensenet_zoo_entry(
         lasso=recipe.lasso, seed=recipe.seed, settings=recipe.settings,
         train_count=train_count, train_command=command, progress=progress,
     )
-    from slimdeploy.models.registry import get_arch
-
     metrics = {
         "condensed_accuracy": result.condensed_accuracy,
         "same_predictions": result.same_predictions,
@@ -362,22 +367,7 @@ def train_condensenet_zoo_entry(
         "split": "heldout",
         "train_seconds": round(result.seconds, 1),
     }
-    entry = ZooEntry(
-        name=name,
-        arch=result.arch,
-        arch_args=dict(recipe.arch_args),
-        checkpoint=filename,
-        dataset=DATASET,
-        accuracy=result.accuracy,
-        params=result.params,
-        train_command=command,
-        description=recipe.description,
-        family=get_arch(recipe.arch).family,
-        input_size=list(result.input_size),
-        metrics=metrics,
-        directory=directory,
-    )
-    return record_entry(entry, shipped=out_dir is None)
+    return record_trained(name, recipe, result, result.accuracy, command, directory, shipped=out_dir is None, metrics=metrics)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

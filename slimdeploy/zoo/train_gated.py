@@ -50,8 +50,8 @@ from typing import Any
 
 from slimdeploy._optional import optional_import
 from slimdeploy.loading import Preprocessing, save_checkpoint
-from slimdeploy.zoo import CHECKPOINT_DIR, ZooEntry, record_entry, unknown_recipe
-from slimdeploy.zoo.train import DATASET, TrainSettings, _optimizer, _random_shifts
+from slimdeploy.zoo import CHECKPOINT_DIR, ZooEntry, unknown_recipe
+from slimdeploy.zoo.train import DATASET, TrainSettings, _optimizer, _random_shifts, record_trained
 
 GATE_THRESHOLD = 0.5
 
@@ -509,8 +509,6 @@ def train_gated_zoo_entry(
         settle_epochs=recipe.settle_epochs, gate_bias=recipe.gate_bias, seed=recipe.seed, settings=recipe.settings,
         baseline=True, train_count=train_count, train_command=command, progress=progress,
     )
-    from slimdeploy.models.registry import get_arch
-
     evaluation = result.evaluation
     metrics = {
         "skip_rate": evaluation.skip_rate,
@@ -525,22 +523,7 @@ def train_gated_zoo_entry(
         "split": "heldout",
         "heldout_images": evaluation.images,
     }
-    entry = ZooEntry(
-        name=name,
-        arch=result.arch,
-        arch_args=dict(recipe.arch_args),
-        checkpoint=filename,
-        dataset=DATASET,
-        accuracy=evaluation.accuracy,
-        params=result.params,
-        train_command=command,
-        description=recipe.description,
-        family=get_arch(recipe.arch).family,
-        input_size=list(result.input_size),
-        metrics=metrics,
-        directory=directory,
-    )
-    return record_entry(entry, shipped=out_dir is None)
+    return record_trained(name, recipe, result, evaluation.accuracy, command, directory, shipped=out_dir is None, metrics=metrics)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
