@@ -240,16 +240,7 @@ def train_demo(
             "train_command": train_command,
             "torch_version": str(torch.__version__),  # TorchVersion would pickle as a global
         }
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        # Written under its final name in a temporary sibling folder, then renamed: torch.save
-        # names the archive after the file, so the bytes do not depend on a temporary name.
-        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=out_path.parent))
-        try:
-            save_checkpoint(tmp_dir / out_path.name, module, info.name, dict(arch_args),
-                            preprocessing, meta)
-            os.replace(tmp_dir / out_path.name, out_path)
-        finally:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
+        save_zoo_checkpoint(out_path, module, info.name, dict(arch_args), preprocessing, meta)
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -263,6 +254,21 @@ def train_demo(
         out_path, info.name, dict(arch_args), accuracy, params,
         input_size, epochs, seed, seconds, size,  # type: ignore[arg-type]
     )
+
+
+def save_zoo_checkpoint(
+    out_path: Path, module: Any, arch: str, arch_args: dict[str, Any], preprocessing: Preprocessing, meta: dict[str, Any]
+) -> None:
+    """Write a trained checkpoint atomically: under its final name in a temporary sibling
+    folder, then renamed (torch.save names the archive after the file, so the bytes do not
+    depend on a temporary name and a retrain reproduces the shipped file bit for bit)."""
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=out_path.parent))
+    try:
+        save_checkpoint(tmp_dir / out_path.name, module, arch, arch_args, preprocessing, meta)
+        os.replace(tmp_dir / out_path.name, out_path)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def evaluate(module: Any, inputs: Any, labels: Any, batch_size: int = 500) -> float:

@@ -27,9 +27,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -37,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from slimdeploy._optional import optional_import
-from slimdeploy.loading import Preprocessing, save_checkpoint
+from slimdeploy.loading import Preprocessing
 from slimdeploy.zoo import CHECKPOINT_DIR, ZooEntry, unknown_recipe
 from slimdeploy.zoo.train import (
     DATASET,
@@ -46,6 +43,7 @@ from slimdeploy.zoo.train import (
     _random_shifts,
     evaluate,
     record_trained,
+    save_zoo_checkpoint,
 )
 
 
@@ -290,14 +288,7 @@ def train_condensenet_demo(
             "train_command": train_command,
             "torch_version": str(torch.__version__),
         }
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=out_path.parent))
-        try:
-            save_checkpoint(tmp_dir / out_path.name, model, info.name, dict(arch_args),
-                            preprocessing, meta)
-            os.replace(tmp_dir / out_path.name, out_path)
-        finally:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
+        save_zoo_checkpoint(out_path, model, info.name, dict(arch_args), preprocessing, meta)
     finally:
         torch.set_num_threads(previous_threads)
 

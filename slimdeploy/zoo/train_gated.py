@@ -39,9 +39,6 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -49,9 +46,16 @@ from pathlib import Path
 from typing import Any
 
 from slimdeploy._optional import optional_import
-from slimdeploy.loading import Preprocessing, save_checkpoint
+from slimdeploy.loading import Preprocessing
 from slimdeploy.zoo import CHECKPOINT_DIR, ZooEntry, unknown_recipe
-from slimdeploy.zoo.train import DATASET, TrainSettings, _optimizer, _random_shifts, record_trained
+from slimdeploy.zoo.train import (
+    DATASET,
+    TrainSettings,
+    _optimizer,
+    _random_shifts,
+    record_trained,
+    save_zoo_checkpoint,
+)
 
 GATE_THRESHOLD = 0.5
 
@@ -424,16 +428,7 @@ def train_gated_demo(
             "train_command": train_command,
             "torch_version": str(torch.__version__),
         }
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        # Saved under its final name in a temporary sibling folder, then renamed (atomic, and
-        # the archive's inner name does not depend on a temporary name).
-        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=out_path.parent))
-        try:
-            save_checkpoint(tmp_dir / out_path.name, model, info.name, dict(arch_args),
-                            preprocessing, meta)
-            os.replace(tmp_dir / out_path.name, out_path)
-        finally:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
+        save_zoo_checkpoint(out_path, model, info.name, dict(arch_args), preprocessing, meta)
     finally:
         torch.set_num_threads(previous_threads)
 
