@@ -28,6 +28,9 @@ def inspect_bundle(path: str | Path) -> dict[str, Any]:
         "family": model["family"],
         "params": model["params"],
         "macs": model["macs"],
+        # Deploy transforms and what they folded (e.g. CondenseNet: condense, fold).
+        "transforms": model.get("transforms", []),
+        "folds": model.get("folds", {}),
         "target": manifest["target"],
         "precision": manifest["precision"],
         "dynamic": manifest["dynamic"],

@@ -40,6 +40,9 @@ GATED_FORMS = ("mask", "if", "compact", "staged")
 # Default dynamic form per target: compact routes per sample inside one flat graph.
 DEFAULT_FORMS = {"ort": "compact"}
 GATED_OUTPUTS = ("logits", "gates", "gate_probs")
+# Targets whose kernels run CondenseNet's small grouped 3x3 convolutions slower than the dense
+# equivalent (benchmarks/condensenet.py), so folding stores them dense and absorbs the shuffle.
+EXPAND_GROUPED_3X3 = ("ort",)
 DEFAULT_GATE_THRESHOLD = 0.5
 
 Progress = Callable[[str], None]
@@ -80,6 +83,7 @@ def export(
     target: str = "ort",
     dynamic: str | None = None,
     condense_classifier: bool = False,
+    fold: bool = True,
     trust_pickle: bool = False,
     force: bool = False,
     data: str | Path | None = None,
@@ -106,6 +110,9 @@ def export(
         condense_classifier: CondenseNet: also prune the classifier as the official converter
             does (lossy; parity is then against the condensed PyTorch model). Defaults to False:
             the classifier stays exact and parity is against the learned model.
+        fold: CondenseNet: fold BatchNorm, ReLU placement and the channel shuffle into the
+            condensed convolutions before export (``transforms.fold``; the manifest's
+            ``model.folds`` says what). Defaults to True.
         trust_pickle: allow a pickled ``nn.Module`` checkpoint (runs code). Defaults to False.
         force: replace an existing ``out``. Defaults to False.
         data: .npz/.npy with parity inputs (and labels). Defaults to the digits held-out split.
@@ -146,8 +153,10 @@ def export(
     prep = loaded.preprocessing
     # The module that is exported, and the one parity compares against (the same unless a
     # deploy transform changes the model).
-    deploy_module, reference_module, deploy_arch, deploy_args = loaded.module, loaded.module, loaded.arch, loaded.arch_args
+    deploy_module, deploy_arch, deploy_args = loaded.module, loaded.arch, loaded.arch_args
+    reference_module, reference_arch, reference_args = loaded.module, loaded.arch, loaded.arch_args
     transforms: list[str] = []
+    folds: dict[str, int] = {}
     if loaded.arch == "condensenet":
         say("condensing learned group convolutions")
         deploy_module, deploy_arch, deploy_args = _condense(loaded.module, condense_classifier)
@@ -155,9 +164,15 @@ def export(
         if condense_classifier:
             # The official lossy classifier changes the logits by design: compare the graph
             # with the condensed PyTorch model instead of the learned one.
-            reference_module = deploy_module
+            reference_module, reference_arch, reference_args = deploy_module, deploy_arch, deploy_args
     elif condense_classifier:
         raise BadInputError("--condense-classifier applies to the 'condensenet' (training form) architecture")
+    # MACs of the model as designed; folding may store convolutions dense (graph_macs).
+    macs_module = deploy_module
+    if deploy_arch == "condensenet_converted" and fold:
+        say("folding BatchNorm and channel shuffles into the condensed convolutions")
+        deploy_module, folds = _fold(deploy_module, target)
+        transforms.append("fold")
     input_meta = TensorMeta("input", np.dtype(np.float32), ("batch", *prep.input_size))
     output_names = list(GATED_OUTPUTS) if gated else ["logits"]
     decisions = [DecisionSpec("gates", "gate_probs", DEFAULT_GATE_THRESHOLD)] if gated else []
@@ -175,7 +190,8 @@ def export(
     labels = pool_labels[rows] if pool_labels is not None else None
     reference = {name: value[rows] for name, value in pool_reference.items()}
     feed = {"input": inputs}
-    macs = count_macs(deploy_module, prep.input_size)
+    macs = count_macs(macs_module, prep.input_size)
+    graph_macs = count_macs(deploy_module, prep.input_size).macs if folds else macs.macs
 
     say(f"exporting with torch.export{f' ({form} form)' if form else ''}")
     export_started = time.perf_counter()
@@ -241,11 +257,13 @@ def export(
             "arch_args": loaded.arch_args,
             "deployed_arch": deploy_arch,
             "transforms": transforms,
+            "folds": folds,
             "family": info.family if info else "custom",
             "dynamic": bool(info.dynamic) if info else False,
             "source": Path(loaded.source).name,
             "params": macs.params,
             "macs": macs.macs,
+            "graph_macs": graph_macs,
             "meta": loaded.meta,
         },
         "preprocessing": prep.to_dict(),
@@ -287,7 +305,6 @@ def export(
         # The PyTorch weights ride along (weights_only format) so that, where torch is
         # installed, `check --data` can compute fresh references and `bench` can time PyTorch.
         buffer = io.BytesIO()
-        reference_arch, reference_args = (deploy_arch, deploy_args) if reference_module is deploy_module else (loaded.arch, loaded.arch_args)
         save_checkpoint(buffer, reference_module, reference_arch, reference_args, prep, loaded.meta)
         files[REFERENCE_WEIGHTS] = buffer.getvalue()
         manifest["reference_weights"] = REFERENCE_WEIGHTS
@@ -306,6 +323,18 @@ def _condense(module: Any, condense_classifier: bool) -> tuple[Any, str, dict[st
 
     deployed = condense(module, condense_classifier=condense_classifier)
     return deployed, "condensenet_converted", infer_condensenet_args(deployed.state_dict())
+
+
+def _fold(module: Any, target: str) -> tuple[Any, dict[str, int]]:
+    """A folded copy of a condensed CondenseNet (the original stays the parity reference) and
+    the count of each fold. The 3x3 convolutions are stored dense (shuffle folded in) for ONNX
+    Runtime, whose CPU kernels run them faster that way; other targets keep them grouped."""
+    import copy
+
+    from slimdeploy.transforms.fold import fold_condensed
+
+    folded, report = fold_condensed(copy.deepcopy(module), expand_3x3=target in EXPAND_GROUPED_3X3)
+    return folded, report.to_dict()
 
 
 def _registered(name: str) -> Any:

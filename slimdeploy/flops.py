@@ -49,10 +49,15 @@ def count_macs_of(module: Any, compute: Any, *inputs: Any) -> MacsReport:
     per_layer: dict[str, int] = {}
     handles = []
 
+    from slimdeploy.nn.learned_group_conv import LearnedGroupConv
+
     def hook(name: str):
         def record(layer: Any, args: Any, output: Any) -> None:
-            if isinstance(layer, nn.Conv2d):
-                kernel = layer.weight.shape[1] * layer.weight.shape[2] * layer.weight.shape[3]
+            if isinstance(layer, (nn.Conv2d, LearnedGroupConv)):
+                # A LearnedGroupConv runs functional.conv2d on its (masked, dense) weight, so its
+                # inner Conv2d never fires a hook: count the dense convolution it computes.
+                weight = layer.conv.weight if isinstance(layer, LearnedGroupConv) else layer.weight
+                kernel = weight.shape[1] * weight.shape[2] * weight.shape[3]
                 macs = output.numel() // max(output.shape[0], 1) * kernel
             else:  # nn.Linear
                 rows = output.numel() // max(output.shape[0], 1) // layer.out_features
@@ -62,7 +67,7 @@ def count_macs_of(module: Any, compute: Any, *inputs: Any) -> MacsReport:
         return record
 
     for name, layer in module.named_modules():
-        if isinstance(layer, (nn.Conv2d, nn.Linear)):
+        if isinstance(layer, (nn.Conv2d, nn.Linear, LearnedGroupConv)):
             handles.append(layer.register_forward_hook(hook(name)))
     was_training = module.training
     try:

@@ -255,3 +255,65 @@ def test_imagenet_configuration_shapes() -> None:
     assert model.classifier.out_features == 1000
     assert model.features.init_conv.stride == (2, 2)
     assert model.num_features == 16 + 4 * 8 + 6 * 16 + 8 * 32 + 10 * 64 + 8 * 128
+
+
+def _perturb_batchnorm(model: nn.Module, seed: int = 0) -> None:
+    """Non-trivial BatchNorm statistics and affine parameters, so a wrong fold shows."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                n = module.num_features
+                module.running_mean.copy_(torch.rand(n, generator=generator) * 0.4 - 0.2)
+                module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+                module.weight.copy_(torch.rand(n, generator=generator) + 0.5)
+                module.bias.copy_(torch.rand(n, generator=generator) * 0.4 - 0.2)
+
+
+@pytest.mark.parametrize("expand_3x3", [True, False])
+def test_fold_keeps_the_condensed_features(learned: CondenseNet, kit: dict, expand_3x3: bool) -> None:
+    import copy
+
+    from slimdeploy.nn.folded_dense_layer import FoldedDenseLayer
+    from slimdeploy.transforms.fold import fold_condensed
+
+    condensed = condense(learned)
+    _perturb_batchnorm(condensed)
+    folded, report = fold_condensed(copy.deepcopy(condensed), expand_3x3=expand_3x3)
+    layers = [m for m in folded.modules() if isinstance(m, FoldedDenseLayer)]
+    assert len(layers) == 6 and report.bn_into_conv == 6
+    assert report.shuffle_into_weights == (6 if expand_3x3 else 0)
+    assert all((layer.conv_2.groups == 1) == expand_3x3 for layer in layers)
+    with torch.no_grad():
+        expected = condensed.features_pooled(kit["input"])
+        np.testing.assert_allclose(folded.features_pooled(kit["input"]).numpy(), expected.numpy(), atol=1e-5, rtol=1e-5)
+        # batch 1 too (no batch-dependent reshapes in the folded layer)
+        np.testing.assert_allclose(folded(kit["input"][:1]).numpy(), condensed(kit["input"][:1]).numpy(), atol=1e-5, rtol=1e-5)
+
+
+def test_fold_refuses_a_learned_model(learned: CondenseNet) -> None:
+    from slimdeploy.transforms.fold import fold_condensed
+
+    with pytest.raises(TypeError, match="condensed CondenseNet"):
+        fold_condensed(learned)
+
+
+def test_shuffle_source_inverts_channel_shuffle() -> None:
+    from slimdeploy.nn.condensed_conv import channel_shuffle
+    from slimdeploy.transforms.fold import shuffle_source
+
+    x = torch.arange(12.0).view(1, 12, 1, 1)
+    shuffled = channel_shuffle(x, 4).flatten()
+    assert shuffled.tolist() == shuffle_source(12, 4).float().tolist()
+
+
+def test_macs_count_learned_group_convolutions(learned: CondenseNet) -> None:
+    from slimdeploy.flops import count_macs
+    from slimdeploy.nn.learned_group_conv import LearnedGroupConv
+
+    report = count_macs(learned, (3, 32, 32))
+    learned_layers = [name for name, m in learned.named_modules() if isinstance(m, LearnedGroupConv)]
+    assert set(learned_layers) <= set(report.per_layer)
+    # A 1x1 learned layer computes the dense convolution: in * out MACs per output pixel.
+    first = learned.features.denseblock_1.denselayer_1.conv_1
+    assert report.per_layer[learned_layers[0]] == first.in_channels * first.out_channels * 32 * 32

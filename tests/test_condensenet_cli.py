@@ -31,11 +31,18 @@ def test_learned_checkpoint_exports_condensed(tmp_path: Path, kit_data: Path, fl
     assert result.returncode == 0, result.stdout + result.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["model"]["arch"] == "condensenet" and manifest["model"]["deployed_arch"] == "condensenet_converted"
-    assert manifest["model"]["transforms"] == ["condense" + ("+classifier" if flag else "")]
+    assert manifest["model"]["transforms"] == ["condense" + ("+classifier" if flag else ""), "fold"]
+    # Every dense layer folded: conv_2's BN into the 1x1 conv, the shuffle into the 3x3 weights.
+    assert manifest["model"]["folds"]["bn_into_conv"] == 6 and manifest["model"]["folds"]["shuffle_into_weights"] == 6
     graph = onnx.load(out / "model.onnx").graph
     ops = [node.op_type for node in graph.node]
     assert "Gather" in ops and "Mul" not in ops  # index layers, no masked dense convolution
+    # Shuffles and conv_2 BNs folded: one BN per layer (the gathered one) and norm_last remain.
+    assert "Transpose" not in ops and ops.count("BatchNormalization") == 6 + 1
     assert sum(1 for n in graph.node if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute)) >= 6
+    # inspect shows what was folded.
+    shown = run_cli("inspect", str(out), "--json", "-")
+    assert shown.returncode == 0 and json.loads(shown.stdout)["folds"]["bn_into_conv"] == 6
     # The bundle's graph reproduces the official outputs.
     x = np.load(kit_data)["input"]
     np.savez(tmp_path / "in.npz", input=x)
