@@ -51,6 +51,21 @@ def test_learned_checkpoint_exports_condensed(tmp_path: Path, kit_data: Path, fl
     np.testing.assert_allclose(np.load(tmp_path / "out.npz")["logits"], expected, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
+def test_converted_checkpoint_exports_folded_and_matches_official(tmp_path: Path, kit_data: Path) -> None:
+    out = tmp_path / "converted"
+    result = run_cli("export", str(KIT / "converted_checkpoint.pth.tar"), "--arch", "condensenet_converted",
+                     "--data", str(kit_data), "--samples", "4", "--batch-sizes", "1,4", "--out", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"]["transforms"] == ["fold"] and manifest["model"]["folds"]["shuffle_into_weights"] == 6
+    x = np.load(kit_data)["input"]
+    np.savez(tmp_path / "in.npz", input=x)
+    assert run_cli("run", str(out), "--inputs", str(tmp_path / "in.npz"), "--out", str(tmp_path / "out.npz")).returncode == 0
+    expected = torch.load(KIT / "ref_outputs.pt", weights_only=True)["logits_converted"].numpy()
+    np.testing.assert_allclose(np.load(tmp_path / "out.npz")["logits"], expected, atol=1e-4, rtol=0)
+
+
 def test_condense_classifier_refused_for_other_architectures(tmp_path: Path, zoo_resnet_checkpoint: Path) -> None:
     result = run_cli("export", str(zoo_resnet_checkpoint), "--condense-classifier", "--out", str(tmp_path / "b"))
     assert_clean_error(result, 2, "condensenet")
