@@ -23,7 +23,12 @@ from slimdeploy.exporters.trt_lint.core import (
     graph_rule,
     model_rule,
 )
-from slimdeploy.exporters.trt_lint.facts import DEFAULT_TRT_VERSION, TYPE_NAMES, requested
+from slimdeploy.exporters.trt_lint.facts import (
+    DEFAULT_TRT_VERSION,
+    QUANTIZED_TYPES,
+    TYPE_NAMES,
+    requested,
+)
 from slimdeploy.exporters.trt_lint.graph import Scope, attribute, dim_text
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -150,7 +155,7 @@ def op_types(scope: Scope, ctx: Context) -> Iterator[Finding]:
     Fact: operators.md "Supported Types" column (e.g. Reduce ops take no BOOL; Gather rejects
     UINT8 data). NonZero also takes the types its parser importer accepts (``requested_ops``:
     FLOAT/HALF/BF16/INT32/INT64/INT8/BOOL, although the doc lists FP32, FP16). UINT8 inside the
-    network and DOUBLE have rules of their own.
+    network, DOUBLE and the quantized types have rules of their own.
     """
     for node in scope.graph.node:
         entry = ctx.matrix.op(node.op_type)
@@ -172,6 +177,8 @@ def op_types(scope: Scope, ctx: Context) -> Iterator[Finding]:
                 continue
             if elem_type == TensorProto.UINT8 and value not in scope.network_inputs | scope.network_outputs:
                 continue  # reported once by uint8-tensor
+            if elem_type in QUANTIZED_TYPES:
+                continue  # reported by int8-outside-qdq
             if _type_name(elem_type) not in allowed:
                 yield Finding(
                     "op-types", ERROR, scope.node_name(node),

@@ -131,7 +131,7 @@ def quantized_outside_qdq(scope: Scope, ctx: Context) -> Iterator[Finding]:
                 continue
             ok = (node.op_type == "DequantizeLinear" and index in (0, 2)) or (node.op_type == "QuantizeLinear" and index == 2)
             if not ok:
-                reported.add(value)
+                reported.update([value, *node.output])  # one finding per node
                 yield Finding("int8-outside-qdq", ERROR, scope.node_name(node),
                               f"{node.op_type} reads the {_name(scope.elem_type(value))} tensor '{value}': TensorRT takes quantized types only into DequantizeLinear",
                               "dequantize before every operator (Q → DQ → op), as QuantFormat.QDQ does")
