@@ -334,7 +334,7 @@ def test_if_transpose_resize_on_11_1() -> None:
     assert not found(lint_model(built, "10.15"), "if-version")
 
 
-def loop_model(trip_constant: bool, grow: bool = False) -> onnx.ModelProto:
+def loop_model(trip_constant: bool, grow: bool = False, trip: int = 3) -> onnx.ModelProto:
     body_nodes = [node("Identity", ["c_in"], ["c_out"])]
     if grow:  # the carried value gains a row every iteration
         body_nodes.append(node("Concat", ["v_in", "v_in"], ["v_out"], axis=0))
@@ -348,7 +348,7 @@ def loop_model(trip_constant: bool, grow: bool = False) -> onnx.ModelProto:
     inits = [("v0", np.ones((1, 4), np.float32))]
     inputs = [vi("dummy", F, [1])]
     if trip_constant:
-        inits.append(("trip", np.array(3, np.int64)))
+        inits.append(("trip", np.array(trip, np.int64)))
     else:
         inputs.append(vi("trip", T.INT64, []))
     return model(nodes, inputs, [vi("v_final", F, None), vi("scans", F, None)], inits)
@@ -358,6 +358,8 @@ def test_loop_scan_length_and_carried_shape() -> None:
     [dynamic] = found(lint_model(loop_model(trip_constant=False)), "loop", "error")
     assert dynamic.node == "loop" and "scan output length" in dynamic.message
     assert lint_model(loop_model(trip_constant=True)).findings == []
+    [unbounded] = found(lint_model(loop_model(trip_constant=True, trip=np.iinfo(np.int64).max)), "loop", "error")
+    assert "no count limit" in unbounded.message
     [grow] = found(lint_model(loop_model(trip_constant=True, grow=True)), "loop", "error")
     assert "same shape in every iteration" in grow.message
 
@@ -370,6 +372,7 @@ def test_data_dependent_shape_is_a_warning_naming_outputs() -> None:
     report = lint_model(gathered)
     [finding] = found(report, "data-dependent-shape", "warning")
     assert finding.node == "rows" and "IOutputAllocator" in finding.message and "['y']" in finding.message
+    assert "indexed by Gather 'n_Gather'" in finding.message
     assert report.passed
     # Scattered back over the full tensor: the output shape no longer depends on the data.
     scattered = model([node("Greater", ["x", "zero"], ["m"]), node("NonZero", ["m"], ["nz"], name="rows"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 
+import numpy as np
 import onnx
 from onnx import TensorProto
 
@@ -197,7 +198,8 @@ def loop_constraints(scope: Scope, ctx: Context) -> Iterator[Finding]:
 
     Facts: Loop restriction "Scan output length cannot be dynamic. The shape of Loop carried
     dependencies must be the same across all loop iterations."; NvInfer.h 11.1 IRecurrenceLayer
-    "input 1 must have same dims as input 0"; the parser wires the trip count as a kCOUNT limit.
+    "input 1 must have same dims as input 0"; the parser wires the trip count as a kCOUNT limit and
+    treats an INT64-max trip count as "no count limit".
     """
     for node in scope.graph.node:
         if node.op_type != "Loop":
@@ -210,9 +212,13 @@ def loop_constraints(scope: Scope, ctx: Context) -> Iterator[Finding]:
         carried = max(0, len(node.input) - 2)
         scans = len(body.output) - 1 - carried
         trip = node.input[0] if node.input else ""
-        if scans > 0 and (not trip or not scope.is_constant(trip)):
+        trip_value = scope.constant(trip) if trip else None
+        # The parser treats an INT64-max trip count as "no count limit" (requested_ops Loop).
+        unbounded = trip_value is not None and trip_value.size == 1 and int(trip_value.reshape(-1)[0]) == np.iinfo(np.int64).max
+        if scans > 0 and (not trip or not scope.is_constant(trip) or unbounded):
             yield Finding("loop", ERROR, name,
-                          f"Loop has {scans} scan output(s) and " + ("no trip count" if not trip else f"a computed trip count '{trip}'")
+                          f"Loop has {scans} scan output(s) and "
+                          + ("no trip count" if not trip else "an INT64-max trip count (no count limit)" if unbounded else f"a computed trip count '{trip}'")
                           + ": TensorRT needs the scan output length to be static",
                           "give the Loop a constant trip count (an initializer), or carry the results instead of scanning them")
         for index in range(carried):
@@ -251,12 +257,15 @@ def data_dependent_shapes(scope: Scope, ctx: Context) -> Iterator[Finding]:
         if node.op_type not in DATA_DEPENDENT_OPS:
             continue
         tainted: list[str] = []
+        indexing: list[str] = []  # Gather/Scatter nodes that index with data-dependent values
         frontier = [v for v in node.output if v]
         seen = set(frontier)
         while frontier:
             value = frontier.pop()
             tainted.append(value)
             for owner, consumer in _consumers_everywhere(scope, value):
+                if consumer.op_type.startswith(("Gather", "Scatter")) and list(consumer.input[1:2]) == [value]:
+                    indexing.append(f"{consumer.op_type} '{owner.node_name(consumer)}'")
                 if consumer.op_type in SHAPE_OF_DATA and consumer.input and consumer.input[0] != value:
                     continue  # the output has the data input's shape
                 for out in consumer.output:
@@ -268,7 +277,8 @@ def data_dependent_shapes(scope: Scope, ctx: Context) -> Iterator[Finding]:
         yield Finding(
             "data-dependent-shape", WARNING, scope.node_name(node),
             f"{node.op_type} gives '{node.output[0]}' a shape that depends on the data ({len(tainted)} tensor(s) inherit it"
-            + (f", including network output(s) {outputs}" if outputs else "") + "): TensorRT supports it, but the runtime needs an "
+            + (f", including network output(s) {outputs}" if outputs else "")
+            + (f"; indexed by {', '.join(sorted(set(indexing))[:3])}" if indexing else "") + "): TensorRT supports it, but the runtime needs an "
             "IOutputAllocator for data-dependent shapes and the engine cannot be captured in a CUDA graph",
             f"for per-sample routing on TensorRT {STAGED_FIX}; otherwise the TensorRT runner must allocate outputs on demand",
         )
