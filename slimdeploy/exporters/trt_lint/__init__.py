@@ -129,4 +129,9 @@ def lint_path(path: str | Path, trt_version: str | None = None) -> LintReport:
         single = lint_model(bundle.file(graph["file"]), version, name=graph["name"])
         report.findings.extend(single.findings)
         report.graphs.append(graph["name"])
+    # The version warning concerns the target, not a graph: once per bundle, not once per stage.
+    version_notes = [f for f in report.findings if f.rule == "trt-version"]
+    if version_notes:
+        version_notes[0].graph = ""
+        report.findings = [f for f in report.findings if f.rule != "trt-version" or f is version_notes[0]]
     return report
