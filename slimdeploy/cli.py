@@ -367,6 +367,35 @@ def env(json_out: JsonOpt = None) -> None:
     _emit_json(rows, json_out)
 
 
+@app.command()
+def lint(
+    target: Annotated[Path, typer.Argument(help="Bundle directory (every graph of its manifest) or .onnx file.")],
+    trt_version: Annotated[str | None, typer.Option("--trt-version", help="TensorRT version to lint for, 10.3 to 11.x (default: 10.15, the newest operator matrix read).")] = None,
+    json_out: JsonOpt = None,
+) -> None:
+    """TensorRT compatibility of a bundle or ONNX file, checked on this CPU. Exit 1 on errors."""
+    from slimdeploy.exporters.trt_lint import lint_path
+
+    report = lint_path(target, trt_version=trt_version)
+    if json_out != "-":
+        if report.findings:
+            table = Table(title=f"TensorRT {report.trt_version} lint of {target} (operator matrix {report.matrix})")
+            for column in ("severity", "rule", "graph", "node", "message", "fix"):
+                table.add_column(column, overflow="fold")
+            for f in report.findings:
+                severity = "[red]error[/red]" if f.severity == "error" else "[yellow]warning[/yellow]"
+                table.add_row(severity, f.rule, escape(f.graph), escape(f.node or "-"), escape(f.message), escape(f.fix))
+            out_console.print(table)
+        verdict = "[green]PASSED[/green]" if report.passed else "[red]FAILED[/red]"
+        out_console.print(
+            f"lint {verdict}: {len(report.errors)} error(s), {len(report.warnings)} warning(s) in "
+            f"{len(report.graphs)} graph(s) for TensorRT {report.trt_version}"
+        )
+    _emit_json(report.to_dict(), json_out)
+    if not report.passed:
+        raise CheckFailedError(f"'{target}' has {len(report.errors)} TensorRT lint error(s) (first: {report.errors[0].rule}: {report.errors[0].message})")
+
+
 @zoo_app.command("list")
 def zoo_list(json_out: JsonOpt = None) -> None:
     """Registered architectures and shipped demo checkpoints (with accuracy on held-out digits)."""

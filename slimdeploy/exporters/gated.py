@@ -130,7 +130,9 @@ def compose_form(form: str, graphs: dict[str, onnx.ModelProto], plan: GatedPlan,
     for k in range(1, plan.n_blocks):
         prob, *state = g.inline(graphs[f"gate{k - 1}"], [x, *state], f"gate{k - 1}/")
         execute = g.one("Greater", [prob, "gate_threshold"], hint=f"execute{k}")
-        gate_bits.append(g.one("Unsqueeze", [g.one("Cast", [execute], to=TensorProto.UINT8), axes1]))
+        # Gate bits stay BOOL inside the graph and become UINT8 only in the last node: TensorRT
+        # takes UINT8 only at network inputs and outputs (tensorrt-facts.md, operator constraints).
+        gate_bits.append(g.one("Unsqueeze", [execute, axes1]))
         gate_probs.append(g.one("Unsqueeze", [prob, axes1]))
         skipped = g.inline(graphs[f"skip{k}"], [x], f"skip{k}/")[0] if k in plan.skips else x
         if form == "mask":
@@ -161,9 +163,10 @@ def compose_form(form: str, graphs: dict[str, onnx.ModelProto], plan: GatedPlan,
         gates = g.one("Concat", gate_bits, axis=1)
         probs = g.one("Concat", gate_probs, axis=1)
     else:  # a network with one block decides nothing: [B, 0] outputs
-        gates = g.one("Slice", [g.one("Cast", [logits], to=TensorProto.UINT8), g.constant(np.array([0], np.int64)), g.constant(np.array([0], np.int64)), axes1])
+        gates = g.one("Slice", [g.one("Cast", [logits], to=TensorProto.BOOL), g.constant(np.array([0], np.int64)), g.constant(np.array([0], np.int64)), axes1])
         probs = g.one("Slice", [logits, g.constant(np.array([0], np.int64)), g.constant(np.array([0], np.int64)), axes1])
-    rename_outputs(g, [logits, gates, probs], OUTPUTS)
+    rename_outputs(g, [logits, probs], ["logits", "gate_probs"])
+    g.node("Cast", [gates], ["gates"], to=TensorProto.UINT8)
     n_gated = plan.n_blocks - 1
     num_classes = graphs["head"].graph.output[0].type.tensor_type.shape.dim[1].dim_value
     model = g.build(
