@@ -23,10 +23,14 @@ from typing import Any
 
 from slimdeploy.bundle import TENSORRT, load_bundle, update_bundle
 from slimdeploy.engines.trt_build import (
+    BUILD_README,
+    BUILD_SCRIPT,
     TIMING_CACHE,
     BuildSpec,
     build_engine,
     build_plan,
+    build_readme,
+    build_script,
     import_tensorrt,
     parse_version,
     refuse_form,
@@ -84,7 +88,8 @@ def build_bundle(
             "run only on the TensorRT version that built them | Fix: use the matching container, or drop --trt-version"
         )
     recorded = manifest.get("trt") or {}
-    spec = BuildSpec.from_dict({**recorded.get("spec", {}), **(overrides or {})})
+    spec = BuildSpec.resolve(recorded.get("spec", {}), overrides or {})
+    files: dict[str, bytes] = {}
     if not recorded or recorded.get("spec") != spec.to_dict():
         import onnx
 
@@ -92,12 +97,14 @@ def build_bundle(
         graphs = {graph["name"]: (graph["file"], onnx.load(str(bundle.file(graph["file"])), load_external_data=False))
                   for graph in bundle.graphs}
         plan = {**recorded, **build_plan(graphs, spec, form, bundle_name=bundle.path.name)}
+        # The bundle's build instructions follow the new plan.
+        files[BUILD_README] = build_readme(plan, form).encode()
+        files[BUILD_SCRIPT] = build_script(plan).encode()
     else:
         plan = dict(recorded)
     cache_path = bundle.file(TIMING_CACHE)
     cache = cache_path.read_bytes() if cache_path.is_file() else b""
     started = time.perf_counter()
-    files: dict[str, bytes] = {}
     engines: dict[str, str] = {}
     for index, entry in enumerate(plan["graphs"], start=1):
         say(f"building engine {index}/{len(plan['graphs'])}: {entry['name']}")

@@ -191,7 +191,7 @@ def export(
     if build_options:
         from slimdeploy.engines.trt_build import BuildSpec
 
-        build_spec = BuildSpec(**build_options)
+        build_spec = BuildSpec.resolve({}, build_options)
 
     result = run_export(
         _resolve_checkpoint(checkpoint),

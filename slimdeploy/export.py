@@ -44,8 +44,6 @@ GATED_FORMS = ("mask", "if", "compact", "staged")
 # Default dynamic form per target: compact routes per sample inside one flat graph; TensorRT
 # gets staged (one engine per piece, decisions on the host: tensorrt-facts.md "Control flow").
 DEFAULT_FORMS = {"ort": "compact", "trt": "staged"}
-BUILD_README = "BUILD.md"
-BUILD_SCRIPT = "build.sh"
 GATED_OUTPUTS = ("logits", "gates", "gate_probs")
 DEFAULT_GATE_THRESHOLD = 0.5
 
@@ -323,8 +321,8 @@ def export(
                                     build_spec, form, bundle_name=out.name)
         plan["lint"] = _lint_for_trt(graphs)
         manifest["trt"] = plan
-        files[BUILD_README] = trt_build.build_readme(plan, form).encode()
-        files[BUILD_SCRIPT] = trt_build.build_script(plan).encode()
+        files[trt_build.BUILD_README] = trt_build.build_readme(plan, form).encode()
+        files[trt_build.BUILD_SCRIPT] = trt_build.build_script(plan).encode()
     manifest["export"]["seconds_total"] = round(time.perf_counter() - started, 3)
     manifest["export"]["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     bundle_path = write_bundle(out, files, manifest, force=force)

@@ -41,6 +41,8 @@ TRT_MAX_VERSION = (12, 0)  # exclusive
 TRT_VERSION_RANGE = ">=10.3,<12"
 ENGINE_DIR = "trt"
 TIMING_CACHE = f"{ENGINE_DIR}/timing.cache"
+BUILD_README = "BUILD.md"
+BUILD_SCRIPT = "build.sh"
 # Staged pieces that see every row of a call; the other pieces (exec{k}, skip{k}) see only
 # the rows routed to them, down to 1, so their profiles start at batch 1.
 _FULL_BATCH_PIECE = re.compile(r"^(model|stem|head|gate\d+)$")
@@ -80,6 +82,16 @@ class BuildSpec:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> BuildSpec:
         return cls(**{key: data[key] for key in ("min_batch", "opt_batch", "max_batch", "workspace_mb", "tf32") if key in data})
+
+    @classmethod
+    def resolve(cls, base: Mapping[str, Any], overrides: Mapping[str, Any]) -> BuildSpec:
+        """``base`` fields (a recorded spec, or none) with ``overrides`` on top; an ``opt_batch``
+        that was not given is moved into the new [min, max] range (``--max-batch 4`` alone
+        means opt 4, not an error)."""
+        merged = {**cls().to_dict(), **base, **overrides}
+        if "opt_batch" not in overrides:
+            merged["opt_batch"] = min(max(merged["opt_batch"], merged["min_batch"]), merged["max_batch"])
+        return cls.from_dict(merged)
 
 
 # -- availability -------------------------------------------------------------------------------

@@ -169,7 +169,10 @@ class TrtRunner(Runner):
                     "its default in) | Fix: use the staged form, whose decisions are made on the host"
                 )
         for name, meta in self._inputs.items():
-            array = np.ascontiguousarray(feed[name] if name in feed else self.defaults[name], dtype=meta.dtype)
+            # Not np.ascontiguousarray: it turns a 0-D threshold into shape [1].
+            array = np.asarray(feed[name] if name in feed else self.defaults[name], dtype=meta.dtype)
+            if not array.flags.c_contiguous:
+                array = array.copy(order="C")
             if not context.set_input_shape(name, tuple(array.shape)):
                 within = f" (this engine takes batch {self.batch_range[0]} to {self.batch_range[1]})" if self.batch_range else ""
                 raise InputValidationError(

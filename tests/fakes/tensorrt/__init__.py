@@ -164,8 +164,10 @@ class Builder:
         runtime_inputs = _runtime_inputs(model)
         dynamic = [v.name for v in runtime_inputs if any(d < 0 for d in _dims(v))]
         profile = config.profiles[0].shapes if config.profiles else {}
-        if dynamic and (len(config.profiles) != 1 or set(profile) != {v.name for v in runtime_inputs}):
+        if dynamic and (len(config.profiles) != 1 or not set(dynamic) <= set(profile)):
             return None  # TensorRT needs a profile covering every dynamic input
+        if not set(profile) <= {v.name for v in runtime_inputs}:
+            return None  # a profile for something that is not a network input
         if config.cache is not None:
             config.cache.builds += 1
         header = {"version": __version__, "profile": profile, "tf32": BuilderFlag.TF32 in config.flags,
