@@ -374,9 +374,10 @@ def bench(
     threads: Annotated[int, typer.Option(help="Threads for every runner; 0 = one per CPU core.")] = 0,
     no_torch: Annotated[bool, typer.Option("--no-torch", help="Do not time the PyTorch reference.")] = False,
     baseline: Annotated[Path | None, typer.Option(help="Another bundle of the same model (e.g. its mask form) to time side by side.")] = None,
+    device: DeviceOpt = "cpu",
     json_out: JsonOpt = None,
 ) -> None:
-    """Latency percentiles and throughput on ONNX Runtime, beside PyTorch eager when torch is here."""
+    """Latency percentiles and throughput on ONNX Runtime (or the TensorRT engines with --device tensorrt), beside PyTorch eager when torch is here."""
     from slimdeploy.bench import bench_bundle
 
     report = bench_bundle(
@@ -388,6 +389,7 @@ def bench(
         torch_reference=False if no_torch else None,
         baseline=baseline,
         progress=StepPrinter(quiet=json_out == "-"),
+        device=device,
     )
     if json_out != "-":
         table = Table(title=f"latency ({report.threads} threads, {iterations} calls after {warmup} warm-up)")

@@ -246,6 +246,10 @@ def test_build_and_check_with_stand_in_tensorrt(tmp_path: Path, static_trt_bundl
                          "--device", device, env=FAKE_ENV)
         assert result.returncode == 0, result.stderr
     np.testing.assert_allclose(np.load(tmp_path / "tensorrt.npz")["logits"], np.load(tmp_path / "cpu.npz")["logits"], rtol=1e-5, atol=1e-5)
+    result = run_cli("bench", str(bundle), "--device", "tensorrt", "--batch", "2", "--warmup", "1", "--iterations", "2",
+                     "--no-torch", "--json", "-", env=FAKE_ENV)
+    assert result.returncode == 0, result.stderr
+    assert [(r["runner"], r["batch_size"]) for r in json.loads(result.stdout)["results"]] == [("tensorrt", 2)]
 
     # A rebuild with a narrower range reuses the timing cache and refuses batches outside it.
     result = run_cli("build", str(bundle), "--max-batch", "8", env=FAKE_ENV)
