@@ -235,6 +235,10 @@ def test_build_and_check_with_stand_in_tensorrt(tmp_path: Path, static_trt_bundl
     assert header["profile"] == {"input": [[1, 3, 32, 32], [8, 3, 32, 32], [32, 3, 32, 32]]}
     assert header["workspace"] == 1024 << 20 and header["tf32"] is False
     assert (bundle / "trt" / "timing.cache").read_bytes() == b"fake-cache:1"
+    result = run_cli("inspect", str(bundle), "--json", "-")
+    assert json.loads(result.stdout)["tensorrt"] == {
+        "batch": {"min": 1, "opt": 8, "max": 32}, "engines": 1, "built_with": "10.3.0", "engines_passed": True,
+        "build_command": "slimdeploy build r20"}
 
     # check through the engine, and the outputs equal ONNX Runtime's on the same graph.
     result = run_cli("check", str(bundle), "--device", "tensorrt", "--batch-sizes", "3,16", env=FAKE_ENV)
@@ -353,3 +357,19 @@ def test_runner_with_cuda_python_buffers(tmp_path: Path, fake_trt: object) -> No
     import cuda.bindings.runtime as fake_cudart
 
     assert fake_cudart.ALLOCATIONS == {}  # every device buffer freed on deactivate
+
+
+def test_runner_refuses_foreign_engines_and_missing_buffers(tmp_path: Path, fake_trt: object) -> None:
+    from slimdeploy.engines.trt_runner import TrtRunner
+    from slimdeploy.errors import BackendUnavailableError, BundleError
+
+    # An engine from another TensorRT version or GPU does not deserialise: the fix is a rebuild.
+    with pytest.raises(BundleError, match="rebuild on this machine"):
+        TrtRunner(b"an engine built elsewhere").activate()
+    with pytest.raises(BundleError, match="does not exist"):
+        TrtRunner(tmp_path / "missing.engine").activate()
+    # torch buffers need a CUDA device, which this machine lacks.
+    with pytest.raises(BackendUnavailableError, match="no CUDA GPU"):
+        TrtRunner(b"", buffers="torch").activate()
+    with pytest.raises(BadInputError, match="unknown buffers"):
+        TrtRunner(b"", buffers="pycuda")
