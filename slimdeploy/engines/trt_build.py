@@ -295,6 +295,18 @@ def import_tensorrt(purpose: str = "build TensorRT engines") -> Any:
     return trt
 
 
+_LOGGERS: dict[int, Any] = {}
+
+
+def trt_logger(trt: Any) -> Any:
+    """One ``trt.Logger`` (warnings and errors) per process: TensorRT keeps the first logger it is
+    given and warns about every different one, and a staged bundle makes dozens of runtimes."""
+    key = id(trt)
+    if key not in _LOGGERS:
+        _LOGGERS[key] = trt.Logger(trt.Logger.WARNING)
+    return _LOGGERS[key]
+
+
 class ParseError(CheckFailedError):
     """TensorRT's ONNX parser rejected a graph (exit 1); the message lists every parser error."""
 
@@ -324,7 +336,7 @@ def build_engine(
         trt: the tensorrt module. Defaults to importing it.
     """
     trt = trt or import_tensorrt()
-    logger = trt.Logger(trt.Logger.WARNING)
+    logger = trt_logger(trt)
     try:
         builder = trt.Builder(logger)
     except Exception as exc:  # no GPU / no driver: TensorRT cannot create a builder
@@ -349,7 +361,7 @@ def build_engine(
     if tf32 is not None and not spec.tf32:
         # TF32 is on by default for FP32 layers on Ampere+; off keeps FP32 parity tolerances.
         config.clear_flag(tf32)
-    cache = config.create_timing_cache(bytes(timing_cache))
+    cache = _timing_cache(config, timing_cache)
     if not config.set_timing_cache(cache, ignore_mismatch=False):
         # A cache from another GPU or TensorRT version: start afresh rather than mix timings.
         cache = config.create_timing_cache(b"")
@@ -366,6 +378,18 @@ def build_engine(
             "raise --workspace, or run slimdeploy lint on the bundle"
         )
     return BuiltEngine(bytes(serialized), bytes(cache.serialize()))
+
+
+def _timing_cache(config: Any, data: bytes) -> Any:
+    """The bundle's timing cache, or an empty one when there is none or it cannot be read."""
+    if data:
+        try:
+            cache = config.create_timing_cache(bytes(data))
+        except Exception:  # a corrupt or foreign cache is not worth failing the build for
+            cache = None
+        if cache is not None:
+            return cache
+    return config.create_timing_cache(b"")
 
 
 class EngineFromOnnx:

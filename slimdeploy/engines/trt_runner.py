@@ -84,14 +84,13 @@ class TrtRunner(Runner):
 
     # -- lifecycle ----------------------------------------------------------------------------
     def _activate(self) -> None:
-        from slimdeploy.engines.trt_build import import_tensorrt
+        from slimdeploy.engines.trt_build import import_tensorrt, trt_logger
 
         trt = import_tensorrt("run TensorRT engines")
         self._trt = trt
         data = self._engine_bytes()
         self.memory = _device_memory(self.buffers_kind)
-        logger = trt.Logger(trt.Logger.WARNING)
-        runtime = trt.Runtime(logger)
+        runtime = trt.Runtime(trt_logger(trt))
         engine = runtime.deserialize_cuda_engine(data)
         if engine is None:
             raise BundleError(
