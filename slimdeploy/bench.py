@@ -228,6 +228,7 @@ def bench_bundle(
     torch_reference: bool | None = None,
     baseline: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
+    device: str = "cpu",
 ) -> BenchReport:
     """Benchmark a bundle on ONNX Runtime and, when possible, PyTorch eager.
 
@@ -242,17 +243,20 @@ def bench_bundle(
         baseline: another bundle of the same model (e.g. its ``mask`` form) timed side by side;
             the report gives this bundle's speed-up over it. Defaults to none.
         progress: optional callable told each step.
+        device: where the bundle (and the baseline) run: ``"cpu"``/``"cuda"`` (ONNX Runtime) or
+            ``"tensorrt"`` (the engines ``slimdeploy build`` made). Defaults to ``"cpu"``.
     """
     say = progress or (lambda _message: None)
     threads = threads or os.cpu_count() or 1
     bundle = load_bundle(path)
     report = BenchReport(bundle=str(bundle.path), threads=threads)
-    runners: list[Runner] = [bundle_runner(bundle, threads=threads)]
-    runners[0].name = bundle.manifest.get("dynamic") or "onnxruntime"
+    backend = "tensorrt" if device == "tensorrt" else "onnxruntime"
+    runners: list[Runner] = [bundle_runner(bundle, device=device, threads=threads)]
+    runners[0].name = bundle.manifest.get("dynamic") or backend
     if baseline is not None:
         other = load_bundle(baseline)
-        base_runner = bundle_runner(other, threads=threads)
-        base_runner.name = f"baseline:{other.manifest.get('dynamic') or 'onnxruntime'}"
+        base_runner = bundle_runner(other, device=device, threads=threads)
+        base_runner.name = f"baseline:{other.manifest.get('dynamic') or backend}"
         runners.append(base_runner)
     want_torch = torch_reference if torch_reference is not None else (
         is_available("torch") and bool(bundle.manifest.get("reference_weights"))
@@ -273,7 +277,7 @@ def bench_bundle(
         for other in runners[1:]:
             theirs = by_key.get((other.name, batch_size))
             if ours and theirs:
-                label = "onnxruntime_vs_torch" if other.name == "torch" else f"vs_{other.name.replace(':', '_')}"
+                label = f"{backend}_vs_torch" if other.name == "torch" else f"vs_{other.name.replace(':', '_')}"
                 report.speedups[f"{label}_batch{batch_size}"] = theirs.p50_ms / ours.p50_ms
     if bundle.manifest.get("gating"):
         with bundle_runner(bundle, threads=threads) as runner:

@@ -36,6 +36,8 @@ MANIFEST = "manifest.json"
 GOLDEN = "golden.npz"
 REPORT = "report.json"
 REFERENCE_WEIGHTS = "reference.pt"
+# The ``device`` that runs a bundle's TensorRT engines instead of its ONNX graphs.
+TENSORRT = "tensorrt"
 
 
 def sha256_file(path: Path) -> str:
@@ -96,6 +98,42 @@ def write_bundle(
                     np.savez_compressed(handle, **content)
             digests[relative] = sha256_file(target)
         full = {"schema_version": SCHEMA_VERSION, **manifest, "files": digests}
+        (staging / MANIFEST).write_text(json.dumps(full, indent=2, default=_json_default) + "\n")
+        _swap_into_place(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def update_bundle(
+    bundle_dir: str | Path,
+    files: Mapping[str, bytes],
+    manifest: dict[str, Any],
+) -> Path:
+    """Add or replace files of an existing bundle and rewrite its manifest, atomically: the
+    bundle is copied to a temporary sibling, changed there, and swapped into place (as
+    ``write_bundle`` does), so a crash leaves the old bundle intact.
+
+    Args:
+        bundle_dir: the bundle directory.
+        files: relative path → new content.
+        manifest: the full new manifest; its ``files`` digests are updated for ``files``.
+
+    Returns:
+        The bundle path.
+    """
+    out = Path(bundle_dir).resolve()
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        shutil.copytree(out, staging, dirs_exist_ok=True)
+        digests = dict(manifest.get("files", {}))
+        for relative, content in files.items():
+            target = staging / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(content)
+            digests[relative] = sha256_file(target)
+        full = {**manifest, "files": digests}
         (staging / MANIFEST).write_text(json.dumps(full, indent=2, default=_json_default) + "\n")
         _swap_into_place(staging, out)
     except BaseException:
@@ -215,19 +253,33 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
 
 def bundle_runner(bundle: Bundle, device: str = "cpu", threads: int = 0, replay: bool = False) -> Any:
     """The runner that executes this bundle: ONNX Runtime on its graph, or the staged
-    controller over one ONNX Runtime session per piece.
+    controller over one ONNX Runtime session per piece; with ``device="tensorrt"``, the same
+    over the TensorRT engines that ``slimdeploy build`` recorded in the manifest.
 
     Args:
         bundle: a loaded bundle.
-        device: ``"cpu"`` or ``"cuda"``. Defaults to ``"cpu"``.
+        device: ``"cpu"`` or ``"cuda"`` (ONNX Runtime), or ``"tensorrt"``. Defaults to ``"cpu"``.
         threads: intra-op threads; 0 lets ONNX Runtime choose. Defaults to 0.
         replay: staged bundles only: take gate decisions from the feed. Defaults to False.
     """
     from slimdeploy.engines.factory import make_runner
 
     manifest = bundle.manifest
+    graphs: dict[str, Path] = {graph["name"]: bundle.file(graph["file"]) for graph in bundle.graphs}
+    backend, batch_range = "onnxruntime", None
+    if device == TENSORRT:
+        build = manifest.get("trt") or {}
+        engines = build.get("engines")
+        if not engines:
+            raise BundleError(
+                f"bundle '{bundle.path}' has no TensorRT engines | Fix: build them on this machine with "
+                f"slimdeploy build {bundle.path}"
+            )
+        graphs = {name: bundle.file(file) for name, file in engines.items()}
+        backend = TENSORRT
+        batch_range = (int(build["batch"]["min"]), int(build["batch"]["max"]))
     return make_runner(
-        {graph["name"]: bundle.file(graph["file"]) for graph in bundle.graphs},
+        graphs,
         manifest.get("dynamic"),
         bundle.input_meta("input"),
         plan=manifest.get("gating") or None,
@@ -235,6 +287,8 @@ def bundle_runner(bundle: Bundle, device: str = "cpu", threads: int = 0, replay:
         device=device,
         threads=threads,
         replay=replay,
+        backend=backend,
+        batch_range=batch_range,
     )
 
 

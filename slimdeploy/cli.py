@@ -40,7 +40,11 @@ err_console = Console(stderr=True, highlight=False)
 # Shared options, defined once.
 JsonOpt = Annotated[str | None, typer.Option("--json", help="Write the result as JSON to FILE, or '-' for stdout.")]
 ThreadsOpt = Annotated[int, typer.Option(help="Intra-op threads; 0 lets the backend choose.")]
-DeviceOpt = Annotated[str, typer.Option(help="ONNX Runtime device: cpu or cuda.")]
+DeviceOpt = Annotated[str, typer.Option(help="cpu or cuda (ONNX Runtime), or tensorrt (the engines slimdeploy build made).")]
+MinBatchOpt = Annotated[int | None, typer.Option("--min-batch", help="TensorRT: smallest batch the engines accept (export: 1; build: the bundle's).")]
+OptBatchOpt = Annotated[int | None, typer.Option("--opt-batch", help="TensorRT: batch the kernels are tuned for (export: 8; build: the bundle's).")]
+MaxBatchOpt = Annotated[int | None, typer.Option("--max-batch", help="TensorRT: largest batch the engines accept (export: 32; build: the bundle's).")]
+WorkspaceOpt = Annotated[int | None, typer.Option("--workspace", help="TensorRT: workspace memory limit in MiB (export: 1024; build: the bundle's).")]
 AtolOpt = Annotated[float | None, typer.Option(help="Absolute tolerance for every output (default by precision: fp32 1e-4).")]
 RtolOpt = Annotated[float | None, typer.Option(help="Relative tolerance for every output (default by precision: fp32 1e-3).")]
 
@@ -151,8 +155,8 @@ def export(
     out: Annotated[Path, typer.Option("--out", "-o", help="Bundle directory to create.")] = Path("bundle"),
     arch: Annotated[str | None, typer.Option(help="Architecture (needed when the checkpoint does not name one).")] = None,
     arch_args: Annotated[str | None, typer.Option("--arch-args", help="Constructor arguments as a JSON object.")] = None,
-    target: Annotated[str, typer.Option(help="Deployment target: ort (ONNX Runtime).")] = "ort",
-    dynamic: Annotated[str | None, typer.Option(help="Form of a gated model: mask, if, compact or staged (default for ort: compact).")] = None,
+    target: Annotated[str, typer.Option(help="Deployment target: ort (ONNX Runtime) or trt (TensorRT: engines built on the target with slimdeploy build).")] = "ort",
+    dynamic: Annotated[str | None, typer.Option(help="Form of a gated model: mask, if, compact or staged (default for ort: compact; for trt: staged).")] = None,
     condense_classifier: Annotated[bool, typer.Option("--condense-classifier", help="CondenseNet: prune the classifier as the official converter does (lossy).")] = False,
     no_fold: Annotated[bool, typer.Option("--no-fold", help="CondenseNet: export the condensed layers as they are (no BN/shuffle folding).")] = False,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow a pickled nn.Module checkpoint (runs code from the file).")] = False,
@@ -166,10 +170,29 @@ def export(
     atol: AtolOpt = None,
     rtol: RtolOpt = None,
     threads: ThreadsOpt = 0,
+    min_batch: MinBatchOpt = None,
+    opt_batch: OptBatchOpt = None,
+    max_batch: MaxBatchOpt = None,
+    workspace: WorkspaceOpt = None,
+    prepare_only: Annotated[bool, typer.Option("--prepare-only", help="trt: write the TensorRT-ready bundle and exit 0 without building engines.")] = False,
     json_out: JsonOpt = None,
 ) -> None:
-    """Export a checkpoint to a parity-checked bundle (exit 1 if parity fails; the bundle is still written)."""
+    """Export a checkpoint to a parity-checked bundle (exit 1 if parity fails; the bundle is still written).
+
+    With --target trt the bundle also records the engine build. Where TensorRT is installed the
+    engines are built and checked right away; elsewhere the command prints the build command and
+    exits 3 (0 with --prepare-only).
+    """
     from slimdeploy.export import export as run_export
+
+    build_options = _build_options(min_batch, opt_batch, max_batch, workspace)
+    if build_options and target != "trt":
+        raise BadInputError("--min-batch/--opt-batch/--max-batch/--workspace apply to --target trt | Fix: add --target trt")
+    build_spec = None
+    if build_options:
+        from slimdeploy.engines.trt_build import BuildSpec
+
+        build_spec = BuildSpec.resolve({}, build_options)
 
     result = run_export(
         _resolve_checkpoint(checkpoint),
@@ -190,6 +213,7 @@ def export(
         tolerances=_tolerances(atol, rtol),
         threads=threads,
         reference_weights=not no_reference_weights,
+        build_spec=build_spec,
         progress=StepPrinter(),
     )
     _print_parity(result.report, json_out)
@@ -204,6 +228,76 @@ def export(
     _emit_json({"bundle": str(result.bundle), "manifest": result.manifest, "report": result.report.to_dict()}, json_out)
     if not result.passed:
         raise CheckFailedError(f"parity failed for '{result.bundle}' (report.json has the details)")
+    if target == "trt":
+        _after_trt_export(result, out, prepare_only, json_out)
+
+
+def _build_options(min_batch: int | None, opt_batch: int | None, max_batch: int | None, workspace: int | None) -> dict[str, int]:
+    """The TensorRT build options given on the command line, as ``BuildSpec`` fields."""
+    given = {"min_batch": min_batch, "opt_batch": opt_batch, "max_batch": max_batch, "workspace_mb": workspace}
+    return {key: value for key, value in given.items() if value is not None}
+
+
+def _after_trt_export(result: Any, out: Path, prepare_only: bool, json_out: str | None) -> None:
+    """A TensorRT bundle: report the lint, then build here, or say how to build on the target."""
+    from slimdeploy.engines.trt_build import is_available
+
+    plan = result.manifest["trt"]
+    lint = plan.get("lint") or {}
+    if not result.lint_passed:
+        raise CheckFailedError(f"the TensorRT lint found errors in '{result.bundle}' (manifest.json trt.lint lists them) | Fix: slimdeploy lint {out}")
+    build_command = f"slimdeploy build {out}"
+    if json_out != "-":
+        if not lint.get("ran"):
+            err_console.print(f"[yellow]note:[/yellow] TensorRT lint not run: {escape(str(lint.get('reason')))}", soft_wrap=True)
+        out_console.print(f"TensorRT build (on the target, TensorRT {plan['tensorrt']}): [bold]{escape(build_command)}[/bold]", soft_wrap=True)
+        out_console.print(f"or with trtexec, in the bundle directory ({len(plan['trtexec'])} engine(s), see {escape(str(out))}/build.sh):", soft_wrap=True)
+        out_console.print(escape(plan["trtexec"][0]), soft_wrap=True)
+    if prepare_only:
+        return
+    if not is_available():
+        from slimdeploy.errors import BackendUnavailableError
+
+        raise BackendUnavailableError(
+            f"the TensorRT-ready bundle '{result.bundle}' is written and checked in ONNX Runtime, but TensorRT "
+            f"is not available here to build its engines | Fix: on the target run {build_command} "
+            "(or pass --prepare-only to exit 0 here)"
+        )
+    _build_and_report(out, None, None, json_out if json_out == "-" else None)
+
+
+def _build_and_report(bundle: Path, trt_version: str | None, overrides: dict[str, int] | None, json_out: str | None) -> None:
+    from slimdeploy.build import build_bundle
+
+    result = build_bundle(bundle, trt_version_expected=trt_version, overrides=overrides, progress=StepPrinter(quiet=json_out == "-"))
+    if result.report is not None:
+        _print_parity(result.report, json_out)
+    built = result.manifest["trt"]["built"]
+    if json_out != "-":
+        engines = result.manifest["trt"]["engines"]
+        out_console.print(f"{len(engines)} engine(s) built with TensorRT {built['tensorrt']} in {built['seconds']:.1f}s into "
+                          f"{escape(str(result.bundle))}/trt/", soft_wrap=True)
+    _emit_json({"bundle": str(result.bundle), "trt": result.manifest["trt"],
+                "report": result.report.to_dict() if result.report else None}, json_out)
+    if not result.passed:
+        raise CheckFailedError(f"parity of the TensorRT engines failed for '{bundle}'")
+
+
+@app.command()
+def build(
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory (exported with --target trt, or any non-compact bundle).")],
+    trt_version: Annotated[str | None, typer.Option("--trt-version", help="TensorRT version the engines are for (e.g. 10.3); refuse another installed one.")] = None,
+    min_batch: MinBatchOpt = None,
+    opt_batch: OptBatchOpt = None,
+    max_batch: MaxBatchOpt = None,
+    workspace: WorkspaceOpt = None,
+    json_out: JsonOpt = None,
+) -> None:
+    """Build the bundle's TensorRT engines on this machine, record them in it, and check them.
+
+    Exit 1 if the engines fail parity (they stay in the bundle), 3 without TensorRT.
+    """
+    _build_and_report(bundle, trt_version, _build_options(min_batch, opt_batch, max_batch, workspace), json_out)
 
 
 @app.command()
@@ -282,9 +376,10 @@ def bench(
     threads: Annotated[int, typer.Option(help="Threads for every runner; 0 = one per CPU core.")] = 0,
     no_torch: Annotated[bool, typer.Option("--no-torch", help="Do not time the PyTorch reference.")] = False,
     baseline: Annotated[Path | None, typer.Option(help="Another bundle of the same model (e.g. its mask form) to time side by side.")] = None,
+    device: DeviceOpt = "cpu",
     json_out: JsonOpt = None,
 ) -> None:
-    """Latency percentiles and throughput on ONNX Runtime, beside PyTorch eager when torch is here."""
+    """Latency percentiles and throughput on ONNX Runtime (or the TensorRT engines with --device tensorrt), beside PyTorch eager when torch is here."""
     from slimdeploy.bench import bench_bundle
 
     report = bench_bundle(
@@ -296,6 +391,7 @@ def bench(
         torch_reference=False if no_torch else None,
         baseline=baseline,
         progress=StepPrinter(quiet=json_out == "-"),
+        device=device,
     )
     if json_out != "-":
         table = Table(title=f"latency ({report.threads} threads, {iterations} calls after {warmup} warm-up)")

@@ -42,6 +42,19 @@ def inspect_bundle(path: str | Path) -> dict[str, Any]:
         "preprocessing": manifest["preprocessing"],
         "versions": manifest["versions"],
         "files": manifest["files"],
+        **({"tensorrt": _trt_summary(manifest["trt"])} if manifest.get("trt") else {}),
+    }
+
+
+def _trt_summary(plan: dict[str, Any]) -> dict[str, Any]:
+    """The TensorRT build of a bundle: batch range, and the engines once built (and where)."""
+    built = plan.get("built") or {}
+    return {
+        "batch": plan["batch"],
+        "engines": len(plan["engines"]) if plan.get("engines") else None,
+        "built_with": built.get("tensorrt"),
+        "engines_passed": (built.get("parity") or {}).get("passed"),
+        "build_command": plan["build_command"],
     }
 
 

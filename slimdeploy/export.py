@@ -6,7 +6,11 @@
 Steps (DESIGN.md §2): load the checkpoint; pick held-out inputs (digits held-out split at the
 model's input size, or ``data``); run the PyTorch reference; export with torch.export; run the
 full onnx.checker; check parity; simplify with onnxslim, re-check the graph and parity (and
-keep the unsimplified graph if simplification broke parity); write the bundle atomically. A
+keep the unsimplified graph if simplification broke parity); for ``target="trt"``, lint the
+graphs for TensorRT and record the engine build (``slimdeploy build DIR`` and the equivalent
+``trtexec`` lines, ``BUILD.md``, ``build.sh``); write the bundle atomically. The ONNX of a
+TensorRT bundle is checked in ONNX Runtime exactly as for ``ort``, so the bundle is proven
+before any engine exists; the engines are built on the target. A
 bundle whose parity fails is still written, so it can be inspected; the caller decides the exit
 code (the CLI exits 1).
 """
@@ -31,14 +35,15 @@ from slimdeploy.files import read_arrays
 from slimdeploy.parity import DecisionSpec, ParityReport, check_parity, run_batches
 from slimdeploy.versions import versions
 
-TARGETS = ("ort",)
+TARGETS = ("ort", "trt")
 DEFAULT_SAMPLES = 32
 DEFAULT_BATCH_SIZES = (1, 16)
 MODEL_FILE = "model.onnx"
 STAGES_DIR = "stages"
 GATED_FORMS = ("mask", "if", "compact", "staged")
-# Default dynamic form per target: compact routes per sample inside one flat graph.
-DEFAULT_FORMS = {"ort": "compact"}
+# Default dynamic form per target: compact routes per sample inside one flat graph; TensorRT
+# gets staged (one engine per piece, decisions on the host: tensorrt-facts.md "Control flow").
+DEFAULT_FORMS = {"ort": "compact", "trt": "staged"}
 GATED_OUTPUTS = ("logits", "gates", "gate_probs")
 # Targets whose kernels run CondenseNet's small grouped 3x3 convolutions slower than the dense
 # equivalent (benchmarks/condensenet.py), so folding stores them dense and absorbs the shuffle.
@@ -60,6 +65,12 @@ class ExportResult:
     @property
     def passed(self) -> bool:
         return self.report.passed
+
+    @property
+    def lint_passed(self) -> bool:
+        """False only when the TensorRT lint ran and found errors (``trt`` target)."""
+        lint = (self.manifest.get("trt") or {}).get("lint") or {}
+        return lint.get("passed") is not False
 
 
 def load_data_file(path: str | Path, input_name: str = "input") -> tuple[np.ndarray, np.ndarray | None]:
@@ -94,6 +105,7 @@ def export(
     tolerances: Mapping[str, tuple[float, float]] | None = None,
     threads: int = 0,
     reference_weights: bool = True,
+    build_spec: Any = None,
     progress: Progress | None = None,
 ) -> ExportResult:
     """Export a checkpoint to a parity-checked bundle.
@@ -104,9 +116,11 @@ def export(
         out: bundle directory to create.
         arch: registered architecture; needed when the checkpoint does not name one.
         arch_args: constructor arguments overriding the checkpoint's and the inferred ones.
-        target: ``"ort"``. Defaults to ``"ort"``.
+        target: ``"ort"`` (ONNX Runtime) or ``"trt"`` (TensorRT: the bundle also records how
+            to build the engines on the target). Defaults to ``"ort"``.
         dynamic: form of a gated model: ``mask``, ``if``, ``compact`` or ``staged``. Defaults to
-            the target's (``compact`` for ``ort``); must be None for static models.
+            the target's (``compact`` for ``ort``, ``staged`` for ``trt``, which refuses
+            ``compact``); must be None for static models.
         condense_classifier: CondenseNet: also prune the classifier as the official converter
             does (lossy; parity is then against the condensed PyTorch model). Defaults to False:
             the classifier stays exact and parity is against the learned model.
@@ -125,6 +139,8 @@ def export(
         threads: ONNX Runtime intra-op threads for the check; 0 = ORT's choice. Defaults to 0.
         reference_weights: store the PyTorch weights in the bundle (``reference.pt``) for
             ``check --data`` and ``bench`` where torch is installed. Defaults to True.
+        build_spec: ``trt`` only: a ``trt_build.BuildSpec`` (batch range, workspace). Defaults
+            to ``BuildSpec()`` (batch 1/8/32, 1024 MiB).
         progress: callable told the name of each step. Defaults to silence.
     """
     from slimdeploy import exporters
@@ -150,6 +166,12 @@ def export(
     info = _registered(loaded.arch)
     gated = bool(info and info.family == "skipnet")
     form = _choose_form(dynamic, gated, target)
+    if target == "trt":
+        from slimdeploy.engines import trt_build
+
+        build_spec = build_spec or trt_build.BuildSpec()
+        if form == "if":
+            notes.append(trt_build.IF_WARNING)
     prep = loaded.preprocessing
     # The module that is exported, and the one parity compares against (the same unless a
     # deploy transform changes the model).
@@ -310,10 +332,41 @@ def export(
         manifest["reference_weights"] = REFERENCE_WEIGHTS
     else:
         manifest["reference_weights"] = None
+    if target == "trt":
+        say("recording the TensorRT build")
+        plan = trt_build.build_plan({name: (graph_files[name], graph) for name, graph in graphs.items()},
+                                    build_spec, form, bundle_name=out.name)
+        plan["lint"] = _lint_for_trt(graphs)
+        manifest["trt"] = plan
+        files[trt_build.BUILD_README] = trt_build.build_readme(plan, form).encode()
+        files[trt_build.BUILD_SCRIPT] = trt_build.build_script(plan).encode()
     manifest["export"]["seconds_total"] = round(time.perf_counter() - started, 3)
     manifest["export"]["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     bundle_path = write_bundle(out, files, manifest, force=force)
     return ExportResult(bundle_path, manifest, report, notes)
+
+
+def _lint_for_trt(graphs: Mapping[str, Any]) -> dict[str, Any]:
+    """THE call site of the TensorRT lint at export (``exporters.trt_lint``, issue 7 part 3).
+
+    Runs ``lint_model`` on every graph and returns ``{"ran", "passed", "graphs": {name:
+    report}}`` for the manifest's ``trt.lint``; the CLI exits 1 when it did not pass. Skipped
+    (``ran`` False) while the lint module does not exist yet.
+    """
+    import importlib
+
+    try:
+        trt_lint = importlib.import_module("slimdeploy.exporters.trt_lint")
+    except ModuleNotFoundError as exc:
+        if exc.name != "slimdeploy.exporters.trt_lint":
+            raise
+        return {"ran": False, "passed": None, "reason": "the TensorRT lint is not installed in this slimdeploy", "graphs": {}}
+    reports = {name: trt_lint.lint_model(graph) for name, graph in graphs.items()}
+    return {
+        "ran": True,
+        "passed": all(report.passed for report in reports.values()),
+        "graphs": {name: report.to_dict() for name, report in reports.items()},
+    }
 
 
 def _condense(module: Any, condense_classifier: bool) -> tuple[Any, str, dict[str, Any]]:
@@ -354,7 +407,8 @@ def _spec_dict(meta: TensorMeta) -> dict[str, Any]:
 
 def _choose_form(dynamic: str | None, gated: bool, target: str) -> str | None:
     """The dynamic form: None for static models; for gated ones ``dynamic`` or the target's
-    default (``compact`` on ONNX Runtime: exact and saving per sample at any batch size)."""
+    default (``compact`` on ONNX Runtime: exact and saving per sample at any batch size;
+    ``staged`` on TensorRT, which refuses ``compact``)."""
     if not gated:
         if dynamic is not None:
             raise BadInputError(
@@ -365,6 +419,10 @@ def _choose_form(dynamic: str | None, gated: bool, target: str) -> str | None:
     form = dynamic or DEFAULT_FORMS[target]
     if form not in GATED_FORMS:
         raise BadInputError(f"unknown dynamic form '{form}' | Note: expected one of {list(GATED_FORMS)}")
+    if target == "trt":
+        from slimdeploy.engines.trt_build import refuse_form
+
+        refuse_form(form)
     return form
 
 

@@ -1,7 +1,8 @@
 """Build the runner that executes an exported form, from graph files or in-memory bytes.
 
 Used both by ``export`` (graphs still in memory) and by ``bundle_runner`` (graphs on disk), so
-a bundle runs exactly as it was checked at export.
+a bundle runs exactly as it was checked at export. ``backend="tensorrt"`` runs TensorRT engines
+(one per graph, built on the target by ``slimdeploy build``) in place of the ONNX graphs.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from slimdeploy.engines.base import Runner, TensorMeta
 from slimdeploy.engines.ort_runner import OrtRunner
@@ -24,6 +27,8 @@ def make_runner(
     device: str = "cpu",
     threads: int = 0,
     replay: bool = False,
+    backend: str = "onnxruntime",
+    batch_range: tuple[int, int] | None = None,
 ) -> Runner:
     """The runner of one exported form.
 
@@ -36,17 +41,36 @@ def make_runner(
         device: ONNX Runtime device. Defaults to ``"cpu"``.
         threads: intra-op threads per session; 0 lets ONNX Runtime choose. Defaults to 0.
         replay: staged only: take decisions from the feed. Defaults to False.
+        backend: ``"onnxruntime"``, or ``"tensorrt"`` when ``graphs`` are serialised engines
+            (``device`` and ``threads`` are then unused). Defaults to ``"onnxruntime"``.
+        batch_range: TensorRT only: the engines' (min, max) batch, for error messages.
+            Defaults to unknown.
     """
+    defaults = dict(decision_defaults or {})
+
+    def piece(graph: str, **ort: Any) -> Runner:
+        if backend == "tensorrt":
+            from slimdeploy.engines.trt_runner import TrtRunner
+
+            # Staged pieces take no thresholds (the host decides); single graphs may.
+            return TrtRunner(graphs[graph], defaults={} if form == "staged" else _threshold_arrays(defaults),
+                             batch_range=batch_range, name=graph if form == "staged" else None)
+        return OrtRunner(graphs[graph], device=device, threads=threads, **ort)
+
     if form != "staged":
-        return OrtRunner(graphs["model"], device=device, threads=threads)
+        return piece("model")
     if plan is None:
         raise ValueError("a staged form needs its plan")
-    defaults = dict(decision_defaults or {})
     return StagedGatedRunner(
         # Many sessions run in turn: spinning worker threads of one would steal the next's cores.
-        lambda name: OrtRunner(graphs[name], device=device, threads=threads, spinning=False, name=name),
+        lambda name: piece(name, spinning=False, name=name),
         plan,
         input_meta,
         gate_threshold=defaults.get("gate_threshold", 0.5),
         replay=replay,
     )
+
+
+def _threshold_arrays(defaults: Mapping[str, float]) -> dict[str, Any]:
+    """Threshold defaults as the 0-D float32 arrays the graphs take."""
+    return {name: np.asarray(value, dtype=np.float32) for name, value in defaults.items()}

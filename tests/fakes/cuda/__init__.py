@@ -1,0 +1,1 @@
+"""Fake cuda-python package for tests (see tests/fakes/README.md)."""

@@ -1,0 +1,408 @@
+"""The TensorRT target on a machine without TensorRT or a GPU (issue 7 parts 1, 2, 4).
+
+- ``export --target trt``: the bundle is written and checked in ONNX Runtime, records the build
+  (``slimdeploy build DIR``, one trtexec line per graph with min/opt/max shapes, BUILD.md,
+  build.sh), and the command exits 3 saying so (0 with ``--prepare-only``); ``compact`` is
+  refused (exit 2); nothing imports tensorrt or cuda.
+- ``slimdeploy build``: exit 3 without TensorRT; with the stand-ins of ``tests/fakes`` (ONNX
+  Runtime behind TensorRT's documented Python API) the whole path runs: engines built per
+  graph with their profiles, written atomically with their sha256, timing cache kept and
+  reused, then ``check --device tensorrt`` through ``TrtRunner`` and the staged controller.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from slimdeploy.bundle import load_bundle
+from slimdeploy.engines.trt_build import (
+    BuildSpec,
+    build_plan,
+    profile_shapes,
+    trtexec_command,
+)
+from slimdeploy.errors import BadInputError
+from tests.conftest import REPO, assert_clean_error, run_cli
+from tests.test_no_torch import BLOCKER
+
+FAKES = REPO / "tests" / "fakes"
+FAKE_ENV = {"PYTHONPATH": f"{FAKES}:{REPO}"}
+
+
+# Records the modules a process ended with (torch may *try* cuda.bindings: only successes count).
+MODULE_RECORDER = """
+import atexit, json, os, sys
+
+atexit.register(lambda: open(os.environ["RECORD_MODULES"], "w").write(json.dumps(sorted(sys.modules))))
+"""
+
+
+def _manifest(bundle: Path) -> dict:
+    return json.loads((bundle / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def static_trt_bundle(tmp_path_factory: pytest.TempPathFactory, zoo_resnet_checkpoint: Path) -> Path:
+    """The trained SPConv ResNet-20 exported for TensorRT from the command line, where TensorRT
+    is missing: exit 3, bundle written. The modules it ended with prove tensorrt/cuda stayed out."""
+    root = tmp_path_factory.mktemp("trt")
+    out, record = root / "r20", root / "modules.json"
+    (root / "sitecustomize.py").write_text(MODULE_RECORDER)
+    result = run_cli("export", str(zoo_resnet_checkpoint), "--target", "trt", "--out", str(out), "--samples", "16",
+                     "--batch-sizes", "1,8", env={"PYTHONPATH": f"{root}:{REPO}", "RECORD_MODULES": str(record)})
+    loaded = json.loads(record.read_text())
+    assert "torch" in loaded  # the recorder works: export imports torch
+    assert not [name for name in loaded if name.split(".")[0] in ("tensorrt", "cuda")], "export imported tensorrt/cuda"
+    assert_clean_error(result, 3, "TensorRT is not available here", f"slimdeploy build {out}", "--prepare-only")
+    assert "parity PASSED" in result.stdout
+    return out
+
+
+@pytest.fixture(scope="module")
+def staged_trt_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo SkipNet (recurrent gates) for TensorRT: staged by default, --prepare-only exits 0."""
+    out = tmp_path_factory.mktemp("trt") / "skipnet"
+    result = run_cli("export", "zoo:skipnet38_digits", "--target", "trt", "--prepare-only", "--out", str(out),
+                     "--samples", "16", "--batch-sizes", "1,8", "--min-batch", "2", "--opt-batch", "4",
+                     "--max-batch", "16", "--workspace", "256")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "trtexec --onnx=stages/stem.onnx" in result.stdout
+    return out
+
+
+@pytest.fixture
+def fake_trt(monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
+    """The stand-in tensorrt and cuda-python importable in this process, removed afterwards."""
+    monkeypatch.syspath_prepend(str(FAKES))
+    import tensorrt
+
+    yield tensorrt
+    for name in [m for m in sys.modules if m.split(".")[0] in ("tensorrt", "cuda")]:
+        del sys.modules[name]
+
+
+def _copy(bundle: Path, tmp_path: Path) -> Path:
+    target = tmp_path / bundle.name
+    shutil.copytree(bundle, target)
+    return target
+
+
+# -- export --target trt ---------------------------------------------------------------------------
+def test_static_bundle_records_the_build(static_trt_bundle: Path) -> None:
+    manifest = _manifest(static_trt_bundle)
+    assert manifest["target"] == "trt" and manifest["dynamic"] is None and manifest["parity"]["passed"]
+    plan = manifest["trt"]
+    assert plan["tensorrt"] == ">=10.3,<12" and plan["strongly_typed"] is True
+    assert plan["batch"] == {"min": 1, "opt": 8, "max": 32}
+    assert plan["build_command"] == "slimdeploy build r20"
+    assert plan["engines"] is None and plan["built"] is None
+    assert plan["trtexec"] == [
+        "trtexec --onnx=model.onnx --saveEngine=trt/model.engine --stronglyTyped "
+        "--minShapes=input:1x3x32x32 --optShapes=input:8x3x32x32 --maxShapes=input:32x3x32x32 "
+        "--memPoolSize=workspace:1024M --timingCacheFile=trt/timing.cache --noTF32"
+    ]
+    for flag in ("--fp16", "--int8", "--best"):  # 11.x rejects them: precision lives in the ONNX
+        assert flag not in plan["trtexec"][0]
+    assert "lint" in plan
+    # BUILD.md and build.sh ride along, hashed like every file of the bundle.
+    assert {"BUILD.md", "build.sh"} <= set(manifest["files"])
+    script = (static_trt_bundle / "build.sh").read_text()
+    assert plan["trtexec"][0] in script and 'cd "$(dirname "$0")"' in script
+    assert "slimdeploy build r20" in (static_trt_bundle / "BUILD.md").read_text()
+    load_bundle(static_trt_bundle)  # every hash verifies
+
+
+@pytest.mark.slow
+def test_staged_bundle_has_one_trtexec_line_per_piece(staged_trt_bundle: Path) -> None:
+    manifest = _manifest(staged_trt_bundle)
+    assert manifest["dynamic"] == "staged"  # the TensorRT default for gated models
+    plan = manifest["trt"]
+    assert plan["batch"] == {"min": 2, "opt": 4, "max": 16} and plan["spec"]["workspace_mb"] == 256
+    assert [g["name"] for g in plan["graphs"]] == manifest["stages"]
+    assert len(plan["trtexec"]) == len(manifest["stages"])
+    by_name = {g["name"]: g for g in plan["graphs"]}
+    # Pieces that see every row start at --min-batch; routed pieces get any subset, down to 1.
+    assert by_name["stem"]["shapes"]["x"]["min"][0] == 2
+    assert by_name["exec1"]["shapes"]["x"]["min"][0] == 1
+    assert by_name["exec1"]["shapes"]["x"]["max"][0] == 16
+    gate = by_name["gate0"]
+    assert set(gate["shapes"]) == {"x", "h", "c"}
+    width = manifest["gating"]["state_width"]
+    assert f"--minShapes=x:2x16x32x32,h:2x{width},c:2x{width}" in gate["trtexec"]
+    assert "--memPoolSize=workspace:256M" in gate["trtexec"]
+    assert gate["engine"] == "trt/gate0.engine" and gate["onnx"] == "stages/gate0.onnx"
+
+
+def test_compact_is_refused_for_tensorrt(tmp_path: Path) -> None:
+    result = run_cli("export", "zoo:skipnet38_digits", "--target", "trt", "--dynamic", "compact", "--out", str(tmp_path / "b"))
+    assert_clean_error(result, 2, "compact", "--dynamic staged")
+    assert not (tmp_path / "b").exists()
+
+
+def test_batch_options_need_trt_target_and_an_ordered_range(tmp_path: Path, zoo_resnet_checkpoint: Path) -> None:
+    result = run_cli("export", str(zoo_resnet_checkpoint), "--max-batch", "4", "--out", str(tmp_path / "b"))
+    assert_clean_error(result, 2, "--target trt")
+    result = run_cli("export", str(zoo_resnet_checkpoint), "--target", "trt", "--min-batch", "8", "--opt-batch", "4",
+                     "--out", str(tmp_path / "b"))
+    assert_clean_error(result, 2, "not ordered")
+    assert not (tmp_path / "b").exists()
+
+
+def test_profile_and_trtexec_helpers() -> None:
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4]),
+         helper.make_tensor_value_info("t", TensorProto.FLOAT, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+        initializer=[helper.make_tensor("t", TensorProto.FLOAT, [], [0.5])],
+    )
+    model = helper.make_model(graph)
+    spec = BuildSpec(min_batch=2, opt_batch=3, max_batch=5)
+    assert profile_shapes(model, spec) == {"x": {"min": [2, 4], "opt": [3, 4], "max": [5, 4]}}  # 't' has a default
+    assert profile_shapes(model, spec, min_batch=1)["x"]["min"] == [1, 4]
+    line = trtexec_command("a b.onnx", "trt/m.engine", profile_shapes(model, spec), BuildSpec(tf32=True))
+    assert line.startswith("trtexec '--onnx=a b.onnx' ") and "--noTF32" not in line
+    model.graph.input[0].type.tensor_type.shape.dim[1].dim_param = "width"
+    with pytest.raises(BadInputError, match="dynamic axis 1"):
+        profile_shapes(model, spec)
+    with pytest.raises(BadInputError, match="compact"):
+        build_plan({"model": ("model.onnx", model)}, spec, "compact")
+    with pytest.raises(BadInputError, match="not ordered"):
+        BuildSpec(min_batch=4, opt_batch=2, max_batch=8)
+    # An opt batch that was not given follows the range; one that was given is kept (and checked).
+    assert BuildSpec.resolve({}, {"max_batch": 4}) == BuildSpec(min_batch=1, opt_batch=4, max_batch=4)
+    assert BuildSpec.resolve({"min_batch": 2, "opt_batch": 8, "max_batch": 32}, {"min_batch": 16}).opt_batch == 16
+    with pytest.raises(BadInputError, match="not ordered"):
+        BuildSpec.resolve({}, {"opt_batch": 64})
+
+
+def test_cpu_paths_import_no_tensorrt_or_cuda(static_trt_bundle: Path) -> None:
+    import subprocess
+
+    code = (
+        "import sys, slimdeploy, slimdeploy.cli, slimdeploy.build, slimdeploy.export, slimdeploy.engines.trt_runner;"
+        "from slimdeploy.engines import trt_build;"
+        "from slimdeploy.bundle import bundle_runner, load_bundle;"
+        "from slimdeploy.parity import check_bundle;"
+        f"b = load_bundle({str(static_trt_bundle)!r});"
+        "trt_build.is_available(); trt_build.build_readme(b.manifest['trt'], None);"
+        f"assert check_bundle({str(static_trt_bundle)!r}).passed;"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('tensorrt', 'cuda')]; print(bad); sys.exit(bool(bad))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# -- slimdeploy build ------------------------------------------------------------------------------
+def test_build_without_tensorrt_exits_3(tmp_path: Path, static_trt_bundle: Path) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(BLOCKER)  # as on a machine without TensorRT
+    bundle = _copy(static_trt_bundle, tmp_path)
+    before = (bundle / "manifest.json").read_text()
+    result = run_cli("build", str(bundle), env={"PYTHONPATH": f"{site}:{REPO}"})
+    assert_clean_error(result, 3, "tensorrt", "pip install 'slimdeploy[trt]'")
+    assert (bundle / "manifest.json").read_text() == before and not (bundle / "trt").exists()
+    result = run_cli("check", str(bundle), "--device", "tensorrt")
+    assert_clean_error(result, 2, "no TensorRT engines", "slimdeploy build")
+
+
+def test_build_and_check_with_stand_in_tensorrt(tmp_path: Path, static_trt_bundle: Path) -> None:
+    bundle = _copy(static_trt_bundle, tmp_path)
+    result = run_cli("build", str(bundle), "--json", "-", env=FAKE_ENV)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = json.loads(result.stdout)
+    assert out["report"]["passed"] and out["report"]["candidate"] == "tensorrt"
+    manifest = _manifest(bundle)
+    plan = manifest["trt"]
+    assert plan["engines"] == {"model": "trt/model.engine"}
+    assert plan["built"]["tensorrt"] == "10.3.0" and plan["built"]["parity"]["passed"] is True
+    assert plan["built"]["parity"]["batch_sizes"] == [1, 8]
+    assert {"trt/model.engine", "trt/timing.cache"} <= set(manifest["files"])
+    load_bundle(bundle)  # the engine and cache hashes were recorded
+    engine = (bundle / "trt" / "model.engine").read_bytes()
+    header = json.loads(engine.split(b"\n")[1])
+    # The engine was built as recorded: one profile from the batch range, workspace, no TF32.
+    assert header["profile"] == {"input": [[1, 3, 32, 32], [8, 3, 32, 32], [32, 3, 32, 32]]}
+    assert header["workspace"] == 1024 << 20 and header["tf32"] is False
+    assert (bundle / "trt" / "timing.cache").read_bytes() == b"fake-cache:1"
+    result = run_cli("inspect", str(bundle), "--json", "-")
+    assert json.loads(result.stdout)["tensorrt"] == {
+        "batch": {"min": 1, "opt": 8, "max": 32}, "engines": 1, "built_with": "10.3.0", "engines_passed": True,
+        "build_command": "slimdeploy build r20"}
+
+    # check through the engine, and the outputs equal ONNX Runtime's on the same graph.
+    result = run_cli("check", str(bundle), "--device", "tensorrt", "--batch-sizes", "3,16", env=FAKE_ENV)
+    assert result.returncode == 0, result.stdout + result.stderr
+    with np.load(bundle / "golden.npz") as golden:
+        np.savez(tmp_path / "in.npz", input=golden["input"][:5])
+    for device in ("tensorrt", "cpu"):
+        result = run_cli("run", str(bundle), "--inputs", str(tmp_path / "in.npz"), "--out", str(tmp_path / f"{device}.npz"),
+                         "--device", device, env=FAKE_ENV)
+        assert result.returncode == 0, result.stderr
+    np.testing.assert_allclose(np.load(tmp_path / "tensorrt.npz")["logits"], np.load(tmp_path / "cpu.npz")["logits"], rtol=1e-5, atol=1e-5)
+    result = run_cli("bench", str(bundle), "--device", "tensorrt", "--batch", "2", "--warmup", "1", "--iterations", "2",
+                     "--no-torch", "--json", "-", env=FAKE_ENV)
+    assert result.returncode == 0, result.stderr
+    assert [(r["runner"], r["batch_size"]) for r in json.loads(result.stdout)["results"]] == [("tensorrt", 2)]
+
+    # A rebuild with a narrower range reuses the timing cache and refuses batches outside it.
+    result = run_cli("build", str(bundle), "--max-batch", "8", env=FAKE_ENV)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert _manifest(bundle)["trt"]["batch"] == {"min": 1, "opt": 8, "max": 8}
+    assert (bundle / "trt" / "timing.cache").read_bytes() == b"fake-cache:2"
+    result = run_cli("check", str(bundle), "--device", "tensorrt", "--batch-sizes", "16", env=FAKE_ENV)
+    assert_clean_error(result, 2, "TensorRT refused shape [16, 3, 32, 32]", "batch 1 to 8")
+    result = run_cli("build", str(bundle), "--trt-version", "11.1", env=FAKE_ENV)
+    assert_clean_error(result, 2, "TensorRT 10.3.0 is installed but --trt-version 11.1")
+
+
+@pytest.mark.slow
+def test_staged_build_runs_one_engine_per_piece(tmp_path: Path, staged_trt_bundle: Path) -> None:
+    bundle = _copy(staged_trt_bundle, tmp_path)
+    result = run_cli("build", str(bundle), "--json", "-", env=FAKE_ENV)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout)["report"]
+    assert report["passed"] and all(g["agreement"] == 1.0 for g in report["decisions"]["gates"])
+    manifest = _manifest(bundle)
+    assert set(manifest["trt"]["engines"]) == set(manifest["stages"])
+    assert (bundle / "trt" / "timing.cache").read_bytes() == f"fake-cache:{len(manifest['stages'])}".encode()
+    # exec pieces were built from batch 1 (rows routed to them), the stem from --min-batch.
+    header = json.loads((bundle / "trt" / "exec1.engine").read_bytes().split(b"\n")[1])
+    assert header["profile"]["x"][0][0] == 1
+    header = json.loads((bundle / "trt" / "stem.engine").read_bytes().split(b"\n")[1])
+    assert header["profile"]["x"][0][0] == 2
+
+
+@pytest.mark.slow
+def test_if_form_warns_and_builds_with_its_threshold_folded(tmp_path: Path) -> None:
+    out = tmp_path / "if"
+    result = run_cli("export", "zoo:skipnet38_digits", "--target", "trt", "--dynamic", "if", "--prepare-only",
+                     "--out", str(out), "--samples", "16", "--batch-sizes", "1,8")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "prefer --dynamic staged" in " ".join(result.stderr.split())
+    manifest = _manifest(out)
+    assert any("IIfConditional" in note for note in manifest["trt"]["notes"])
+    assert "Note: the 'if' form" in (out / "BUILD.md").read_text()
+    # gate_threshold has a default initializer: it is not part of the profile.
+    assert list(manifest["trt"]["graphs"][0]["shapes"]) == ["input"]
+    result = run_cli("build", str(out), env=FAKE_ENV)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # The stand-in parser folds initializer-backed inputs into the engine, as weights: the
+    # default threshold is accepted, another one is refused with the fix.
+    with np.load(out / "golden.npz") as golden:
+        x = golden["input"][:2]
+    np.savez(tmp_path / "same.npz", input=x, gate_threshold=np.array(0.5, np.float32))
+    np.savez(tmp_path / "other.npz", input=x, gate_threshold=np.array(0.9, np.float32))
+    result = run_cli("run", str(out), "--inputs", str(tmp_path / "same.npz"), "--out", str(tmp_path / "o.npz"), "--device", "tensorrt", env=FAKE_ENV)
+    assert result.returncode == 0, result.stderr
+    result = run_cli("run", str(out), "--inputs", str(tmp_path / "other.npz"), "--out", str(tmp_path / "p.npz"), "--device", "tensorrt", env=FAKE_ENV)
+    assert_clean_error(result, 2, "'gate_threshold' is fixed at 0.5", "staged")
+
+
+def test_parser_errors_are_reported_in_full(tmp_path: Path, fake_trt: object) -> None:
+    from slimdeploy.engines.trt_build import ParseError, build_engine
+
+    nodes = [helper.make_node("Compress", ["x", "keep"], ["a"], name="first", axis=0),
+             helper.make_node("Unique", ["a"], ["y"], name="second")]
+    graph = helper.make_graph(
+        nodes, "bad",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch"]), helper.make_tensor_value_info("keep", TensorProto.BOOL, ["batch"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None])],
+    )
+    path = tmp_path / "bad.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    with pytest.raises(ParseError) as caught:
+        build_engine(path, {}, BuildSpec())
+    message = str(caught.value)
+    assert "2 error(s)" in message and "In node first" in message and "op: Compress" in message and "op: Unique" in message
+    assert caught.value.exit_code == 1
+
+
+def test_runner_with_cuda_python_buffers(tmp_path: Path, fake_trt: object) -> None:
+    """TrtRunner directly: engine from a lazy builder, named I/O, dynamic batch, cuda-python
+    buffers, optional threshold input that the engine keeps as a real input."""
+    from slimdeploy.engines.trt_build import EngineFromOnnx
+    from slimdeploy.engines.trt_runner import TrtRunner
+
+    graph = helper.make_graph(
+        [helper.make_node("Greater", ["x", "t"], ["g"]), helper.make_node("Cast", ["g"], ["y"], to=TensorProto.UINT8)],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3]), helper.make_tensor_value_info("t", TensorProto.FLOAT, [])],
+        [helper.make_tensor_value_info("y", TensorProto.UINT8, ["batch", 3])],
+    )
+    path = tmp_path / "g.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    spec = BuildSpec(opt_batch=2, max_batch=4)
+    shapes = profile_shapes(onnx.load(str(path)), spec)
+    runner = TrtRunner(EngineFromOnnx(path, shapes, spec), defaults={"t": np.float32(0.5)},
+                       batch_range=(1, 4), buffers="cuda-python")
+    with runner:
+        meta = runner.input_metadata()
+        assert meta["x"].shape == ("batch", 3) and meta["t"].optional and runner.output_names() == ["y"]
+        x = np.array([[0.1, 0.6, 0.5], [0.9, 0.2, 0.7]], np.float32)
+        np.testing.assert_array_equal(runner.infer({"x": x})["y"], (x > 0.5).astype(np.uint8))
+        np.testing.assert_array_equal(runner.infer({"x": x[:1], "t": np.array(0.05, np.float32)})["y"], np.ones((1, 3), np.uint8))
+        with pytest.raises(BadInputError, match="batch 1 to 4"):
+            runner.infer({"x": np.zeros((5, 3), np.float32)})
+    import cuda.bindings.runtime as fake_cudart
+
+    assert fake_cudart.ALLOCATIONS == {}  # every device buffer freed on deactivate
+
+
+def test_runner_refuses_foreign_engines_and_missing_buffers(tmp_path: Path, fake_trt: object) -> None:
+    from slimdeploy.engines.trt_runner import TrtRunner
+    from slimdeploy.errors import BackendUnavailableError, BundleError
+
+    # An engine from another TensorRT version or GPU does not deserialise: the fix is a rebuild.
+    with pytest.raises(BundleError, match="rebuild on this machine"):
+        TrtRunner(b"an engine built elsewhere").activate()
+    with pytest.raises(BundleError, match="does not exist"):
+        TrtRunner(tmp_path / "missing.engine").activate()
+    # torch buffers need a CUDA device, which this machine lacks.
+    with pytest.raises(BackendUnavailableError, match="no CUDA GPU"):
+        TrtRunner(b"", buffers="torch").activate()
+    with pytest.raises(BadInputError, match="unknown buffers"):
+        TrtRunner(b"", buffers="pycuda")
+
+
+def test_export_runs_the_trt_lint_when_it_exists(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one call site of the lint: every graph linted, the verdict in the manifest."""
+    import types
+
+    from slimdeploy.export import ExportResult, _lint_for_trt
+
+    class Report:
+        def __init__(self, errors: list[str]) -> None:
+            self.errors, self.passed = errors, not errors
+
+        def to_dict(self) -> dict:
+            return {"passed": self.passed, "errors": self.errors}
+
+    seen: list[str] = []
+
+    def lint_model(model: onnx.ModelProto, trt_version: str | None = None) -> Report:
+        seen.append(model.graph.name)
+        return Report(["If condition is not 0-D"] if model.graph.name == "bad" else [])
+
+    monkeypatch.setitem(sys.modules, "slimdeploy.exporters.trt_lint", types.SimpleNamespace(lint_model=lint_model))
+    good, bad = helper.make_model(helper.make_graph([], "good", [], [])), helper.make_model(helper.make_graph([], "bad", [], []))
+    lint = _lint_for_trt({"stem": good, "head": bad})
+    assert seen == ["good", "bad"] and lint["ran"] is True and lint["passed"] is False
+    assert lint["graphs"]["head"] == {"passed": False, "errors": ["If condition is not 0-D"]}
+    result = ExportResult(Path("b"), {"trt": {"lint": lint}}, report=None)  # type: ignore[arg-type]
+    assert result.lint_passed is False
+    assert _lint_for_trt({"stem": good})["passed"] is True
+    monkeypatch.delitem(sys.modules, "slimdeploy.exporters.trt_lint")
+    if not (REPO / "slimdeploy" / "exporters" / "trt_lint.py").exists():
+        assert _lint_for_trt({"stem": good}) == {"ran": False, "passed": None, "graphs": {},
+                                                 "reason": "the TensorRT lint is not installed in this slimdeploy"}
