@@ -95,9 +95,9 @@ def conv_ops(model: Any) -> int:
 
 def compare(name: str, learned: Any, x: np.ndarray, settings: dict[str, Any], threads: int) -> dict[str, Any]:
     """Export both forms of ``learned``, check their logits agree, count and time them."""
-    import torch
-
     import copy
+
+    import torch
 
     from slimdeploy.engines import OrtRunner
     from slimdeploy.flops import count_macs

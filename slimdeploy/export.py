@@ -347,21 +347,12 @@ def export(
 
 
 def _lint_for_trt(graphs: Mapping[str, Any]) -> dict[str, Any]:
-    """THE call site of the TensorRT lint at export (``exporters.trt_lint``, issue 7 part 3).
+    """The TensorRT lint (``exporters.trt_lint``) of every graph, for the manifest's
+    ``trt.lint``: ``{"ran", "passed", "graphs": {name: report}}``; the CLI exits 1 when it did
+    not pass."""
+    from slimdeploy.exporters import trt_lint
 
-    Runs ``lint_model`` on every graph and returns ``{"ran", "passed", "graphs": {name:
-    report}}`` for the manifest's ``trt.lint``; the CLI exits 1 when it did not pass. Skipped
-    (``ran`` False) while the lint module does not exist yet.
-    """
-    import importlib
-
-    try:
-        trt_lint = importlib.import_module("slimdeploy.exporters.trt_lint")
-    except ModuleNotFoundError as exc:
-        if exc.name != "slimdeploy.exporters.trt_lint":
-            raise
-        return {"ran": False, "passed": None, "reason": "the TensorRT lint is not installed in this slimdeploy", "graphs": {}}
-    reports = {name: trt_lint.lint_model(graph) for name, graph in graphs.items()}
+    reports = {name: trt_lint.lint_model(graph, name=name) for name, graph in graphs.items()}
     return {
         "ran": True,
         "passed": all(report.passed for report in reports.values()),
