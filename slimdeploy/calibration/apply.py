@@ -25,7 +25,12 @@ import onnx
 from slimdeploy.calibration.decisions import NO_DECISIONS, DecisionScope
 from slimdeploy.calibration.fp16 import convert_fp16
 from slimdeploy.calibration.int8 import quantize_int8
-from slimdeploy.calibration.ranges import DEFAULT_METHOD, CalibrationRecord, check_method, collect_ranges
+from slimdeploy.calibration.ranges import (
+    DEFAULT_METHOD,
+    CalibrationRecord,
+    check_method,
+    collect_ranges,
+)
 from slimdeploy.calibration.readers import CalibrationSet
 from slimdeploy.engines.base import TensorMeta
 from slimdeploy.errors import BadInputError

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import onnx
 
-from slimdeploy.calibration.ranges import _quiet
+from slimdeploy.calibration.ranges import quiet_quantizer
 
 FP32_OPS = ("Softmax", "LogSoftmax", "BatchNormalization", "LayerNormalization", "InstanceNormalization",
             "GroupNormalization", "LSTM", "GRU", "RNN")
@@ -35,7 +35,7 @@ def convert_fp16(model: onnx.ModelProto, keep: Sequence[str] = (), fp32_ops: Seq
 
     copy = onnx.ModelProto()
     copy.CopyFrom(model)  # the converter edits what it is given
-    with _quiet():
+    with quiet_quantizer():
         half = convert_float_to_float16(
             copy,
             keep_io_types=True,

@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from slimdeploy.calibration.ranges import _quiet
+from slimdeploy.calibration.ranges import quiet_quantizer
 from slimdeploy.errors import BadInputError
 
 INT8_TARGETS = ("ort", "trt")
@@ -52,7 +52,12 @@ def quantize_int8(
             quantizer handles.
     """
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData, save_tensors_data
+    from onnxruntime.quantization.calibrate import (
+        CalibrationMethod,
+        TensorData,
+        TensorsData,
+        save_tensors_data,
+    )
 
     if target not in INT8_TARGETS:
         raise BadInputError(f"no INT8 form for target '{target}' | Note: expected one of {list(INT8_TARGETS)}")
@@ -67,7 +72,7 @@ def quantize_int8(
         activation, extra = QuantType.QUInt8, {}
     else:
         activation, extra = QuantType.QInt8, {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False}
-    with tempfile.TemporaryDirectory(prefix="slimdeploy-int8-") as tmp, _quiet():
+    with tempfile.TemporaryDirectory(prefix="slimdeploy-int8-") as tmp, quiet_quantizer():
         source, cache, result = Path(tmp) / "model.onnx", Path(tmp) / "ranges.json", Path(tmp) / "int8.onnx"
         onnx.save(model, source)
         save_tensors_data(tensors, cache)

@@ -12,10 +12,11 @@ TensorRT), so a bundle for the other target is made from the record without reca
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,7 +110,7 @@ def collect_ranges(model: onnx.ModelProto, feeds: Iterable[Mapping[str, np.ndarr
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self._batches, None)
 
-    with tempfile.TemporaryDirectory(prefix="slimdeploy-calib-") as tmp, _quiet():
+    with tempfile.TemporaryDirectory(prefix="slimdeploy-calib-") as tmp, quiet_quantizer():
         source = Path(tmp) / "model.onnx"
         onnx.save(model, source)
         calibrator = create_calibrator(
@@ -126,12 +127,12 @@ def _scalar(value: Any) -> float:
     return float(np.asarray(value, dtype=np.float64).reshape(-1)[0])
 
 
-class _quiet:
+@contextlib.contextmanager
+def quiet_quantizer() -> Iterator[None]:
     """Silence ONNX Runtime's quantization warnings (per-tensor chatter) for a block."""
-
-    def __enter__(self) -> None:
-        self._level = logging.root.manager.disable
-        logging.disable(logging.WARNING)
-
-    def __exit__(self, *exc: object) -> None:
-        logging.disable(self._level)
+    level = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(level)
