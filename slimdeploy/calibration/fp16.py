@@ -42,5 +42,25 @@ def convert_fp16(model: onnx.ModelProto, keep: Sequence[str] = (), fp32_ops: Seq
             op_block_list=sorted(set(DEFAULT_OP_BLOCK_LIST) | set(fp32_ops)),
             node_block_list=list(keep),
         )
+    _sort_nodes(half.graph)  # the converter appends its Cast nodes at the end
     onnx.checker.check_model(half)
     return half
+
+
+def _sort_nodes(graph: onnx.GraphProto) -> None:
+    """Put ``graph``'s nodes in topological order (stable: the original order where free)."""
+    available = {value.name for value in graph.input} | {init.name for init in graph.initializer} | {""}
+    pending = list(graph.node)
+    ordered: list[onnx.NodeProto] = []
+    while pending:
+        ready = [node for node in pending if all(name in available for name in node.input)]
+        if not ready:  # outer-scope names (If branches) or a cycle: leave the rest in order
+            ordered.extend(pending)
+            break
+        for node in ready:
+            available.update(node.output)
+        ordered.extend(ready)
+        chosen = {id(node) for node in ready}
+        pending = [node for node in pending if id(node) not in chosen]
+    del graph.node[:]
+    graph.node.extend(ordered)
