@@ -154,6 +154,8 @@ def export(
     if target not in TARGETS:
         raise BadInputError(f"unknown target '{target}' | Note: expected one of {list(TARGETS)}")
     check_precision(precision, None)
+    if precision != "int8" and (calib is not None or calib_size is not None):
+        raise BadInputError(f"--calib and --calib-size apply to --precision int8, not {precision} | Fix: leave them out, or pass --precision int8")
     if samples is None:
         samples = DEFAULT_SAMPLES if precision == "fp32" else DEFAULT_SAMPLES_REDUCED
     if samples < 1 or any(b < 1 for b in batch_sizes):

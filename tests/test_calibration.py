@@ -92,6 +92,21 @@ def test_minmax_ranges_are_the_data_ranges_and_survive_storage(tmp_path: Path) -
     assert loaded.graphs == record.graphs and loaded.method == "MinMax" and loaded.data["size"] == 50
 
 
+@pytest.mark.parametrize("method", ["Percentile", "Entropy"])
+def test_histogram_methods_stay_within_the_minmax_range(method: str, capsys: pytest.CaptureFixture) -> None:
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((500_000, 2)).astype(np.float32)
+    x[0] = [40.0, -40.0]  # one outlier: MinMax spans it, the histogram methods clip it
+    minmax = collect_ranges(_tiny_model(), [{"input": x}], "MinMax")
+    clipped = collect_ranges(_tiny_model(), [{"input": x}], method)
+    assert clipped.keys() == minmax.keys()
+    for name, (low, high) in clipped.items():
+        assert minmax[name][0] - 1e-6 <= low <= high <= minmax[name][1] + 1e-6, name
+    if method == "Percentile":  # 99.999th percentile: the two outlying values fall outside
+        assert clipped["input"][1] - clipped["input"][0] < 0.5 * (minmax["input"][1] - minmax["input"][0])
+    assert capsys.readouterr().out == ""  # ONNX Runtime's progress prints stay off stdout
+
+
 def test_unknown_method_and_bad_record(tmp_path: Path) -> None:
     with pytest.raises(BadInputError, match="unknown calibration method"):
         collect_ranges(_tiny_model(), [], "Median")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -129,10 +130,12 @@ def _scalar(value: Any) -> float:
 
 @contextlib.contextmanager
 def quiet_quantizer() -> Iterator[None]:
-    """Silence ONNX Runtime's quantization warnings (per-tensor chatter) for a block."""
+    """Silence ONNX Runtime's quantization warnings (per-tensor chatter) for a block, and send
+    the histogram calibrators' prints to stderr: stdout carries results (``--json -``)."""
     level = logging.root.manager.disable
     logging.disable(logging.WARNING)
     try:
-        yield
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
     finally:
         logging.disable(level)
