@@ -185,6 +185,8 @@ def test_fp16_keeps_heads_and_io_fp32(model: onnx.ModelProto, data: tuple) -> No
 def test_int8_refuses_if_and_needs_data(model: onnx.ModelProto) -> None:
     with pytest.raises(BadInputError, match="compact, staged or mask"):
         apply_precision({"model": model}, "int8", form="if")
+    with pytest.raises(BadInputError, match="fp16 does not convert the 'if' form"):
+        apply_precision({"model": model}, "fp16", form="if")
     with pytest.raises(BadInputError, match="needs calibration data"):
         apply_precision({"model": model}, "int8")
     with pytest.raises(BadInputError, match="unknown precision"):
