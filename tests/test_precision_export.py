@@ -102,7 +102,12 @@ def skipnet_pieces() -> tuple:
 
 @pytest.mark.slow
 def test_gated_int8_keeps_gates_fp32_and_calibrates_each_stage_on_its_rows(skipnet_pieces: tuple) -> None:
-    from slimdeploy.calibration import apply_precision, decision_nodes, load_calibration
+    from slimdeploy.calibration import (
+        apply_precision,
+        decision_nodes,
+        load_calibration,
+        qdq_violations,
+    )
     from slimdeploy.calibration.staged import piece_feeds
     from slimdeploy.data import digits_inputs
     from slimdeploy.engines.base import TensorMeta
@@ -117,7 +122,11 @@ def test_gated_int8_keeps_gates_fp32_and_calibrates_each_stage_on_its_rows(skipn
 
     # compact: one flat graph, calibrated completely; gate heads read FP32 values.
     compact = gated.compose_form("compact", pieces, plan, prep.input_size)
-    quantized = apply_precision({"model": compact}, "int8", form="compact", calibration=calib).graphs["model"]
+    result = apply_precision({"model": compact}, "int8", form="compact", calibration=calib)
+    quantized = result.graphs["model"]
+    # The TensorRT form from the same ranges: every Q/DQ in TensorRT's rules.
+    trt = apply_precision({"model": compact}, "int8", target="trt", form="compact", calibration=result.record).graphs["model"]
+    assert qdq_violations(trt) == [] and any(n.op_type == "QuantizeLinear" for n in trt.graph.node)
     heads = set(decision_nodes(compact))
     producers = {out: node for node in quantized.graph.node for out in node.output}
     gate_nodes = [n for n in quantized.graph.node if n.name in heads]
@@ -126,11 +135,12 @@ def test_gated_int8_keeps_gates_fp32_and_calibrates_each_stage_on_its_rows(skipn
     )
     assert any(n.op_type == "QuantizeLinear" for n in quantized.graph.node)
     outputs = {}
-    for label, graph in (("fp32", compact), ("int8", quantized)):
+    for label, graph in (("fp32", compact), ("int8", quantized), ("trt", trt)):
         with make_runner({"model": graph.SerializeToString()}, "compact", meta) as runner:
             outputs[label] = run_batches(runner, {"input": heldout}, 50, ["input"])
     assert (outputs["fp32"]["logits"].argmax(1) == outputs["int8"]["logits"].argmax(1)).mean() >= 0.97
     assert (outputs["fp32"]["gates"] == outputs["int8"]["gates"]).mean() >= 0.98
+    assert (outputs["fp32"]["logits"].argmax(1) == outputs["trt"]["logits"].argmax(1)).mean() >= 0.95
 
     # staged: every piece sees exactly the rows the controller routes to it.
     plan_dict = plan.to_dict()
