@@ -193,5 +193,7 @@ def test_int8_refuses_if_and_needs_data(model: onnx.ModelProto) -> None:
         apply_precision({"model": model}, "int4")
     with pytest.raises(BadInputError, match="no INT8 form"):
         quantize_int8(model, {}, target="tflite")
+    with pytest.raises(BadInputError, match="same model and dynamic form"):
+        apply_precision({"stem": model}, "int8", form="staged", calibration=CalibrationRecord("MinMax", {"model": {}}))
     with pytest.raises(BadInputError, match="name none of this graph"):
         quantize_int8(model, {"other": (0.0, 1.0)})

@@ -118,6 +118,11 @@ def apply_precision(
     notes: list[str] = []
     if isinstance(calibration, CalibrationRecord):
         record = calibration
+        if not set(record.graphs) & set(graphs):
+            raise BadInputError(
+                f"the stored calibration ranges are for graphs {sorted(record.graphs)}, this export makes "
+                f"{sorted(graphs)} | Fix: reuse ranges from a bundle of the same model and dynamic form, or recalibrate"
+            )
         say(f"reusing stored calibration ranges ({record.method}, {record.data.get('source')})")
     elif isinstance(calibration, CalibrationSet):
         say(f"calibrating on {len(calibration)} samples from {calibration.source} ({method})")
