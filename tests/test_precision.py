@@ -197,3 +197,9 @@ def test_int8_refuses_if_and_needs_data(model: onnx.ModelProto) -> None:
         apply_precision({"stem": model}, "int8", form="staged", calibration=CalibrationRecord("MinMax", {"model": {}}))
     with pytest.raises(BadInputError, match="name none of this graph"):
         quantize_int8(model, {"other": (0.0, 1.0)})
+
+
+def test_ranges_of_another_graph_are_refused(model: onnx.ModelProto, ranges: dict) -> None:
+    partial = {name: value for name, value in ranges.items() if name not in ("x1", "c2")}
+    with pytest.raises(BadInputError, match="lack tensor"):
+        quantize_int8(model, partial)

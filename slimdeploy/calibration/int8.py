@@ -76,18 +76,25 @@ def quantize_int8(
         source, cache, result = Path(tmp) / "model.onnx", Path(tmp) / "ranges.json", Path(tmp) / "int8.onnx"
         onnx.save(model, source)
         save_tensors_data(tensors, cache)
-        quantize_static(
-            source, result, None,
-            calibration_cache_path=cache,
-            calibrate_method=CalibrationMethod.MinMax,
-            quant_format=QuantFormat.QDQ,
-            activation_type=activation,
-            weight_type=QuantType.QInt8,
-            per_channel=True,
-            op_types_to_quantize=list(op_types) if op_types else None,
-            nodes_to_exclude=list(exclude),
-            extra_options=extra,
-        )
+        try:
+            quantize_static(
+                source, result, None,
+                calibration_cache_path=cache,
+                calibrate_method=CalibrationMethod.MinMax,
+                quant_format=QuantFormat.QDQ,
+                activation_type=activation,
+                weight_type=QuantType.QInt8,
+                per_channel=True,
+                op_types_to_quantize=list(op_types) if op_types else None,
+                nodes_to_exclude=list(exclude),
+                extra_options=extra,
+            )
+        except KeyError as exc:
+            # A tensor the quantizer needs has no stored range: ranges of another graph.
+            raise BadInputError(
+                f"the calibration ranges lack tensor {exc} of this graph | Fix: recalibrate "
+                "(--calib digits|PATH) instead of reusing ranges from a different graph"
+            ) from exc
         quantized = onnx.load(result)
     if exclude:
         _feed_float(quantized, set(exclude))
