@@ -199,7 +199,16 @@ def test_int8_refuses_if_and_needs_data(model: onnx.ModelProto) -> None:
         quantize_int8(model, {"other": (0.0, 1.0)})
 
 
-def test_ranges_of_another_graph_are_refused(model: onnx.ModelProto, ranges: dict) -> None:
-    partial = {name: value for name, value in ranges.items() if name not in ("x1", "c2")}
-    with pytest.raises(BadInputError, match="lack tensor"):
-        quantize_int8(model, partial)
+def test_tensors_without_a_range_keep_their_nodes_fp32(model: onnx.ModelProto, ranges: dict) -> None:
+    """What a compacted block no calibration sample executed looks like: (inf, -inf) or no
+    range at all. Its nodes stay FP32 rather than being quantized with a made-up range."""
+    partial = {**{name: value for name, value in ranges.items() if name != "x2"}, "c2": (np.inf, -np.inf)}
+    from slimdeploy.calibration.int8 import unranged_nodes
+
+    assert unranged_nodes(model, partial) == ["exec1/conv2", "exec1/relu2", "head/pool"]
+    qdq = quantize_int8(model, partial, target="trt")
+    producers = {out: node for node in qdq.graph.node for out in node.output}
+    conv2 = next(n for n in qdq.graph.node if n.name == "exec1/conv2")
+    assert conv2.input[1] == "w2"  # FP32 weight, no DequantizeLinear
+    assert producers["c2"].op_type == "Conv" and not any(n.input[0] == "c2" for n in _qdq(qdq, "QuantizeLinear"))
+    assert qdq_violations(qdq) == []

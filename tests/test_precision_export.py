@@ -162,3 +162,6 @@ def test_gated_int8_keeps_gates_fp32_and_calibrates_each_stage_on_its_rows(skipn
         else:
             assert has_qdq, name
     assert set(staged.record.graphs) == set(feeds)
+    # The blocks no calibration sample executed are the same in both forms, and stay FP32 in both.
+    unreached_compact = {b for b in result.info["fp32_unreached"].get("model", []) if b.startswith("exec")}
+    assert unreached_compact == {f"exec{k}" for k in range(1, plan.n_blocks) if f"exec{k}" not in feeds}

@@ -25,7 +25,7 @@ import onnx
 
 from slimdeploy.calibration.decisions import NO_DECISIONS, DecisionScope
 from slimdeploy.calibration.fp16 import convert_fp16
-from slimdeploy.calibration.int8 import quantize_int8
+from slimdeploy.calibration.int8 import quantize_int8, unranged_nodes
 from slimdeploy.calibration.ranges import (
     DEFAULT_METHOD,
     CalibrationRecord,
@@ -141,7 +141,7 @@ def apply_precision(
         raise BadInputError("--precision int8 needs calibration data | Fix: pass --calib digits, --calib PATH (images, .npy/.npz) or --calib synthetic")
 
     say(f"quantizing to INT8 in the {'TensorRT (S8S8)' if target == 'trt' else 'ONNX Runtime (U8S8)'} form")
-    out, fp32_pieces = {}, []
+    out, fp32_pieces, fp32_blocks = {}, [], {}
     for name, graph in graphs.items():
         if scope.is_decision_piece(name):
             out[name] = graph
@@ -153,15 +153,31 @@ def apply_precision(
             notes.append(f"INT8: no calibration sample reached '{name}'; it stays FP32")
         else:
             out[name] = quantize_int8(graph, record.graphs[name], target=target, exclude=scope.nodes(graph))
+            nodes = unranged_nodes(graph, record.graphs[name])
+            # Pieces' nodes carry their piece as prefix (exec2/...); routing nodes have none.
+            unreached = sorted({node.split("/")[0] for node in nodes if "/" in node}, key=_natural)
+            if any("/" not in node for node in nodes):
+                unreached.append(f"{sum('/' not in node for node in nodes)} routing node(s)")
+            if unreached:
+                fp32_blocks[name] = unreached
+                notes.append(f"INT8: no calibration sample reached {', '.join(unreached)} in '{name}'; those nodes stay FP32")
     info.update({
         "method": record.method,
         **{key: record.data.get(key) for key in ("source", "size", "synthetic")},
         "form": "S8S8 symmetric, zero points 0, per-channel weights" if target == "trt" else "U8S8, per-channel weights",
         "fp32_pieces": fp32_pieces,
+        # Per graph, the node groups (name prefixes) left FP32 because no sample reached them.
+        "fp32_unreached": fp32_blocks,
     })
     if record.data.get("synthetic"):
         notes.append("INT8 ranges come from synthetic (random) data, not real images: expect poor accuracy")
     return PrecisionResult(out, info, record, notes)
+
+
+def _natural(name: str) -> tuple[str, int]:
+    """Sort key putting exec2 before exec11."""
+    stem = name.rstrip("0123456789")
+    return stem, int(name[len(stem):] or 0)
 
 
 def agreement(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray]) -> dict[str, float]:

@@ -62,11 +62,14 @@ def quantize_int8(
     if target not in INT8_TARGETS:
         raise BadInputError(f"no INT8 form for target '{target}' | Note: expected one of {list(INT8_TARGETS)}")
     names = _tensor_names(model)
-    missing = [name for name in names if name not in ranges]
-    if len(missing) == len(names):
+    usable = {name: (lo, hi) for name, (lo, hi) in ranges.items() if name in names and _finite(lo, hi)}
+    if not usable:
         raise BadInputError("the calibration ranges name none of this graph's tensors | Fix: recalibrate (--calib digits|PATH) instead of reusing ranges from another model")
+    # Nodes around tensors no calibration sample reached stay FP32: a range made up for them
+    # would be wrong for the first sample that does reach them.
+    exclude = sorted(set(exclude) | set(unranged_nodes(model, usable)))
     tensors = TensorsData(CalibrationMethod.MinMax, {
-        name: TensorData(lowest=np.float32(lo), highest=np.float32(hi)) for name, (lo, hi) in ranges.items() if name in names
+        name: TensorData(lowest=np.float32(lo), highest=np.float32(hi)) for name, (lo, hi) in usable.items()
     })
     if target == "ort":
         activation, extra = QuantType.QUInt8, {}
@@ -100,6 +103,25 @@ def quantize_int8(
         _feed_float(quantized, set(exclude))
     onnx.checker.check_model(quantized)
     return quantized
+
+
+def unranged_nodes(model: onnx.ModelProto, ranges: Mapping[str, tuple[float, float]]) -> list[str]:
+    """Nodes that read or write a float tensor without a finite calibration range: the blocks
+    of a compacted graph that no calibration sample executed (ONNX Runtime's calibrator reports
+    (inf, -inf) for a tensor it only saw empty)."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    graph = inferred.graph
+    types = {value.name: value.type.tensor_type.elem_type for value in [*graph.value_info, *graph.input, *graph.output]}
+    constants = {init.name for init in graph.initializer}
+    missing = {
+        name for name, elem in types.items()
+        if elem == TensorProto.FLOAT and name not in constants and not _finite(*ranges.get(name, (np.inf, -np.inf)))
+    }
+    return [node.name for node in model.graph.node if missing & {*node.input, *node.output}]
+
+
+def _finite(low: float, high: float) -> bool:
+    return bool(np.isfinite(low) and np.isfinite(high) and low <= high)
 
 
 def _tensor_names(model: onnx.ModelProto) -> set[str]:

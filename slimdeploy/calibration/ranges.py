@@ -121,7 +121,10 @@ def collect_ranges(model: onnx.ModelProto, feeds: Iterable[Mapping[str, np.ndarr
         calibrator.collect_data(Reader())
         tensors = calibrator.compute_data()
         del calibrator
-    return {name: (_scalar(data.range_value[0]), _scalar(data.range_value[1])) for name, data in tensors.data.items()}
+    ranges = {name: (_scalar(data.range_value[0]), _scalar(data.range_value[1])) for name, data in tensors.data.items()}
+    # A tensor seen only empty (a compacted block no sample executed) has no range: leave it
+    # out, so that nothing is quantized with a made-up one (``int8.unranged_nodes``).
+    return {name: (low, high) for name, (low, high) in ranges.items() if np.isfinite(low) and np.isfinite(high) and low <= high}
 
 
 def _scalar(value: Any) -> float:
