@@ -55,6 +55,18 @@ def _tolerances(atol: float | None, rtol: float | None, precision: str = "fp32")
     return {"": (default_atol if atol is None else atol, default_rtol if rtol is None else rtol)}
 
 
+def _bundle_precision(bundle: Path) -> str:
+    """The precision a bundle's manifest states (for the defaults --atol/--rtol complete);
+    fp32 when it cannot be read here (check_bundle then says what is wrong with the bundle)."""
+    from slimdeploy.parity import DEFAULT_TOLERANCES
+
+    try:
+        precision = json.loads((Path(bundle) / "manifest.json").read_text()).get("precision", "fp32")
+    except (OSError, ValueError, AttributeError):
+        return "fp32"
+    return precision if precision in DEFAULT_TOLERANCES else "fp32"
+
+
 class StepPrinter:
     """Progress on stderr: one line per step with the elapsed time, readable in CI logs."""
 
@@ -249,7 +261,7 @@ def check(
         bundle,
         data=data,
         batch_sizes=_parse_ints(batch_sizes, "--batch-sizes") if batch_sizes else None,
-        tolerances=_tolerances(atol, rtol),
+        tolerances=_tolerances(atol, rtol, _bundle_precision(bundle)),
         device=device,
         threads=threads,
         progress=StepPrinter(quiet=json_out == "-"),

@@ -46,6 +46,9 @@ def test_int8_bundle_passes_check_and_its_ranges_are_reused(tmp_path: Path) -> N
     assert check.returncode == 0, check.stdout + check.stderr
     report = json.loads(check.stdout)
     assert report["precision"] == "int8" and report["criteria"]["decision_agreement"] == 0.98
+    # --atol alone keeps the INT8 default rtol (not the FP32 one).
+    loose = run_cli("check", str(bundle), "--atol", "0.5", "--json", "-")
+    assert json.loads(loose.stdout)["tolerances"][""] == [0.5, 0.1]
     # A second export from the stored ranges: no calibration data read, identical scales.
     again = tmp_path / "again"
     result = run_cli("export", "zoo:spconv_resnet20_digits", "--out", str(again), "--precision", "int8",
