@@ -20,6 +20,7 @@ INSTALL_HINTS: dict[str, str] = {
     "onnxslim": "pip install 'slimdeploy[export]'",
     "onnxscript": "pip install 'slimdeploy[export]'",
     "sklearn": "pip install 'slimdeploy[export]'",
+    "PIL": "pip install 'slimdeploy[images]'",
     "tensorrt": "pip install 'slimdeploy[trt]' (or use the slimdeploy TensorRT image)",
     "cuda": "pip install 'slimdeploy[trt]'",
 }

@@ -59,6 +59,18 @@ def _tolerances(atol: float | None, rtol: float | None, precision: str = "fp32")
     return {"": (default_atol if atol is None else atol, default_rtol if rtol is None else rtol)}
 
 
+def _bundle_precision(bundle: Path) -> str:
+    """The precision a bundle's manifest states (for the defaults --atol/--rtol complete);
+    fp32 when it cannot be read here (check_bundle then says what is wrong with the bundle)."""
+    from slimdeploy.parity import DEFAULT_TOLERANCES
+
+    try:
+        precision = json.loads((Path(bundle) / "manifest.json").read_text()).get("precision", "fp32")
+    except (OSError, ValueError, AttributeError):
+        return "fp32"
+    return precision if precision in DEFAULT_TOLERANCES else "fp32"
+
+
 class StepPrinter:
     """Progress on stderr: one line per step with the elapsed time, readable in CI logs."""
 
@@ -149,6 +161,19 @@ def _print_parity(report: Any, json_target: str | None) -> None:
         out_console.print(f"parity {verdict}")
 
 
+def _print_precision(precision: str, calibration: dict[str, Any]) -> None:
+    """How a reduced-precision bundle was made and how it agrees with the FP32 graphs."""
+    line = f"{precision}"
+    if precision == "int8":
+        line += f" ({calibration['form']}), calibrated with {calibration['method']} on {calibration['size']} samples of {calibration['source']}"
+        if calibration.get("synthetic"):
+            line += " [yellow](synthetic data: ranges are not those of real inputs)[/yellow]"
+    line += "; decision heads " + ("FP32" if calibration["decisions_fp32"] else "reduced too")
+    vs = calibration["vs_fp32"]
+    line += f"; vs FP32: top-1 agreement {vs['top1']:.1%}" + (f", gate agreement {vs['gates']:.1%}" if "gates" in vs else "")
+    out_console.print(line)
+
+
 @app.command()
 def export(
     checkpoint: Annotated[str, typer.Argument(help="Checkpoint file, or zoo:NAME for a shipped demo model.")],
@@ -162,11 +187,16 @@ def export(
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow a pickled nn.Module checkpoint (runs code from the file).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
     data: Annotated[Path | None, typer.Option(help=".npz/.npy of parity inputs (keys: input, labels). Default: digits held-out split.")] = None,
-    samples: Annotated[int, typer.Option(help="Held-out samples for parity and the golden file.")] = 32,
+    samples: Annotated[int | None, typer.Option(help="Held-out samples for parity and the golden file (default 32; 100 for fp16/int8).")] = None,
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Batch sizes to check parity at, comma-separated.")] = "1,16",
     opset: Annotated[int | None, typer.Option(help="ONNX opset (default 18).")] = None,
     no_simplify: Annotated[bool, typer.Option("--no-simplify", help="Skip onnxslim simplification.")] = False,
     no_reference_weights: Annotated[bool, typer.Option("--no-reference-weights", help="Do not store the PyTorch weights in the bundle.")] = False,
+    precision: Annotated[str, typer.Option(help="fp32, fp16 (decision heads, softmax, normalisations kept FP32) or int8 (explicit Q/DQ in the target's form).")] = "fp32",
+    calib: Annotated[str | None, typer.Option(help="INT8 calibration data: digits, an image folder, an .npy/.npz of inputs, synthetic (random, flagged), or a calibration.json/bundle whose ranges are reused. Default: digits for digits-trained models.")] = None,
+    calib_size: Annotated[int | None, typer.Option("--calib-size", help="Calibration samples (default 100, the digits calibration split).")] = None,
+    calib_method: Annotated[str, typer.Option("--calib-method", help="Calibration method: MinMax, Entropy or Percentile.")] = "MinMax",
+    quantize_decisions: Annotated[bool, typer.Option("--quantize-decisions", help="Also reduce the precision of gate and exit heads (kept FP32 by default).")] = False,
     atol: AtolOpt = None,
     rtol: RtolOpt = None,
     threads: ThreadsOpt = 0,
@@ -210,15 +240,23 @@ def export(
         batch_sizes=_parse_ints(batch_sizes, "--batch-sizes"),
         opset=opset,
         simplify=not no_simplify,
-        tolerances=_tolerances(atol, rtol),
+        tolerances=_tolerances(atol, rtol, precision) if precision in ("fp32", "fp16", "int8") else None,
         threads=threads,
         reference_weights=not no_reference_weights,
         build_spec=build_spec,
+        precision=precision,
+        calib=calib,
+        calib_size=calib_size,
+        calib_method=calib_method,
+        quantize_decisions=quantize_decisions,
         progress=StepPrinter(),
     )
     _print_parity(result.report, json_out)
     for note in result.notes:
         err_console.print(f"[yellow]note:[/yellow] {escape(note)}")
+    calibration = result.manifest.get("calibration")
+    if calibration and json_out != "-":
+        _print_precision(result.manifest["precision"], calibration)
     if json_out != "-":
         model = result.manifest["model"]
         out_console.print(
@@ -319,7 +357,7 @@ def check(
         bundle,
         data=data,
         batch_sizes=_parse_ints(batch_sizes, "--batch-sizes") if batch_sizes else None,
-        tolerances=_tolerances(atol, rtol),
+        tolerances=_tolerances(atol, rtol, _bundle_precision(bundle)),
         device=device,
         threads=threads,
         progress=StepPrinter(quiet=json_out == "-"),

@@ -6,13 +6,15 @@
 Steps (DESIGN.md §2): load the checkpoint; pick held-out inputs (digits held-out split at the
 model's input size, or ``data``); run the PyTorch reference; export with torch.export; run the
 full onnx.checker; check parity; simplify with onnxslim, re-check the graph and parity (and
-keep the unsimplified graph if simplification broke parity); for ``target="trt"``, lint the
-graphs for TensorRT and record the engine build (``slimdeploy build DIR`` and the equivalent
-``trtexec`` lines, ``BUILD.md``, ``build.sh``); write the bundle atomically. The ONNX of a
-TensorRT bundle is checked in ONNX Runtime exactly as for ``ort``, so the bundle is proven
-before any engine exists; the engines are built on the target. A
-bundle whose parity fails is still written, so it can be inspected; the caller decides the exit
-code (the CLI exits 1).
+keep the unsimplified graph if simplification broke parity); with ``precision`` fp16 or int8,
+convert the simplified graphs (``slimdeploy.calibration``: INT8 calibrated once, ranges kept in
+``calibration.json``) and check them against PyTorch with the precision's tolerances and
+agreement criteria, and against the FP32 graphs; for ``target="trt"``, lint the graphs for
+TensorRT and record the engine build (``slimdeploy build DIR`` and the equivalent ``trtexec``
+lines, ``BUILD.md``, ``build.sh``); write the bundle atomically. The ONNX of a TensorRT bundle
+is checked in ONNX Runtime exactly as for ``ort``, so the bundle is proven before any engine
+exists; the engines are built on the target. A bundle whose parity fails is still written, so
+it can be inspected; the caller decides the exit code (the CLI exits 1).
 """
 
 from __future__ import annotations
@@ -35,8 +37,12 @@ from slimdeploy.files import read_arrays
 from slimdeploy.parity import DecisionSpec, ParityReport, check_parity, run_batches
 from slimdeploy.versions import versions
 
+CALIBRATION_FILE = "calibration.json"
+
 TARGETS = ("ort", "trt")
 DEFAULT_SAMPLES = 32
+# Reduced precision is judged on agreement rates, which need more samples than 32.
+DEFAULT_SAMPLES_REDUCED = 100
 DEFAULT_BATCH_SIZES = (1, 16)
 MODEL_FILE = "model.onnx"
 STAGES_DIR = "stages"
@@ -98,7 +104,7 @@ def export(
     trust_pickle: bool = False,
     force: bool = False,
     data: str | Path | None = None,
-    samples: int = DEFAULT_SAMPLES,
+    samples: int | None = None,
     batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
     opset: int | None = None,
     simplify: bool = True,
@@ -106,6 +112,11 @@ def export(
     threads: int = 0,
     reference_weights: bool = True,
     build_spec: Any = None,
+    precision: str = "fp32",
+    calib: str | Path | None = None,
+    calib_size: int | None = None,
+    calib_method: str = "MinMax",
+    quantize_decisions: bool = False,
     progress: Progress | None = None,
 ) -> ExportResult:
     """Export a checkpoint to a parity-checked bundle.
@@ -130,21 +141,32 @@ def export(
         trust_pickle: allow a pickled ``nn.Module`` checkpoint (runs code). Defaults to False.
         force: replace an existing ``out``. Defaults to False.
         data: .npz/.npy with parity inputs (and labels). Defaults to the digits held-out split.
-        samples: how many held-out samples the parity check and golden file use. Defaults to 32.
+        samples: how many held-out samples the parity check and golden file use. Defaults to 32
+            (100 for fp16 and int8, which pass on agreement rates).
         batch_sizes: batch sizes the candidate is checked at. Defaults to (1, 16).
         opset: ONNX opset. Defaults to 18.
         simplify: simplify with onnxslim (and re-check). Defaults to True.
-        tolerances: per-output (atol, rtol), ``""`` the default. Defaults to the FP32 defaults
-            (atol 1e-4, rtol 1e-3).
+        tolerances: per-output (atol, rtol), ``""`` the default. Defaults to the precision's
+            (``parity.DEFAULT_TOLERANCES``; FP32 atol 1e-4, rtol 1e-3).
         threads: ONNX Runtime intra-op threads for the check; 0 = ORT's choice. Defaults to 0.
         reference_weights: store the PyTorch weights in the bundle (``reference.pt``) for
             ``check --data`` and ``bench`` where torch is installed. Defaults to True.
         build_spec: ``trt`` only: a ``trt_build.BuildSpec`` (batch range, workspace). Defaults
             to ``BuildSpec()`` (batch 1/8/32, 1024 MiB).
+        precision: ``fp32``, ``fp16`` or ``int8`` (QDQ in the target's form). Defaults to fp32.
+        calib: INT8 calibration data: ``digits``, an image folder, an .npy/.npz of inputs,
+            ``synthetic`` (random, flagged), or a ``calibration.json`` / bundle whose stored
+            ranges are reused without recalibrating. Defaults to ``digits`` for models trained
+            on digits; others must name their data.
+        calib_size: calibration samples to use. Defaults to 100 (the digits calibration split).
+        calib_method: ``MinMax``, ``Entropy`` or ``Percentile``. Defaults to ``MinMax``.
+        quantize_decisions: also reduce the precision of gate and exit heads. Defaults to False
+            (decision heads stay FP32).
         progress: callable told the name of each step. Defaults to silence.
     """
     from slimdeploy import exporters
     from slimdeploy._optional import optional_import
+    from slimdeploy.calibration import agreement, apply_precision, check_precision
     from slimdeploy.engines.factory import make_runner
     from slimdeploy.engines.torch_runner import TorchRunner
     from slimdeploy.flops import count_macs
@@ -153,6 +175,11 @@ def export(
     say = progress or (lambda _message: None)
     if target not in TARGETS:
         raise BadInputError(f"unknown target '{target}' | Note: expected one of {list(TARGETS)}")
+    check_precision(precision, None)
+    if precision != "int8" and (calib is not None or calib_size is not None):
+        raise BadInputError(f"--calib and --calib-size apply to --precision int8, not {precision} | Fix: leave them out, or pass --precision int8")
+    if samples is None:
+        samples = DEFAULT_SAMPLES if precision == "fp32" else DEFAULT_SAMPLES_REDUCED
     if samples < 1 or any(b < 1 for b in batch_sizes):
         raise BadInputError("samples and batch sizes must be positive integers")
     out = ensure_writable(out, force)  # fail before any work
@@ -166,6 +193,7 @@ def export(
     info = _registered(loaded.arch)
     gated = bool(info and info.family == "skipnet")
     form = _choose_form(dynamic, gated, target)
+    check_precision(precision, form)  # refuse int8 for 'if' before the long work
     if target == "trt":
         from slimdeploy.engines import trt_build
 
@@ -224,11 +252,14 @@ def export(
         exporters.check_onnx(graph)
     threshold_defaults = {"gate_threshold": DEFAULT_GATE_THRESHOLD} if gated else {}
 
-    def parity(candidate: dict[str, Any], label: str) -> ParityReport:
+    def runner_of(candidate: dict[str, Any]) -> Any:
         sources = {name: graph.SerializeToString() for name, graph in candidate.items()}
-        runner = make_runner(sources, form, input_meta, plan=plan, decision_defaults=threshold_defaults, threads=threads)
-        with runner:
-            return check_parity(runner, feed, reference, batch_sizes, "torch", tolerances=tolerances,
+        return make_runner(sources, form, input_meta, plan=plan, decision_defaults=threshold_defaults, threads=threads)
+
+    def parity(candidate: dict[str, Any], label: str, precision: str = "fp32") -> ParityReport:
+        with runner_of(candidate) as runner:
+            return check_parity(runner, feed, reference, batch_sizes, "torch", precision=precision,
+                                tolerances=tolerances if precision == "fp32" or tolerances else None,
                                 labels=labels, decisions=decisions, batch_inputs=["input"],
                                 progress=lambda step: say(f"{label}: {step}"))
 
@@ -257,6 +288,32 @@ def export(
                 simplified_info["applied"] = True
             else:
                 notes.append("onnxslim's graph failed parity where the exported one passed; kept the exported graph")
+
+    calibration_info: dict[str, Any] | None = None
+    record_bytes: bytes | None = None
+    if precision != "fp32":
+        calibration = _calibration_source(calib, calib_size, prep, loaded.meta) if precision == "int8" else None
+        converted = apply_precision(
+            graphs, precision, target=target, form=form, plan=plan, input_meta=input_meta,
+            calibration=calibration, method=calib_method, quantize_decisions=quantize_decisions,
+            gate_threshold=DEFAULT_GATE_THRESHOLD, progress=say,
+        )
+        notes.extend(converted.notes)
+        say(f"checking parity of the {precision} graph" + ("s" if len(graphs) > 1 else ""))
+        fp32_report = report
+        report = parity(converted.graphs, precision, precision)
+        # Agreement with the FP32 graphs as well as with PyTorch: what the precision changed.
+        say(f"comparing the {precision} graphs with the FP32 graphs")
+        with runner_of(graphs) as fp32_runner, runner_of(converted.graphs) as reduced_runner:
+            largest = max(batch_sizes)
+            fp32_out = run_batches(fp32_runner, feed, largest, ["input"])
+            reduced_out = run_batches(reduced_runner, feed, largest, ["input"])
+        calibration_info = {**converted.info, "vs_fp32": agreement(fp32_out, reduced_out),
+                            "fp32_parity_passed": fp32_report.passed}
+        if converted.record is not None:
+            record_bytes = converted.record.to_bytes()
+            calibration_info["ranges"] = CALIBRATION_FILE
+        graphs = converted.graphs
 
     say("writing the bundle")
     golden: dict[str, np.ndarray] = {"input": inputs, **{f"ref_{k}": v for k, v in reference.items()}}
@@ -291,7 +348,10 @@ def export(
         "preprocessing": prep.to_dict(),
         "target": target,
         "dynamic": form,
-        "precision": "fp32",
+        "precision": precision,
+        # Reduced precision: how it was made (calibration source, size, method, synthetic or
+        # not, decision heads kept FP32) and its agreement with the FP32 graphs.
+        "calibration": calibration_info,
         "opset": spec.opset,
         "inputs": inputs_spec,
         "outputs": outputs_spec,
@@ -323,6 +383,8 @@ def export(
         GOLDEN: golden,
         REPORT: (json.dumps(report.to_dict(), indent=2) + "\n").encode(),
     }
+    if record_bytes is not None:
+        files[CALIBRATION_FILE] = record_bytes
     if reference_weights and info is not None:
         # The PyTorch weights ride along (weights_only format) so that, where torch is
         # installed, `check --data` can compute fresh references and `bench` can time PyTorch.
@@ -472,3 +534,20 @@ def _parity_inputs(
     if not trained_on_digits:
         labels = None
     return inputs, labels, "digits:heldout" + (f"[:{samples}]" if samples else "")
+
+
+def _calibration_source(calib: str | Path | None, size: int | None, prep: Any, meta: Mapping[str, Any]) -> Any:
+    """Calibration images (``CalibrationSet``) or stored ranges (``CalibrationRecord``)."""
+    from slimdeploy.calibration import CalibrationRecord, is_record, load_calibration
+    from slimdeploy.calibration.readers import DEFAULT_SIZE, DIGITS
+
+    if calib is None:
+        if meta.get("dataset") != "digits":
+            raise BadInputError(
+                "--precision int8 needs calibration data like the model's inputs | Fix: pass --calib "
+                "FOLDER (images), --calib FILE.npz, or --calib synthetic (random data, flagged)"
+            )
+        calib = DIGITS
+    if str(calib) not in (DIGITS, "synthetic") and is_record(calib):
+        return CalibrationRecord.load(calib)
+    return load_calibration(calib, prep.input_size, prep.mean, prep.std, size=size or DEFAULT_SIZE)

@@ -1,0 +1,285 @@
+"""ONNX Runtime INT8 against FP32 on the trained demo models: speed, and agreement with FP32.
+
+    python benchmarks/precision.py             # full run, writes benchmarks/results/precision.json
+    python benchmarks/precision.py --quick     # smoke run: few calls, 64 held-out images
+    python benchmarks/precision.py --models spconv_resnet20_digits --out /tmp/p.json
+
+In one run, for each zoo model (``mobilenet_v1_digits``, ``spconv_resnet20_digits``,
+``skipnet38_digits`` in the ``compact`` form, ``condensenet_digits``):
+
+1. export an FP32 bundle and an INT8 bundle (``--precision int8 --calib digits``: the 100-image
+   calibration split, MinMax, ONNX Runtime's U8S8 form, gate heads FP32) with ``export()``;
+2. make the TensorRT form (S8S8 symmetric, zero points 0) from the INT8 bundle's stored
+   ``calibration.json`` and the FP32 graph, without recalibrating (``quantize_int8``);
+3. on the digits held-out split: top-1 agreement of each INT8 form with FP32, gate agreement
+   (gated models), accuracy of each against the labels;
+4. time FP32 and U8S8 INT8 (``OrtRunner``, intra-op threads ``--threads``) at batch 1 and 32,
+   both sessions loaded, taking turns in rounds (``runtime.py``'s schedule); the ratio of p50s
+   is the figure. The S8S8 form's speed belongs to TensorRT on a GPU: not timed here.
+
+Targets (issue 6): INT8 >= 1.8x faster than FP32 at batch 32 on the ResNet-class models
+(``spconv_resnet20_digits``, ``skipnet38_digits``), top-1 agreement with FP32 >= 99 %, gate
+agreement >= 98 %. Results go to ``benchmarks/results/precision.json``; a table is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import OtherLoad, machine_facts  # noqa: E402
+from runtime import summarise, timed_calls  # noqa: E402
+
+DEFAULT_OUT = REPO / "benchmarks" / "results" / "precision.json"
+DEMO_MODELS = ("mobilenet_v1_digits", "spconv_resnet20_digits", "skipnet38_digits", "condensenet_digits")
+RESNET_CLASS = ("spconv_resnet20_digits", "skipnet38_digits")
+BATCH_SIZES = (1, 32)
+NOISY_CORES = 0.2
+TARGETS = {"int8_speedup_batch32": 1.8, "top1_agreement": 0.99, "gate_agreement": 0.98}
+FULL = {"rounds": 5, "first_warmup": 10, "settle_s": 0.2, "round_warmup": 3,
+        "iterations": {1: 60, 32: 10}, "heldout": None}
+QUICK = {"rounds": 2, "first_warmup": 2, "settle_s": 0.02, "round_warmup": 1,
+         "iterations": {1: 5, 32: 2}, "heldout": 64}
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def make_bundles(name: str, tmp: Path, quick: bool) -> dict[str, Path]:
+    """FP32 and INT8 (ORT form) bundles of a zoo model, exported in this process."""
+    from slimdeploy.export import export
+    from slimdeploy.zoo import zoo_checkpoint_path
+
+    checkpoint = zoo_checkpoint_path(name)
+    fast = {"samples": 32, "batch_sizes": (16,)} if quick else {}
+    bundles = {}
+    for precision in ("fp32", "int8"):
+        out = tmp / f"{name}-{precision}"
+        extra = {"calib": "digits"} if precision == "int8" else {}
+        result = export(checkpoint, out, precision=precision, **extra, **fast)
+        if not result.passed:
+            say(f"[{name}] note: the {precision} bundle failed its parity check: {result.report.failures[:2]}")
+        bundles[precision] = out
+    return bundles
+
+
+def trt_form(bundles: dict[str, Path]) -> dict[str, bytes]:
+    """The S8S8 (TensorRT) form of every graph, from the INT8 bundle's stored ranges."""
+    import onnx
+
+    from slimdeploy.bundle import load_bundle
+    from slimdeploy.calibration import CalibrationRecord, DecisionScope, quantize_int8
+
+    fp32 = load_bundle(bundles["fp32"])
+    record = CalibrationRecord.load(bundles["int8"])
+    scope = DecisionScope()
+    graphs = {}
+    for entry in fp32.manifest["graphs"]:
+        graph = onnx.load(bundles["fp32"] / entry["file"])
+        name = entry["name"]
+        if scope.is_decision_piece(name) or name not in record.graphs:
+            graphs[name] = graph.SerializeToString()
+        else:
+            graphs[name] = quantize_int8(graph, record.graphs[name], target="trt", exclude=scope.nodes(graph)).SerializeToString()
+    return graphs
+
+
+def agreement_rows(bundles: dict[str, Path], trt_graphs: dict[str, bytes], heldout: np.ndarray, labels: np.ndarray, threads: int) -> dict[str, Any]:
+    """Top-1 and gate agreement of each INT8 form with FP32, and accuracies, on ``heldout``."""
+    from slimdeploy.bundle import bundle_runner, load_bundle
+    from slimdeploy.engines.base import TensorMeta
+    from slimdeploy.engines.factory import make_runner
+    from slimdeploy.parity import run_batches
+
+    fp32 = load_bundle(bundles["fp32"])
+    manifest = fp32.manifest
+    meta = TensorMeta("input", np.dtype(np.float32), ("batch", *manifest["preprocessing"]["input_size"]))
+    runners = {
+        "fp32": bundle_runner(fp32, threads=threads),
+        "int8_ort": bundle_runner(load_bundle(bundles["int8"]), threads=threads),
+        "int8_trt_form": make_runner(trt_graphs, manifest["dynamic"], meta, plan=manifest.get("gating") or None,
+                                     decision_defaults=manifest["decisions"]["thresholds"], threads=threads),
+    }
+    outputs = {}
+    for label, runner in runners.items():
+        with runner:
+            outputs[label] = run_batches(runner, {"input": heldout}, 32, ["input"])
+    reference = outputs["fp32"]
+    rows: dict[str, Any] = {"samples": len(heldout), "accuracy_fp32": float((reference["logits"].argmax(1) == labels).mean())}
+    for label in ("int8_ort", "int8_trt_form"):
+        out = outputs[label]
+        row = {
+            "top1_agreement": float((out["logits"].argmax(1) == reference["logits"].argmax(1)).mean()),
+            "accuracy": float((out["logits"].argmax(1) == labels).mean()),
+            "max_abs_logits_vs_fp32": float(np.abs(out["logits"] - reference["logits"]).max()),
+        }
+        if "gates" in reference and reference["gates"].size:
+            row["gate_agreement"] = float((out["gates"] == reference["gates"]).mean())
+        rows[label] = row
+    return rows
+
+
+def time_pair(bundles: dict[str, Path], heldout: np.ndarray, threads: int, plan: dict[str, Any]) -> list[dict[str, Any]]:
+    """FP32 against INT8 (ORT form), both sessions loaded, taking turns."""
+    from slimdeploy.bundle import bundle_runner, load_bundle
+
+    runners = {label: bundle_runner(load_bundle(path), threads=threads) for label, path in bundles.items()}
+    for runner in runners.values():
+        runner.activate()
+    results = []
+    try:
+        for batch in BATCH_SIZES:
+            feed = {"input": np.ascontiguousarray(heldout[:batch])}
+            for runner in runners.values():
+                timed_calls(runner, feed, plan["first_warmup"], 0)
+            per_round: dict[str, list[list[float]]] = {label: [] for label in runners}
+            order = list(runners)
+            with OtherLoad() as other:
+                for index in range(plan["rounds"]):
+                    for label in (order if index % 2 == 0 else order[::-1]):
+                        time.sleep(plan["settle_s"])
+                        per_round[label].append(timed_calls(runners[label], feed, plan["round_warmup"], plan["iterations"][batch]))
+            stats = {label: summarise([t for r in rounds for t in r], rounds) for label, rounds in per_round.items()}
+            results.append({
+                "batch": batch,
+                "fp32": stats["fp32"],
+                "int8": stats["int8"],
+                "speedup_int8_over_fp32_p50": round(stats["fp32"]["p50_ms"] / stats["int8"]["p50_ms"], 3),
+                "other_processes_cpu_cores": other.cores,
+            })
+    finally:
+        for runner in runners.values():
+            runner.deactivate()
+    return results
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from slimdeploy.data import digits_inputs
+    from slimdeploy.zoo import get_zoo_entry
+
+    plan = QUICK if args.quick else FULL
+    result: dict[str, Any] = {
+        "benchmark": "precision",
+        "quick": args.quick,
+        "machine": machine_facts(),
+        "settings": {
+            "threads": args.threads,
+            "calibration": "digits calibration split (100 images), MinMax, per-channel weights, gate heads FP32",
+            "int8_ort": "U8S8 QDQ (QUInt8 activations, QInt8 symmetric per-channel weights), the bundle's model.onnx",
+            "int8_trt_form": "S8S8 QDQ (symmetric, zero points 0, FP32 biases) from the INT8 bundle's calibration.json",
+            "gated_form": "compact (the ort default)",
+            "batch_sizes": list(BATCH_SIZES),
+            "rounds": plan["rounds"],
+            "timed_calls_per_round": {str(k): v for k, v in plan["iterations"].items()},
+            "data": "digits held-out split" + (f", first {plan['heldout']}" if plan["heldout"] else " (500 images)"),
+        },
+        "targets": {key: f">= {value}" for key, value in TARGETS.items()},
+        "models": [],
+    }
+    with tempfile.TemporaryDirectory(prefix="slimdeploy-precision-") as tmp_name:
+        tmp = Path(tmp_name)
+        for name in args.models:
+            say(f"[{name}] exporting FP32 and INT8 bundles ...")
+            bundles = make_bundles(name, tmp, args.quick)
+            manifest = json.loads((bundles["int8"] / "manifest.json").read_text())
+            prep = manifest["preprocessing"]
+            heldout, labels = digits_inputs("heldout", tuple(prep["input_size"]), tuple(prep["mean"]), tuple(prep["std"]), count=plan["heldout"])
+            say(f"[{name}] agreement of the INT8 forms with FP32 ...")
+            agreement = agreement_rows(bundles, trt_form(bundles), heldout, labels, args.threads)
+            say(f"[{name}] timing FP32 against INT8 ...")
+            result["models"].append({
+                "name": name,
+                "arch": manifest["model"]["arch"],
+                "dynamic": manifest["dynamic"],
+                "zoo_accuracy": get_zoo_entry(name).accuracy,
+                "int8_parity_passed": manifest["parity"]["passed"],
+                "agreement": agreement,
+                "latency": time_pair(bundles, heldout, args.threads, plan),
+            })
+    result["machine"]["load_average_at_end"] = list(os.getloadavg())
+    others = [row["other_processes_cpu_cores"] for m in result["models"] for row in m["latency"]]
+    result["machine"]["other_processes_cpu_cores_max"] = max(others) if others else None
+    result["machine"]["noisy"] = bool(others) and max(others) > NOISY_CORES
+    result["checks"] = checks(result)
+    result["passed"] = all(c["passed"] for c in result["checks"])
+    return result
+
+
+def checks(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each target against its measured figure (speed on the ResNet-class models only)."""
+    found = []
+    for model in result["models"]:
+        if model["name"] in RESNET_CLASS:
+            row = next(r for r in model["latency"] if r["batch"] == 32)
+            measured = row["speedup_int8_over_fp32_p50"]
+            found.append({"check": f"{model['name']} int8_speedup_batch32", "target": f">= {TARGETS['int8_speedup_batch32']}",
+                          "measured": measured, "passed": measured >= TARGETS["int8_speedup_batch32"]})
+        ort_row = model["agreement"]["int8_ort"]
+        found.append({"check": f"{model['name']} top1_agreement", "target": f">= {TARGETS['top1_agreement']}",
+                      "measured": ort_row["top1_agreement"], "passed": ort_row["top1_agreement"] >= TARGETS["top1_agreement"]})
+        if "gate_agreement" in ort_row:
+            found.append({"check": f"{model['name']} gate_agreement", "target": f">= {TARGETS['gate_agreement']}",
+                          "measured": ort_row["gate_agreement"], "passed": ort_row["gate_agreement"] >= TARGETS["gate_agreement"]})
+    return found
+
+
+def markdown(result: dict[str, Any]) -> str:
+    machine = result["machine"]
+    lines = [
+        f"{machine['cpu_model']}, {machine['cores']} cores, {result['settings']['threads']} threads, "
+        f"onnxruntime {machine['versions'].get('onnxruntime')}" + (" (--quick: smoke figures, not to quote)" if result["quick"] else ""),
+        "",
+        "| model | FP32 p50 ms b1 / b32 | INT8 p50 ms b1 / b32 | INT8 speed-up b1 / b32 | top-1 vs FP32 U8S8 / S8S8 | gates vs FP32 U8S8 / S8S8 | accuracy FP32 / U8S8 / S8S8 |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for model in result["models"]:
+        rows = {r["batch"]: r for r in model["latency"]}
+        a = model["agreement"]
+        ort_row, trt_row = a["int8_ort"], a["int8_trt_form"]
+        gates = (f"{ort_row['gate_agreement']:.1%} / {trt_row['gate_agreement']:.1%}" if "gate_agreement" in ort_row else "")
+        lines.append(
+            f"| {model['name']} | {rows[1]['fp32']['p50_ms']:.3f} / {rows[32]['fp32']['p50_ms']:.2f} "
+            f"| {rows[1]['int8']['p50_ms']:.3f} / {rows[32]['int8']['p50_ms']:.2f} "
+            f"| {rows[1]['speedup_int8_over_fp32_p50']:.2f}x / {rows[32]['speedup_int8_over_fp32_p50']:.2f}x "
+            f"| {ort_row['top1_agreement']:.1%} / {trt_row['top1_agreement']:.1%} | {gates} "
+            f"| {a['accuracy_fp32']:.1%} / {ort_row['accuracy']:.1%} / {trt_row['accuracy']:.1%} |"
+        )
+    lines += ["", "targets: " + ", ".join(f"{c['check']} {c['measured']:.3g} ({'pass' if c['passed'] else 'FAIL'})" for c in result["checks"])]
+    if machine["noisy"]:
+        lines.append("NOISY: other processes were running; rerun on an idle machine before quoting these figures")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="few calls and images: a smoke test, not figures to quote")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file (default benchmarks/results/precision.json)")
+    parser.add_argument("--threads", type=int, default=2, help="intra-op threads of both sessions (default 2)")
+    parser.add_argument("--models", nargs="+", default=list(DEMO_MODELS), choices=DEMO_MODELS, help="zoo models (default all four)")
+    args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error("--threads must be at least 1")
+    result = run(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(markdown(result))
+    say(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

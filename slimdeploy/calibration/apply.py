@@ -1,0 +1,188 @@
+"""Reduced precision for an exported form: the step between simplification and the bundle.
+
+    result = apply_precision(graphs, "int8", target="ort", form="compact", calibration=calib)
+    result.graphs   # graph name -> FP16 or QDQ INT8 ONNX
+    result.record   # the calibration ranges (stored as calibration.json in the bundle)
+    result.info     # the manifest's ``calibration`` entry
+
+INT8 calibrates once (or takes a stored ``CalibrationRecord``) and quantizes each graph in the
+target's form (``int8.quantize_int8``). Single-graph forms (static models, ``compact``,
+``mask``) are calibrated on the calibration images; each piece of a ``staged`` bundle on the
+rows the staged controller hands it (``staged.piece_feeds``). ``if`` graphs are refused:
+ONNX Runtime's quantizer does not reach inside ``If`` branches, where the gated blocks are.
+Decision heads stay FP32 unless ``quantize_decisions``. FP16 of ``if`` graphs is refused too
+(for now): the converter does not follow outer-scope weights into the branches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+
+from slimdeploy.calibration.decisions import NO_DECISIONS, DecisionScope
+from slimdeploy.calibration.fp16 import convert_fp16
+from slimdeploy.calibration.int8 import quantize_int8, unranged_nodes
+from slimdeploy.calibration.ranges import (
+    DEFAULT_METHOD,
+    CalibrationRecord,
+    check_method,
+    collect_ranges,
+)
+from slimdeploy.calibration.readers import CalibrationSet
+from slimdeploy.engines.base import TensorMeta
+from slimdeploy.errors import BadInputError
+
+PRECISIONS = ("fp32", "fp16", "int8")
+INT8_FORMS = "compact, staged or mask"
+
+
+@dataclass
+class PrecisionResult:
+    """Graphs in the asked precision, the calibration ranges used (INT8) and the manifest entry."""
+
+    graphs: dict[str, onnx.ModelProto]
+    info: dict[str, Any]
+    record: CalibrationRecord | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def check_precision(precision: str, form: str | None) -> None:
+    """Refuse a precision this form cannot take, before any work."""
+    if precision not in PRECISIONS:
+        raise BadInputError(f"unknown precision '{precision}' | Note: expected one of {list(PRECISIONS)}")
+    if precision == "int8" and form == "if":
+        raise BadInputError(
+            "--precision int8 cannot calibrate the 'if' form: ONNX Runtime's quantizer leaves the "
+            f"blocks inside If branches in FP32 | Fix: pass --dynamic with {INT8_FORMS} (flat graphs "
+            "that calibrate completely)"
+        )
+    if precision == "fp16" and form == "if":
+        # The branches read the weights from the outer graph, which the FP16 converter casts
+        # without following them into the branches: the graph it makes does not load.
+        raise BadInputError(
+            "--precision fp16 does not convert the 'if' form yet (its If branches read outer-scope "
+            f"weights) | Fix: pass --dynamic with {INT8_FORMS}"
+        )
+
+
+def apply_precision(
+    graphs: Mapping[str, onnx.ModelProto],
+    precision: str,
+    *,
+    target: str = "ort",
+    form: str | None = None,
+    plan: Mapping[str, Any] | None = None,
+    input_meta: TensorMeta | None = None,
+    calibration: CalibrationSet | CalibrationRecord | None = None,
+    method: str = DEFAULT_METHOD,
+    quantize_decisions: bool = False,
+    scope: DecisionScope | None = None,
+    gate_threshold: float = 0.5,
+    progress: Callable[[str], None] | None = None,
+) -> PrecisionResult:
+    """Convert the exported (simplified) FP32 graphs to ``precision``.
+
+    Args:
+        graphs: graph name → FP32 ONNX (``model``, or the pieces of a staged form).
+        precision: ``fp32``, ``fp16`` or ``int8``.
+        target: ``ort`` (U8S8 INT8) or ``trt`` (S8S8 symmetric INT8). Defaults to ``ort``.
+        form: the dynamic form (None for static models). Defaults to None.
+        plan: the gating plan; needed to calibrate a ``staged`` form. Defaults to None.
+        input_meta: metadata of the image input; needed for ``staged``. Defaults to None.
+        calibration: INT8 only: calibration images, or stored ranges to reuse.
+        method: ``MinMax``, ``Entropy`` or ``Percentile`` (when calibrating). Defaults to MinMax.
+        quantize_decisions: also reduce the precision of gate and exit heads. Defaults to False.
+        scope: what counts as a decision head. Defaults to gate and exit heads.
+        gate_threshold: threshold the staged controller decides at while calibrating. Defaults to 0.5.
+        progress: callable told each step. Defaults to silence.
+    """
+    say = progress or (lambda _message: None)
+    check_precision(precision, form)
+    scope = NO_DECISIONS if quantize_decisions else (scope or DecisionScope())
+    info: dict[str, Any] = {"precision": precision, "target": target, "decisions_fp32": not quantize_decisions}
+    if precision == "fp32":
+        return PrecisionResult(dict(graphs), info)
+    if precision == "fp16":
+        say("converting to FP16 (decision heads, softmax and normalisations stay FP32)")
+        out = {}
+        for name, graph in graphs.items():
+            out[name] = graph if scope.is_decision_piece(name) else convert_fp16(graph, keep=scope.nodes(graph))
+        info["fp32_pieces"] = [name for name in graphs if scope.is_decision_piece(name)]
+        return PrecisionResult(out, info)
+
+    check_method(method)
+    notes: list[str] = []
+    if isinstance(calibration, CalibrationRecord):
+        record = calibration
+        if not set(record.graphs) & set(graphs):
+            raise BadInputError(
+                f"the stored calibration ranges are for graphs {sorted(record.graphs)}, this export makes "
+                f"{sorted(graphs)} | Fix: reuse ranges from a bundle of the same model and dynamic form, or recalibrate"
+            )
+        say(f"reusing stored calibration ranges ({record.method}, {record.data.get('source')})")
+    elif isinstance(calibration, CalibrationSet):
+        say(f"calibrating on {len(calibration)} samples from {calibration.source} ({method})")
+        if form == "staged":
+            if plan is None or input_meta is None:
+                raise ValueError("calibrating a staged form needs its plan and input metadata")
+            from slimdeploy.calibration.staged import piece_feeds
+
+            feeds = piece_feeds({n: g.SerializeToString() for n, g in graphs.items()}, plan, input_meta,
+                                calibration.inputs, gate_threshold=gate_threshold)
+        else:
+            feeds = {name: {"input": calibration.inputs} for name in graphs}
+        ranges = {name: collect_ranges(graphs[name], [feed], method) for name, feed in feeds.items()}
+        record = CalibrationRecord(method, ranges, calibration.describe())
+    else:
+        raise BadInputError("--precision int8 needs calibration data | Fix: pass --calib digits, --calib PATH (images, .npy/.npz) or --calib synthetic")
+
+    say(f"quantizing to INT8 in the {'TensorRT (S8S8)' if target == 'trt' else 'ONNX Runtime (U8S8)'} form")
+    out, fp32_pieces, fp32_blocks = {}, [], {}
+    for name, graph in graphs.items():
+        if scope.is_decision_piece(name):
+            out[name] = graph
+            fp32_pieces.append(name)
+        elif name not in record.graphs:
+            # No calibration row reached this piece (a block every sample skipped): no ranges.
+            out[name] = graph
+            fp32_pieces.append(name)
+            notes.append(f"INT8: no calibration sample reached '{name}'; it stays FP32")
+        else:
+            out[name] = quantize_int8(graph, record.graphs[name], target=target, exclude=scope.nodes(graph))
+            nodes = unranged_nodes(graph, record.graphs[name])
+            # Pieces' nodes carry their piece as prefix (exec2/...); routing nodes have none.
+            unreached = sorted({node.split("/")[0] for node in nodes if "/" in node}, key=_natural)
+            if any("/" not in node for node in nodes):
+                unreached.append(f"{sum('/' not in node for node in nodes)} routing node(s)")
+            if unreached:
+                fp32_blocks[name] = unreached
+                notes.append(f"INT8: no calibration sample reached {', '.join(unreached)} in '{name}'; those nodes stay FP32")
+    info.update({
+        "method": record.method,
+        **{key: record.data.get(key) for key in ("source", "size", "synthetic")},
+        "form": "S8S8 symmetric, zero points 0, per-channel weights" if target == "trt" else "U8S8, per-channel weights",
+        "fp32_pieces": fp32_pieces,
+        # Per graph, the node groups (name prefixes) left FP32 because no sample reached them.
+        "fp32_unreached": fp32_blocks,
+    })
+    if record.data.get("synthetic"):
+        notes.append("INT8 ranges come from synthetic (random) data, not real images: expect poor accuracy")
+    return PrecisionResult(out, info, record, notes)
+
+
+def _natural(name: str) -> tuple[str, int]:
+    """Sort key putting exec2 before exec11."""
+    stem = name.rstrip("0123456789")
+    return stem, int(name[len(stem):] or 0)
+
+
+def agreement(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """Top-1 agreement of ``logits`` and exact agreement of ``gates`` between two runs."""
+    result = {"top1": float((reference["logits"].argmax(1) == candidate["logits"].argmax(1)).mean())}
+    if "gates" in reference and "gates" in candidate and reference["gates"].size:
+        result["gates"] = float((reference["gates"] == candidate["gates"]).mean())
+    return result

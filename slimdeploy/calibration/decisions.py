@@ -1,0 +1,89 @@
+"""Which nodes make decisions (gate and exit heads): the part of a graph kept FP32 by default.
+
+A decision that flips under reduced precision changes the answer, so INT8 and FP16 leave the
+nodes that compute gates and exits in FP32 unless asked (``--quantize-decisions``). The scope is
+data, not code, so new decision heads (exits, issue 5) only add a pattern or an output:
+
+- ``patterns``: fnmatch patterns of the prefix that the exporters give a head's nodes
+  (``gate0/...`` in a composed graph) and of the piece names of a staged bundle (``gate0``);
+- ``outputs``: decision outputs (``gates``, ``gate_probs``, ``exit_stage``): nodes whose results
+  flow only into them (the Greater/Cast/Concat that report the decisions) are decision nodes too.
+
+From the matched heads the scope grows forward through nodes that read nothing but decision
+values (thresholds and constants aside): the comparison with the threshold, the casts, the row
+indices of a compacted block. A node that also reads features (the ``Gather`` of the executed
+rows) is not a decision node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+
+import onnx
+
+DEFAULT_PATTERNS = ("gate*", "exit*")
+DEFAULT_OUTPUTS = ("gates", "gate_probs", "exit_stage", "exit_probs")
+
+
+@dataclass(frozen=True)
+class DecisionScope:
+    """Patterns and outputs that name the decision part of a model.
+
+    Attributes:
+        patterns: fnmatch patterns of head prefixes / staged piece names. Defaults to gate and
+            exit heads.
+        outputs: decision output names. Defaults to ``gates``, ``gate_probs``, ``exit_stage``,
+            ``exit_probs``.
+    """
+
+    patterns: tuple[str, ...] = DEFAULT_PATTERNS
+    outputs: tuple[str, ...] = DEFAULT_OUTPUTS
+
+    def is_decision_piece(self, piece: str) -> bool:
+        """True for a staged piece that is a decision head (``gate3``, ``exit1``)."""
+        return any(fnmatchcase(piece, pattern) for pattern in self.patterns)
+
+    def nodes(self, model: onnx.ModelProto) -> list[str]:
+        """Names of the decision nodes of ``model``'s main graph, in graph order."""
+        return decision_nodes(model, self.patterns, self.outputs)
+
+
+NO_DECISIONS = DecisionScope((), ())
+
+
+def decision_nodes(model: onnx.ModelProto, patterns: Sequence[str] = DEFAULT_PATTERNS, outputs: Iterable[str] = DEFAULT_OUTPUTS) -> list[str]:
+    """Decision nodes of ``model``: head nodes named ``<pattern>/...``, what reads only their
+    results, and what flows only into the decision ``outputs``."""
+    graph = model.graph
+    nodes = list(graph.node)
+    constant = {init.name for init in graph.initializer} | {inp.name for inp in graph.input if inp.name != graph.input[0].name}
+    constant |= {out for node in nodes if node.op_type == "Constant" for out in node.output}
+    heads = {node.name for node in nodes if any(fnmatchcase(node.name, f"{pattern}/*") for pattern in patterns)}
+    decided: set[str] = set()  # values computed by decision nodes
+    chosen: set[str] = set()
+    # Forward: graph order is topological, so one pass sees producers before consumers.
+    for node in nodes:
+        values = [name for name in node.input if name and name not in constant]
+        if node.name in heads or (values and all(name in decided for name in values)):
+            chosen.add(node.name)
+            decided.update(node.output)
+    # Backward: nodes every consumer of which is a decision node or a decision output.
+    consumers: dict[str, list[str]] = {}
+    for node in nodes:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node.name)
+    graph_outputs = {out.name for out in graph.output}
+    wanted = set(outputs) & graph_outputs
+    if wanted:
+        for node in reversed(nodes):
+            if node.name in chosen or not node.output:
+                continue
+            feeds_only_decisions = all(
+                (out in wanted) or (out not in graph_outputs and consumers.get(out) and all(c in chosen for c in consumers[out]))
+                for out in node.output
+            )
+            if feeds_only_decisions:
+                chosen.add(node.name)
+    return [node.name for node in nodes if node.name in chosen]

@@ -1,0 +1,144 @@
+"""Calibration ranges: run the model on calibration data once, keep every tensor's range.
+
+    ranges = collect_ranges(model, [{"input": x}], method="MinMax")   # tensor -> (min, max)
+    record = CalibrationRecord("MinMax", {"model": ranges}, data={"source": "digits:calib[:100]", ...})
+    record.save(bundle / "calibration.json")
+
+The ranges are ONNX Runtime's (``create_calibrator``: MinMax, Entropy or Percentile over every
+float tensor). Only each tensor's (min, max) is kept: that is all the QDQ quantizer reads, and
+from it both INT8 forms follow (asymmetric U8 activations for ONNX Runtime, symmetric S8 for
+TensorRT), so a bundle for the other target is made from the record without recalibrating.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from slimdeploy.errors import BadInputError
+
+METHODS = ("MinMax", "Entropy", "Percentile")
+DEFAULT_METHOD = "MinMax"
+RECORD_FILE = "calibration.json"
+RECORD_FORMAT = 1
+
+Ranges = dict[str, tuple[float, float]]
+
+
+@dataclass
+class CalibrationRecord:
+    """Ranges of every calibrated graph (``model``, or each piece of a staged bundle), the
+    method that produced them and the data they came from."""
+
+    method: str
+    graphs: dict[str, Ranges]
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": RECORD_FORMAT,
+            "method": self.method,
+            "data": self.data,
+            "graphs": {name: {t: [lo, hi] for t, (lo, hi) in ranges.items()} for name, ranges in self.graphs.items()},
+        }
+
+    def to_bytes(self) -> bytes:
+        return (json.dumps(self.to_dict(), indent=1) + "\n").encode()
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CalibrationRecord:
+        if data.get("format") != RECORD_FORMAT or "graphs" not in data:
+            raise BadInputError(f"not a slimdeploy calibration record (format {data.get('format')!r}) | Fix: pass the calibration.json of a bundle")
+        graphs = {name: {t: (float(v[0]), float(v[1])) for t, v in ranges.items()} for name, ranges in data["graphs"].items()}
+        return cls(str(data["method"]), graphs, dict(data.get("data", {})))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_bytes(self.to_bytes())
+
+    @classmethod
+    def load(cls, path: str | Path) -> CalibrationRecord:
+        """Read a record from a ``calibration.json`` or from a bundle folder holding one."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / RECORD_FILE
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise BadInputError(f"cannot read calibration ranges from '{path}' ({exc}) | Fix: pass a bundle's calibration.json") from exc
+        return cls.from_dict(data)
+
+
+def is_record(source: str | Path) -> bool:
+    """True when ``source`` names stored ranges (a .json file, or a bundle with calibration.json)."""
+    path = Path(source)
+    return (path.is_file() and path.suffix == ".json") or (path.is_dir() and (path / RECORD_FILE).is_file())
+
+
+def check_method(method: str) -> str:
+    """``method`` if ONNX Runtime knows it, else a BadInputError naming the choices."""
+    if method not in METHODS:
+        raise BadInputError(f"unknown calibration method '{method}' | Note: expected one of {list(METHODS)}")
+    return method
+
+
+def collect_ranges(model: onnx.ModelProto, feeds: Iterable[Mapping[str, np.ndarray]], method: str = DEFAULT_METHOD) -> Ranges:
+    """Range of every float tensor of ``model`` over ``feeds`` (ONNX Runtime's calibrator).
+
+    Args:
+        model: the FP32 graph.
+        feeds: calibration batches, each a feed dict.
+        method: ``MinMax``, ``Entropy`` or ``Percentile``. Defaults to ``MinMax``.
+    """
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, create_calibrator
+
+    check_method(method)
+    batches = [dict(feed) for feed in feeds]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._batches = iter(batches)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self._batches, None)
+
+    with tempfile.TemporaryDirectory(prefix="slimdeploy-calib-") as tmp, quiet_quantizer():
+        source = Path(tmp) / "model.onnx"
+        onnx.save(model, source)
+        calibrator = create_calibrator(
+            source, None, augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+            calibrate_method=getattr(CalibrationMethod, method),
+        )
+        calibrator.collect_data(Reader())
+        tensors = calibrator.compute_data()
+        del calibrator
+    ranges = {name: (_scalar(data.range_value[0]), _scalar(data.range_value[1])) for name, data in tensors.data.items()}
+    # A tensor seen only empty (a compacted block no sample executed) has no range: leave it
+    # out, so that nothing is quantized with a made-up one (``int8.unranged_nodes``).
+    return {name: (low, high) for name, (low, high) in ranges.items() if np.isfinite(low) and np.isfinite(high) and low <= high}
+
+
+def _scalar(value: Any) -> float:
+    return float(np.asarray(value, dtype=np.float64).reshape(-1)[0])
+
+
+@contextlib.contextmanager
+def quiet_quantizer() -> Iterator[None]:
+    """Silence ONNX Runtime's quantization warnings (per-tensor chatter) for a block, and send
+    the histogram calibrators' prints to stderr: stdout carries results (``--json -``)."""
+    level = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        logging.disable(level)

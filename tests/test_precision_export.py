@@ -1,0 +1,170 @@
+"""Reduced-precision bundles end to end: ``export --precision int8|fp16`` of zoo models pass
+parity with the precision's criteria and then ``check`` from the manifest alone; calibration
+ranges stored in the bundle are reused without recalibrating; INT8 of the ``if`` form is
+refused; gated models keep their gate heads FP32 and each staged piece is calibrated on the
+rows that reach it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import assert_clean_error, run_cli
+from onnx import numpy_helper
+
+from slimdeploy.zoo import zoo_checkpoint_path
+
+FAST = ["--samples", "40", "--batch-sizes", "8"]
+
+
+def _scales(path: Path) -> dict[str, np.ndarray]:
+    model = onnx.load(path)
+    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer if i.name.endswith(("_scale", "_zero_point"))}
+
+
+@pytest.mark.slow
+def test_int8_bundle_passes_check_and_its_ranges_are_reused(tmp_path: Path) -> None:
+    bundle = tmp_path / "int8"
+    result = run_cli("export", "zoo:spconv_resnet20_digits", "--out", str(bundle), "--precision", "int8",
+                     "--calib", "digits", "--calib-size", "60", *FAST)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "U8S8" in result.stdout and "calibrated with MinMax on 60 samples" in result.stdout
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    calibration = manifest["calibration"]
+    assert manifest["precision"] == "int8" and calibration["source"] == "digits:calib[:60]"
+    assert calibration["size"] == 60 and calibration["synthetic"] is False and calibration["method"] == "MinMax"
+    assert calibration["vs_fp32"]["top1"] >= 0.95
+    assert manifest["parity"]["criteria"]["top1_agreement"] == 0.97
+    assert manifest["tolerances"][""] == [0.25, 0.1]
+    model = onnx.load(bundle / "model.onnx")
+    assert sum(n.op_type == "QuantizeLinear" for n in model.graph.node) > 10
+    assert "calibration.json" in manifest["files"]
+    check = run_cli("check", str(bundle), "--json", "-")
+    assert check.returncode == 0, check.stdout + check.stderr
+    report = json.loads(check.stdout)
+    assert report["precision"] == "int8" and report["criteria"]["decision_agreement"] == 0.98
+    # --atol alone keeps the INT8 default rtol (not the FP32 one).
+    loose = run_cli("check", str(bundle), "--atol", "0.5", "--json", "-")
+    assert json.loads(loose.stdout)["tolerances"][""] == [0.5, 0.1]
+    # A second export from the stored ranges: no calibration data read, identical scales.
+    again = tmp_path / "again"
+    result = run_cli("export", "zoo:spconv_resnet20_digits", "--out", str(again), "--precision", "int8",
+                     "--calib", str(bundle / "calibration.json"), *FAST)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "reusing stored calibration ranges" in result.stderr
+    first, second = _scales(bundle / "model.onnx"), _scales(again / "model.onnx")
+    assert first.keys() == second.keys() and len(first) > 20
+    for name in first:
+        np.testing.assert_array_equal(first[name], second[name], err_msg=name)
+
+
+@pytest.mark.slow
+def test_fp16_bundle_passes_check(tmp_path: Path) -> None:
+    bundle = tmp_path / "fp16"
+    result = run_cli("export", "zoo:mobilenet_v1_digits", "--out", str(bundle), "--precision", "fp16", *FAST)
+    assert result.returncode == 0, result.stdout + result.stderr
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["precision"] == "fp16" and manifest["tolerances"][""] == [0.01, 0.01]
+    assert "calibration.json" not in manifest["files"]
+    model = onnx.load(bundle / "model.onnx")
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer)
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert run_cli("check", str(bundle)).returncode == 0
+
+
+def test_int8_of_the_if_form_is_refused() -> None:
+    result = run_cli("export", "zoo:skipnet38_digits", "--out", "/nonexistent/never", "--precision", "int8", "--dynamic", "if")
+    assert_clean_error(result, 2, "--precision int8", "compact, staged or mask")
+
+
+def test_int8_of_a_model_without_known_data_asks_for_calib(tmp_path: Path) -> None:
+    from slimdeploy.errors import BadInputError
+    from slimdeploy.export import _calibration_source
+    from slimdeploy.loading import Preprocessing
+
+    prep = Preprocessing((3, 32, 32), (0.5,) * 3, (0.25,) * 3)
+    with pytest.raises(BadInputError, match="--calib"):
+        _calibration_source(None, None, prep, {"dataset": "imagenet"})
+    synthetic = _calibration_source("synthetic", 10, prep, {})
+    assert synthetic.synthetic and len(synthetic) == 10
+
+
+@pytest.fixture(scope="module")
+def skipnet_pieces() -> tuple:
+    """The trained SkipNet demo's pieces, plan and preprocessing (one torch.export)."""
+    from slimdeploy.exporters import gated
+    from slimdeploy.loading import load_checkpoint
+
+    loaded = load_checkpoint(zoo_checkpoint_path("skipnet38_digits"))
+    pieces, plan = gated.gated_pieces(loaded.module, loaded.preprocessing.input_size)
+    return pieces, plan, loaded.preprocessing
+
+
+@pytest.mark.slow
+def test_gated_int8_keeps_gates_fp32_and_calibrates_each_stage_on_its_rows(skipnet_pieces: tuple) -> None:
+    from slimdeploy.calibration import (
+        apply_precision,
+        decision_nodes,
+        load_calibration,
+        qdq_violations,
+    )
+    from slimdeploy.calibration.staged import piece_feeds
+    from slimdeploy.data import digits_inputs
+    from slimdeploy.engines.base import TensorMeta
+    from slimdeploy.engines.factory import make_runner
+    from slimdeploy.exporters import gated
+    from slimdeploy.parity import run_batches
+
+    pieces, plan, prep = skipnet_pieces
+    calib = load_calibration("digits", prep.input_size, prep.mean, prep.std, size=100)
+    heldout, _ = digits_inputs("heldout", prep.input_size, prep.mean, prep.std, count=200)
+    meta = TensorMeta("input", np.dtype(np.float32), ("batch", *prep.input_size))
+
+    # compact: one flat graph, calibrated completely; gate heads read FP32 values.
+    compact = gated.compose_form("compact", pieces, plan, prep.input_size)
+    result = apply_precision({"model": compact}, "int8", form="compact", calibration=calib)
+    quantized = result.graphs["model"]
+    # The TensorRT form from the same ranges: every Q/DQ in TensorRT's rules.
+    trt = apply_precision({"model": compact}, "int8", target="trt", form="compact", calibration=result.record).graphs["model"]
+    assert qdq_violations(trt) == [] and any(n.op_type == "QuantizeLinear" for n in trt.graph.node)
+    heads = set(decision_nodes(compact))
+    producers = {out: node for node in quantized.graph.node for out in node.output}
+    gate_nodes = [n for n in quantized.graph.node if n.name in heads]
+    assert gate_nodes and not any(
+        producers.get(i) is not None and producers[i].op_type == "DequantizeLinear" for n in gate_nodes for i in n.input
+    )
+    assert any(n.op_type == "QuantizeLinear" for n in quantized.graph.node)
+    outputs = {}
+    for label, graph in (("fp32", compact), ("int8", quantized), ("trt", trt)):
+        with make_runner({"model": graph.SerializeToString()}, "compact", meta) as runner:
+            outputs[label] = run_batches(runner, {"input": heldout}, 50, ["input"])
+    assert (outputs["fp32"]["logits"].argmax(1) == outputs["int8"]["logits"].argmax(1)).mean() >= 0.97
+    assert (outputs["fp32"]["gates"] == outputs["int8"]["gates"]).mean() >= 0.98
+    assert (outputs["fp32"]["logits"].argmax(1) == outputs["trt"]["logits"].argmax(1)).mean() >= 0.95
+
+    # staged: every piece sees exactly the rows the controller routes to it.
+    plan_dict = plan.to_dict()
+    sources = {name: graph.SerializeToString() for name, graph in pieces.items()}
+    feeds = piece_feeds(sources, plan_dict, meta, calib.inputs)
+    with make_runner(sources, "staged", meta, plan=plan_dict) as runner:
+        gates = run_batches(runner, {"input": calib.inputs}, 32, ["input"])["gates"]
+    assert len(feeds["stem"]["x"]) == len(calib) and len(feeds["gate0"]["x"]) == len(calib)
+    for k in range(1, plan.n_blocks):
+        opened = int(gates[:, k - 1].sum())
+        assert len(feeds.get(f"exec{k}", {"x": []})["x"]) == opened, k
+        if k in plan.skips:
+            assert len(feeds.get(f"skip{k}", {"x": []})["x"]) == len(calib) - opened, k
+    staged = apply_precision(pieces, "int8", form="staged", plan=plan_dict, input_meta=meta, calibration=calib)
+    for name, graph in staged.graphs.items():
+        has_qdq = any(n.op_type == "QuantizeLinear" for n in graph.graph.node)
+        if name.startswith("gate") or name not in staged.record.graphs:
+            assert not has_qdq and graph is pieces[name], name
+        else:
+            assert has_qdq, name
+    assert set(staged.record.graphs) == set(feeds)
+    # The blocks no calibration sample executed are the same in both forms, and stay FP32 in both.
+    unreached_compact = {b for b in result.info["fp32_unreached"].get("model", []) if b.startswith("exec")}
+    assert unreached_compact == {f"exec{k}" for k in range(1, plan.n_blocks) if f"exec{k}" not in feeds}
