@@ -22,6 +22,7 @@ INSTALL_HINTS: dict[str, str] = {
     "sklearn": "pip install 'slimdeploy[export]'",
     "tensorrt": "pip install 'slimdeploy[trt]' (or use the slimdeploy TensorRT image)",
     "cuda": "pip install 'slimdeploy[trt]'",
+    "matplotlib": "pip install 'slimdeploy[plot]'",
 }
 
 

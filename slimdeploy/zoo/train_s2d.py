@@ -26,7 +26,14 @@ from typing import Any
 from slimdeploy._optional import optional_import
 from slimdeploy.loading import Preprocessing
 from slimdeploy.zoo import CHECKPOINT_DIR, ZooEntry, unknown_recipe
-from slimdeploy.zoo.train import DATASET, TrainSettings, _optimizer, _random_shifts, record_trained, save_zoo_checkpoint
+from slimdeploy.zoo.train import (
+    DATASET,
+    TrainSettings,
+    _optimizer,
+    _random_shifts,
+    record_trained,
+    save_zoo_checkpoint,
+)
 
 
 @dataclass(frozen=True)
