@@ -301,25 +301,32 @@ def exit_stats(bundle: Bundle, outputs: Mapping[str, np.ndarray], batch_sizes: S
 
 def sweep_exits(
     runner: Runner,
-    bundle: Bundle,
+    images: np.ndarray,
+    labels: np.ndarray | None,
+    macs_per_stage: Sequence[int],
     values: Sequence[float],
     batch_size: int = 1,
     warmup: int = 3,
-    iterations: int = 20,
+    iterations: int | None = None,
 ) -> list[SweepPoint]:
     """Accuracy, average MACs and latency of an active early-exit runner at each threshold in
-    ``values`` (every stage but the last gets it), on the bundle's golden inputs.
+    ``values`` (every stage but the last gets it).
 
-    Latency is the mean call time over ``iterations`` calls cycling through the golden inputs
-    in batches of ``batch_size`` (exits differ per sample, so the mean is what throughput
-    follows). Average MACs are what the decisions predict for ``staged`` (each sample up to its
-    exit stage).
+    Latency is the mean call time over ``iterations`` calls cycling through ``images`` in
+    batches of ``batch_size`` (exits differ per sample, so the mean is what throughput follows).
+    Average MACs are what the decisions predict for ``staged`` (each sample up to its exit).
+
+    Args:
+        runner: an active runner taking ``input`` and ``exit_thresholds``.
+        images: inputs [N, C, H, W].
+        labels: classes [N] for accuracy, or None.
+        macs_per_stage: MACs per sample of each stage (the plan's ``macs``).
+        values: thresholds to try.
+        batch_size: rows per call. Defaults to 1.
+        warmup: untimed calls per setting. Defaults to 3.
+        iterations: timed calls per setting. Defaults to one pass over ``images``.
     """
-    plan = bundle.manifest["exits"]
-    n_stages = int(plan["n_stages"])
-    macs = [int(plan["macs"][f"stage{j}"]) for j in range(n_stages)]
-    golden = bundle.golden()
-    images, labels = golden["input"], golden.get("labels")
+    n_stages = len(macs_per_stage)
     points = []
     for value in values:
         thresholds = np.full(n_stages, value, dtype=np.float32)
@@ -330,15 +337,16 @@ def sweep_exits(
         logits = np.concatenate([o["logits"] for o in outputs])
         for i in range(warmup):
             runner.infer(feeds[i % len(feeds)], check_inputs=False)
+        calls = iterations or len(feeds)
         started = time.perf_counter()
-        for i in range(iterations):
+        for i in range(calls):
             runner.infer(feeds[i % len(feeds)], check_inputs=False)
         points.append(SweepPoint(
             thresholds=[float(t) for t in thresholds],
             exit_share_per_stage=[float((stage == j).mean()) for j in range(n_stages)],
-            macs_average=exit_macs(macs, stage, "ideal", 1),
+            macs_average=exit_macs(macs_per_stage, stage, "ideal", 1),
             accuracy=float((logits.argmax(1) == labels).mean()) if labels is not None else None,
-            latency_ms=(time.perf_counter() - started) / iterations * 1e3,
+            latency_ms=(time.perf_counter() - started) / calls * 1e3,
             batch_size=batch_size,
         ))
     return points
@@ -449,5 +457,7 @@ def bench_bundle(
             report.notes.append(f"exit shares and accuracy are over the {len(golden['input'])} golden inputs")
             if sweep:
                 say(f"threshold sweep over {len(sweep)} settings")
-                report.sweep = sweep_exits(runner, bundle, sweep, batch_size=batch_sizes[0])
+                plan = bundle.manifest["exits"]
+                macs = [int(plan["macs"][f"stage{j}"]) for j in range(plan["n_stages"])]
+                report.sweep = sweep_exits(runner, golden["input"], golden.get("labels"), macs, sweep, batch_size=batch_sizes[0])
     return report

@@ -158,7 +158,7 @@ def export(
     arch: Annotated[str | None, typer.Option(help="Architecture (needed when the checkpoint does not name one).")] = None,
     arch_args: Annotated[str | None, typer.Option("--arch-args", help="Constructor arguments as a JSON object.")] = None,
     target: Annotated[str, typer.Option(help="Deployment target: ort (ONNX Runtime).")] = "ort",
-    dynamic: Annotated[str | None, typer.Option(help="Form of a gated model: mask, if, compact or staged (default for ort: compact).")] = None,
+    dynamic: Annotated[str | None, typer.Option(help="Form of a gated model: mask, if, compact or staged (default for ort: compact); of an early-exit model: mask, if or staged (default: staged).")] = None,
     condense_classifier: Annotated[bool, typer.Option("--condense-classifier", help="CondenseNet: prune the classifier as the official converter does (lossy).")] = False,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow a pickled nn.Module checkpoint (runs code from the file).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,

@@ -188,9 +188,11 @@ class StagedExitRunner(Runner):
         self.reset_counters()
 
     def reset_counters(self) -> None:
-        """Zero the per-stage statistics: rows each stage ran on, seconds in each stage's
-        graph, and seconds in whole calls (the difference is the controller's overhead)."""
+        """Zero the per-stage statistics: rows each stage ran on, times each stage ran, seconds
+        in each stage's graph, and seconds in whole calls (the difference is the controller's
+        overhead: thresholds, row selection, copies)."""
         self.stage_rows = np.zeros(self.n_stages, dtype=np.int64)
+        self.stage_calls = np.zeros(self.n_stages, dtype=np.int64)
         self.stage_seconds = np.zeros(self.n_stages)
         self.calls_seconds = 0.0
         self.calls = 0
@@ -227,6 +229,7 @@ class StagedExitRunner(Runner):
         x, carried = images, {}
         for stage in range(self.n_stages):
             self.stage_rows[stage] += len(active)
+            self.stage_calls[stage] += 1
             stage_started = time.perf_counter()
             # Pieces come from our own export: skip re-validating every call on the hot path.
             out = self.runners[f"stage{stage}"].infer({"input": x, **{n: carried[n] for n in self.needs[stage]}}, check_inputs=False)
