@@ -421,6 +421,9 @@ def zoo_list(json_out: JsonOpt = None) -> None:
             notes = ""
             if "skip_rate" in metrics:  # gated models: what they skip, and the no-gate baseline
                 notes = f"skips {metrics['skip_rate']:.0%} of gated blocks; no-gate baseline {metrics['baseline_accuracy']:.1%}"
+            elif "exit_share_per_stage" in metrics:  # early exits: where samples leave
+                shares = "/".join(f"{v:.0%}" for v in metrics["exit_share_per_stage"])
+                notes = f"exits per stage {shares}; last stage alone {metrics['final_stage_accuracy']:.1%}"
             table.add_row(row["name"], row["arch"], row.get("family") or "-", checkpoint, row.get("dataset") or "-", accuracy, notes)
         out_console.print(table)
     _emit_json(rows, json_out)
