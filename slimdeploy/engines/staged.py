@@ -149,8 +149,8 @@ class StagedExitRunner(Runner):
     """Runs an early-exit network stage by stage, dropping the samples that left.
 
     Follows the plan a ``staged`` early-exit bundle records (``exits`` in the manifest, see
-    ``exporters.early_exit``): stage j's graph takes the image rows still in the batch and the
-    earlier stages' features it reads, and returns ``logits``, ``confidence`` and the features
+    ``exporters.early_exit``): stage j's graph takes the image rows still in the batch (when it
+    reads the image) and the earlier stages' features it reads, and returns ``logits``, ``confidence`` and the features
     later stages read. After each stage the controller compares the confidences with
     ``exit_thresholds`` and keeps only the rows that stay, so a sample that left costs nothing
     more.
@@ -158,7 +158,7 @@ class StagedExitRunner(Runner):
     Args:
         make_runner: callable returning the runner of a stage graph by name (``"stage0"``...).
         plan: the manifest's ``exits`` entry: ``n_stages``, ``exit_rule``, ``thresholds``,
-            ``needs``, ``provides``.
+            ``needs``, ``provides``, ``reads_input``.
         input_meta: metadata of the image input ``input``.
         exit_thresholds: default thresholds when the feed has none. Defaults to the plan's.
         name: label in reports. Defaults to ``"staged"``.
@@ -180,6 +180,7 @@ class StagedExitRunner(Runner):
         self.entropy = plan["exit_rule"] == "entropy"
         self.needs = [list(names) for names in plan["needs"]]
         self.provides = [list(names) for names in plan["provides"]]
+        self.reads_input = [bool(v) for v in plan.get("reads_input", [True] * self.n_stages)]
         self.input_meta = input_meta
         default = plan["thresholds"] if exit_thresholds is None else exit_thresholds
         self.exit_thresholds = np.asarray(default, dtype=np.float32).reshape(self.n_stages)
@@ -232,7 +233,10 @@ class StagedExitRunner(Runner):
             self.stage_calls[stage] += 1
             stage_started = time.perf_counter()
             # Pieces come from our own export: skip re-validating every call on the hot path.
-            out = self.runners[f"stage{stage}"].infer({"input": x, **{n: carried[n] for n in self.needs[stage]}}, check_inputs=False)
+            stage_feed = {n: carried[n] for n in self.needs[stage]}
+            if self.reads_input[stage]:
+                stage_feed["input"] = x
+            out = self.runners[f"stage{stage}"].infer(stage_feed, check_inputs=False)
             self.stage_seconds[stage] += time.perf_counter() - stage_started
             confidence, logits = out["confidence"], out["logits"]
             if logits_out is None:

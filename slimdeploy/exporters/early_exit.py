@@ -2,7 +2,10 @@
 
 Every form is assembled from the same pieces, exported once (``exporters.pieces``):
 
-    stage{j}   input, <features of earlier stages it reads>  ->  logits, confidence, <features later stages read>
+    stage{j}   [input,] <features of earlier stages it reads>  ->  logits, confidence, <features later stages read>
+
+(``input`` only for stages that read the image: every S2D stage; only the first of a
+BranchyNet-style trunk, whose later stages continue from the carried trunk features.)
 
 A sample leaves at the first stage j whose ``confidence`` passes ``exit_thresholds[j]``
 (``>=`` for max softmax, ``<=`` for entropy); the last stage always answers.
@@ -54,6 +57,7 @@ class ExitPlan:
         thresholds: the model's default exit thresholds, one per stage.
         needs: per stage, the carried feature names it reads (besides ``input``).
         provides: per stage, the feature names it outputs for later stages.
+        reads_input: per stage, whether it reads the image ``input``.
         graphs: piece names (``stage0``...).
         macs: MACs per sample of each stage piece (Conv and Linear layers).
     """
@@ -63,13 +67,14 @@ class ExitPlan:
     thresholds: list[float]
     needs: list[list[str]]
     provides: list[list[str]]
+    reads_input: list[bool]
     graphs: list[str] = field(default_factory=list)
     macs: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": "early_exit", "n_stages": self.n_stages, "exit_rule": self.exit_rule,
                 "thresholds": self.thresholds, "needs": self.needs, "provides": self.provides,
-                "graphs": self.graphs, "macs": self.macs}
+                "reads_input": self.reads_input, "graphs": self.graphs, "macs": self.macs}
 
 
 def feature_name(stage: int, layer: int) -> str:
@@ -80,22 +85,23 @@ def feature_name(stage: int, layer: int) -> str:
 def exit_pieces(model: Any, input_size: tuple[int, ...], opset: int = DEFAULT_OPSET) -> tuple[dict[str, onnx.ModelProto], ExitPlan]:
     """Export the stage pieces of an early-exit network (one torch.export call) and its plan.
 
-    The model provides ``n_stages``, ``exit_rule``, ``exit_thresholds``, ``needs(j)`` and
-    ``provides(j)`` (lists of (stage, layer)), ``run_stage(j, x, carried)`` and
-    ``stage_outputs(j, x, *needed)`` (see ``models.s2d``).
+    The model is an ``nn.exit_stage.EarlyExitNet``: ``n_stages``, ``exit_rule``,
+    ``exit_thresholds``, ``needs(j)``, ``provides(j)``, ``reads_input(j)``, ``run_stage`` and
+    ``stage_outputs``.
     """
     torch = optional_import("torch", "export a model")
     generator = torch.Generator().manual_seed(0)
     image = torch.randn(EXAMPLE_BATCH, *input_size, generator=generator)
     carried: dict[tuple[int, int], Any] = {}
     pieces: list[Piece] = []
-    needs, provides = [], []
+    needs, provides, reads = [], [], []
     with torch.inference_mode():
         for stage in range(model.n_stages):
             need = model.needs(stage)
-            inputs = {"input": image.clone(), **{feature_name(*key): carried[key].clone() for key in need}}
+            reads.append(bool(model.reads_input(stage)))
+            inputs = {**({"input": image.clone()} if reads[-1] else {}), **{feature_name(*key): carried[key].clone() for key in need}}
             provided = [feature_name(*key) for key in model.provides(stage)]
-            pieces.append(Piece(f"stage{stage}", _stage_fn(model, stage), inputs, ["logits", "confidence", *provided]))
+            pieces.append(Piece(f"stage{stage}", _stage_fn(model, stage, reads[-1]), inputs, ["logits", "confidence", *provided]))
             needs.append([feature_name(*key) for key in need])
             provides.append(provided)
             _, features = model.run_stage(stage, image, carried)
@@ -106,12 +112,14 @@ def exit_pieces(model: Any, input_size: tuple[int, ...], opset: int = DEFAULT_OP
         for piece in pieces
     }
     plan = ExitPlan(model.n_stages, model.exit_rule, [float(t) for t in model.exit_thresholds], needs, provides,
-                    graphs=list(graphs), macs=macs)
+                    reads, graphs=list(graphs), macs=macs)
     return graphs, plan
 
 
-def _stage_fn(model: Any, stage: int) -> Any:
-    return lambda x, *needed: model.stage_outputs(stage, x, *needed)
+def _stage_fn(model: Any, stage: int, reads_input: bool) -> Any:
+    if reads_input:
+        return lambda x, *needed: model.stage_outputs(stage, x, *needed)
+    return lambda *needed: model.stage_outputs(stage, None, *needed)
 
 
 def compose_form(form: str, graphs: dict[str, onnx.ModelProto], plan: ExitPlan, input_size: tuple[int, ...]) -> onnx.ModelProto:
@@ -161,7 +169,8 @@ class _Composer:
 
     def stage(self, builder: GraphBuilder, j: int, carried: dict[str, str]) -> tuple[str, str, dict[str, str]]:
         """Inline stage j: its logits, its confidence and the features it provides."""
-        outs = builder.inline(self.graphs[f"stage{j}"], ["input", *(carried[n] for n in self.plan.needs[j])], f"stage{j}/")
+        image = ["input"] if self.plan.reads_input[j] else []
+        outs = builder.inline(self.graphs[f"stage{j}"], [*image, *(carried[n] for n in self.plan.needs[j])], f"stage{j}/")
         return outs[0], outs[1], dict(zip(self.plan.provides[j], outs[2:]))
 
     def exits(self, builder: GraphBuilder, j: int, confidence: str) -> str:

@@ -20,10 +20,8 @@ backbone's stride; the shortcut is the identity when the block keeps channels an
 else a 1x1 conv + BN. Keys: ``stages.{j}.{l}.{conv1,bn1,conv2,bn2,shortcut.0,shortcut.1}``
 (layer 0: ``stages.{j}.0.{conv,bn}``), ``heads.{j}.fc``.
 
-``forward(x, exit_thresholds=None) -> (logits, exit_stage, exit_confidence)`` really stops:
-after each stage the samples that left are dropped from the batch. ``exit_confidence`` [B, S]
-holds each stage's confidence, -1 for stages a sample did not reach. ``forward_all(x)`` runs
-every stage on every sample (training: the multi-exit loss).
+``forward``, ``forward_all`` and the exit rule come from ``nn.exit_stage.EarlyExitNet``: the
+forward really stops (samples that left are dropped from the batch after each stage).
 """
 
 from __future__ import annotations
@@ -35,11 +33,10 @@ import torch
 from torch import nn
 
 from slimdeploy.models.registry import register_model
-from slimdeploy.nn.exit_stage import NOT_REACHED, ExitHead, check_exit_rule, exit_confidence, exits
+from slimdeploy.nn.exit_stage import EarlyExitNet, ExitHead, Key, check_exit_rule
 
 DEFAULT_FRACTIONS = (0.25, 0.5, 1.0)
 DEFAULT_THRESHOLD = 0.9
-Key = tuple[int, int]  # (stage, layer) of a carried feature map
 
 
 def resnet_cifar_layers(depth: int) -> list[tuple[int, int]]:
@@ -92,7 +89,7 @@ class _BlockLayer(nn.Module):
         return torch.relu(out + (x if self.shortcut is None else self.shortcut(x)))
 
 
-class S2DResNetCifar(nn.Module):
+class S2DResNetCifar(EarlyExitNet):
     """A CIFAR ResNet split into stages with early exits (see the module docstring).
 
     Args:
@@ -183,69 +180,6 @@ class S2DResNetCifar(nn.Module):
             inputs = [carried[(i, layer - 1)] for i in self.reuse[layer][stage]] + [features[-1]]
             features.append(module(torch.cat(inputs, dim=1) if len(inputs) > 1 else inputs[0]))
         return self.heads[stage](features[-1]), features
-
-    def stage_outputs(self, stage: int, x: torch.Tensor, *needed: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The exported piece of a stage: ``(logits, confidence, *provided features)`` from the
-        image and the ``needs(stage)`` features in order."""
-        logits, features = self.run_stage(stage, x, dict(zip(self.needs(stage), needed)))
-        provided = [features[layer] for _, layer in self.provides(stage)]
-        return (logits, exit_confidence(logits, self.exit_rule), *provided)
-
-    def forward_all(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Logits of every stage for every sample (training)."""
-        carried: dict[Key, torch.Tensor] = {}
-        all_logits = []
-        for stage in range(self.n_stages):
-            logits, features = self.run_stage(stage, x, carried)
-            carried.update({(stage, layer): f for layer, f in enumerate(features)})
-            all_logits.append(logits)
-        return all_logits
-
-    def thresholds_tensor(self, exit_thresholds: torch.Tensor | Sequence[float] | None) -> torch.Tensor:
-        """The thresholds to use as a [n_stages] float32 tensor; a wrong shape raises ValueError."""
-        if exit_thresholds is None:
-            return torch.tensor(self.exit_thresholds, dtype=torch.float32)
-        thresholds = torch.as_tensor(exit_thresholds, dtype=torch.float32)
-        if tuple(thresholds.shape) != (self.n_stages,):
-            raise ValueError(f"exit_thresholds must have shape [{self.n_stages}] (one per stage), got {list(thresholds.shape)}")
-        return thresholds
-
-    def forward(
-        self, x: torch.Tensor, exit_thresholds: torch.Tensor | Sequence[float] | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Early-exit inference: samples stop at the first confident stage.
-
-        Args:
-            x: images [B, C, H, W].
-            exit_thresholds: [n_stages] thresholds. Defaults to the model's ``exit_thresholds``.
-
-        Returns:
-            ``logits`` [B, classes] of the stage that answered, ``exit_stage`` [B] int64 and
-            ``exit_confidence`` [B, n_stages] float32 (-1 where a stage was not reached).
-        """
-        thresholds = self.thresholds_tensor(exit_thresholds)
-        batch = x.shape[0]
-        logits_out = x.new_zeros(batch, self.num_classes)
-        stage_out = torch.full((batch,), self.n_stages - 1, dtype=torch.int64)
-        confidence_out = x.new_full((batch, self.n_stages), NOT_REACHED)
-        active = torch.arange(batch)
-        carried: dict[Key, torch.Tensor] = {}
-        for stage in range(self.n_stages):
-            logits, features = self.run_stage(stage, x, carried)
-            confidence = exit_confidence(logits, self.exit_rule)
-            confidence_out[active, stage] = confidence
-            last = stage == self.n_stages - 1
-            leave = torch.ones_like(confidence, dtype=torch.bool) if last else exits(confidence, thresholds[stage], self.exit_rule)
-            logits_out[active[leave]] = logits[leave]
-            stage_out[active[leave]] = stage
-            stay = ~leave
-            if last or not bool(stay.any()):
-                break
-            # Drop the samples that left: later stages run on the rest only.
-            active, x = active[stay], x[stay]
-            carried = {key: value[stay] for key, value in carried.items()}
-            carried.update({key: features[key[1]][stay] for key in self.provides(stage)})
-        return logits_out, stage_out, confidence_out
 
 
 def _s2d(depth: int, num_classes: int, splits: Any, reuse: Any, exit_rule: str, exit_thresholds: Any) -> S2DResNetCifar:
