@@ -197,3 +197,37 @@ def test_exit_macs_per_form() -> None:
     assert exit_macs(macs, stage, "if", 1) == pytest.approx((10 + 10 + 30 + 100) / 4)
     # At batch 2 the If runs a stage for the whole pair when either sample reaches it.
     assert exit_macs(macs, stage, "if", 2) == pytest.approx((2 * 10 + 2 * 100) / 4)
+
+
+# --- BranchyNet-style heads on another backbone (same exit machinery) -----------------------
+
+
+def _gap_threshold(values: np.ndarray) -> float:
+    """A threshold in the widest gap between the middle values: far from every sample."""
+    ordered = np.sort(values)
+    middle = ordered[len(ordered) // 4: 3 * len(ordered) // 4 + 1]
+    gaps = np.diff(middle)
+    k = int(np.argmax(gaps))
+    return float((middle[k] + middle[k + 1]) / 2)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_branchy_mobilenet_forms_match_pytorch(form: str) -> None:
+    from slimdeploy.models.registry import get_arch
+
+    torch.manual_seed(0)
+    model = get_arch("branchy_mobilenet_v1").build(num_classes=10, width_mult=0.25, resolution=32).eval()
+    x = torch.randn(16, 3, 32, 32)
+    with torch.no_grad():
+        confidences = [exit_confidence(logits).numpy() for logits in model.forward_all(x)]
+    model.exit_thresholds = [_gap_threshold(confidences[0]), _gap_threshold(confidences[1]), 0.0]
+    reference = torch_outputs(model, x.numpy())
+    assert len(set(reference["exit_stage"].tolist())) >= 2
+    graphs, plan = exit_pieces(model, (3, 32, 32))
+    assert plan.reads_input == [True, False, False] and plan.needs[2] == ["s1_l0"]
+    demo = {"graphs": graphs, "plan": plan}
+    with form_runner(demo, form) as runner:
+        for batch in (1, 8):
+            out = run_in_batches(runner, x.numpy(), batch)
+            np.testing.assert_array_equal(out["exit_stage"], reference["exit_stage"])
+            np.testing.assert_allclose(out["logits"], reference["logits"], atol=1e-4, rtol=1e-3)

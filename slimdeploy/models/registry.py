@@ -135,6 +135,7 @@ ARCHITECTURE_MODULES = (
     "slimdeploy.models.skipnet",
     "slimdeploy.models.condensenet",
     "slimdeploy.models.s2d",
+    "slimdeploy.models.branchy",
 )
 
 
