@@ -373,8 +373,8 @@ def _choose_form(dynamic: str | None, kind: str | None, target: str) -> str | No
     forms, defaults = (EXIT_FORMS, DEFAULT_EXIT_FORMS) if kind == "early_exit" else (GATED_FORMS, DEFAULT_FORMS)
     form = dynamic or defaults[target]
     if form not in forms:
-        what = "early-exit" if kind == "early_exit" else "gated"
-        raise BadInputError(f"unknown dynamic form '{form}' for a {what} model | Note: expected one of {list(forms)}")
+        what = "an early-exit" if kind == "early_exit" else "a gated"
+        raise BadInputError(f"unknown dynamic form '{form}' for {what} model | Note: expected one of {list(forms)}")
     return form
 
 

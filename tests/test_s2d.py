@@ -231,3 +231,13 @@ def test_branchy_mobilenet_forms_match_pytorch(form: str) -> None:
             out = run_in_batches(runner, x.numpy(), batch)
             np.testing.assert_array_equal(out["exit_stage"], reference["exit_stage"])
             np.testing.assert_allclose(out["logits"], reference["logits"], atol=1e-4, rtol=1e-3)
+
+
+def test_early_exit_forms_and_default() -> None:
+    from slimdeploy.errors import BadInputError
+    from slimdeploy.export import _choose_form
+
+    assert _choose_form(None, "early_exit", "ort") == "staged"
+    assert _choose_form("if", "early_exit", "ort") == "if"
+    with pytest.raises(BadInputError, match="unknown dynamic form 'compact' for an early-exit model"):
+        _choose_form("compact", "early_exit", "ort")
