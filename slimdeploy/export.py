@@ -173,8 +173,8 @@ def export(
     output_names = list(GATED_OUTPUTS) if gated else list(EXIT_OUTPUTS) if early_exit else ["logits"]
     exit_thresholds = [float(t) for t in getattr(deploy_module, "exit_thresholds", [])]
     decisions = (
-        [DecisionSpec("gates", "gate_probs", DEFAULT_GATE_THRESHOLD)] if gated
-        else [DecisionSpec("exit_stage", "exit_confidence", exit_thresholds, kind="exit")] if early_exit
+        [DecisionSpec("gates", "gate_probs", DEFAULT_GATE_THRESHOLD, threshold_input="gate_threshold")] if gated
+        else [DecisionSpec("exit_stage", "exit_confidence", exit_thresholds, kind="exit", threshold_input="exit_thresholds")] if early_exit
         else []
     )
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree
@@ -261,6 +261,9 @@ class DecisionSpec:
             reported as near-threshold, not as a defect. Defaults to 1e-3.
         kind: ``"gate"`` (independent bits) or ``"exit"`` (the first confident stage answers).
             Defaults to ``"gate"``.
+        threshold_input: the graph input that carries the threshold (``"gate_threshold"``,
+            ``"exit_thresholds"``); when a check's feed holds it, margins are taken against the
+            fed value instead of ``threshold``. Defaults to "" (none).
     """
 
     name: str
@@ -268,6 +271,14 @@ class DecisionSpec:
     threshold: float | list[float]
     near_margin: float = 1e-3
     kind: str = "gate"
+    threshold_input: str = ""
+
+    def at(self, feed: Mapping[str, np.ndarray]) -> DecisionSpec:
+        """This spec with the threshold the feed gives, if it gives one."""
+        if self.threshold_input and self.threshold_input in feed:
+            fed = np.asarray(feed[self.threshold_input], dtype=np.float64)
+            return replace(self, threshold=fed.tolist())
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -453,6 +464,8 @@ def check_parity(
         samples=samples,
         tolerances={k: list(v) for k, v in tolerances.items()},
     )
+    # Thresholds fed with the inputs (not split into batches) are the ones decisions were made at.
+    decisions = [spec.at(feed) for spec in decisions]
     decision_names = {spec.name for spec in decisions}
     candidate_by_batch: dict[int, dict[str, np.ndarray]] = {}
     for batch_size in batch_sizes:

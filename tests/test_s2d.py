@@ -241,3 +241,25 @@ def test_early_exit_forms_and_default() -> None:
     assert _choose_form("if", "early_exit", "ort") == "if"
     with pytest.raises(BadInputError, match="unknown dynamic form 'compact' for an early-exit model"):
         _choose_form("compact", "early_exit", "ort")
+
+
+def test_check_parity_takes_margins_at_the_fed_thresholds(demo: dict[str, Any]) -> None:
+    from slimdeploy.parity import check_parity
+
+    thresholds = np.array([0.5, 0.5, 0.0], dtype=np.float32)
+    x = demo["input"][:16]
+    reference = torch_outputs(demo["model"], x, torch.from_numpy(thresholds))
+    # Pretend the reference sent sample 0 one stage further: the flip is judged at stage 0
+    # against the fed 0.5, not the model's default threshold.
+    reference["exit_stage"] = reference["exit_stage"].copy()
+    assert reference["exit_stage"][0] == 0
+    reference["exit_stage"][0] = 1
+    spec = DecisionSpec("exit_stage", "exit_confidence", list(demo["model"].exit_thresholds), kind="exit",
+                        threshold_input="exit_thresholds")
+    with form_runner(demo, "staged") as runner:
+        report = check_parity(runner, {"input": x, "exit_thresholds": thresholds}, reference, [8], "torch",
+                              decisions=[spec], batch_inputs=["input"])
+    flip = report.decisions["exit_stage"][0].disagreements[0]
+    assert flip["sample"] == 0 and flip["stage"] == 0
+    assert flip["margin"] == pytest.approx(abs(reference["exit_confidence"][0, 0] - 0.5), abs=1e-6)
+    assert report.excluded_samples == {"8": 1} and not report.passed
