@@ -263,3 +263,21 @@ def test_check_parity_takes_margins_at_the_fed_thresholds(demo: dict[str, Any]) 
     assert flip["sample"] == 0 and flip["stage"] == 0
     assert flip["margin"] == pytest.approx(abs(reference["exit_confidence"][0, 0] - 0.5), abs=1e-6)
     assert report.excluded_samples == {"8": 1} and not report.passed
+
+
+def test_entropy_rule_in_every_form() -> None:
+    torch.manual_seed(1)
+    model = S2DResNetCifar(depth=8, exit_rule="entropy").eval()
+    x = torch.randn(16, 3, 32, 32)
+    with torch.no_grad():
+        entropies = [exit_confidence(logits, "entropy").numpy() for logits in model.forward_all(x)]
+    model.exit_thresholds = [_gap_threshold(entropies[0]), _gap_threshold(entropies[1]), 0.0]
+    reference = torch_outputs(model, x.numpy())
+    assert len(set(reference["exit_stage"].tolist())) >= 2
+    graphs, plan = exit_pieces(model, (3, 32, 32))
+    assert plan.exit_rule == "entropy"
+    for form in FORMS:
+        with form_runner({"graphs": graphs, "plan": plan}, form) as runner:
+            out = run_in_batches(runner, x.numpy(), 8)
+        np.testing.assert_array_equal(out["exit_stage"], reference["exit_stage"], err_msg=form)
+        np.testing.assert_allclose(out["exit_confidence"], reference["exit_confidence"], atol=1e-5, err_msg=form)
