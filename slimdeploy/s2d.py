@@ -17,7 +17,7 @@ from typing import Any
 from slimdeploy._optional import optional_import
 from slimdeploy.errors import ArchitectureError
 
-# Static backbones an S2D network can be built from: name -> (registered S2D arch, depth).
+# Static backbones an S2D network can be built from: name -> the registered S2D architecture.
 BACKBONES = {"resnet20_cifar": "s2d_resnet20_cifar", "resnet56_cifar": "s2d_resnet56_cifar"}
 
 
