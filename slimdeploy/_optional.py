@@ -23,6 +23,7 @@ INSTALL_HINTS: dict[str, str] = {
     "PIL": "pip install 'slimdeploy[images]'",
     "tensorrt": "pip install 'slimdeploy[trt]' (or use the slimdeploy TensorRT image)",
     "cuda": "pip install 'slimdeploy[trt]'",
+    "matplotlib": "pip install 'slimdeploy[plot]'",
 }
 
 

@@ -4,6 +4,11 @@ For each batch size, the golden inputs are tiled to that batch, every runner is 
 then timed call by call; the report gives p50/p90/p99 latency and throughput (images per second
 at the median). Runners share the thread count, so ratios compare like with like. Absolute
 times depend on the machine; the ratios are the figures to read.
+
+Early-exit bundles also get ``ExitStats`` (the share of samples leaving at each stage, average
+MACs per sample from the per-stage MACs in the plan) and, with ``sweep``, a threshold sweep:
+accuracy vs average MACs vs measured latency per threshold setting (``sweep_exits``), written
+as JSON and drawn as a PNG (``plot_sweep``; needs matplotlib).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import numpy as np
 from slimdeploy._optional import is_available
 from slimdeploy.bundle import Bundle, bundle_runner, load_bundle, reference_runner
 from slimdeploy.engines.base import Runner
+from slimdeploy.errors import BadInputError
 from slimdeploy.files import write_json
 
 DEFAULT_BATCH_SIZES = (1, 32)
@@ -60,6 +66,40 @@ class DecisionStats:
 
 
 @dataclass
+class ExitStats:
+    """Where an early-exit bundle's samples left, and the compute that predicts.
+
+    MACs are per sample (Conv and Linear layers). ``macs_mask`` runs every stage;
+    ``macs_ideal`` runs each sample up to its exit stage (what ``staged`` computes);
+    ``macs_form`` is what this bundle's form computes at each batch size (``if`` runs a stage on
+    the whole batch when any sample reaches it). ``predicted_speedup`` is mask over form.
+    """
+
+    form: str
+    samples: int
+    thresholds: list[float]
+    exit_share_per_stage: list[float]
+    macs_per_stage: list[int]
+    macs_mask: float
+    macs_ideal: float
+    macs_form: dict[str, float]
+    predicted_speedup: dict[str, float]
+    accuracy: float | None = None
+
+
+@dataclass
+class SweepPoint:
+    """One threshold setting of a sweep."""
+
+    thresholds: list[float]
+    exit_share_per_stage: list[float]
+    macs_average: float
+    accuracy: float | None
+    latency_ms: float
+    batch_size: int
+
+
+@dataclass
 class BenchReport:
     """All timings of one bench run, and the machine facts that frame them."""
 
@@ -68,6 +108,8 @@ class BenchReport:
     results: list[LatencyResult] = field(default_factory=list)
     speedups: dict[str, float] = field(default_factory=dict)
     decisions: DecisionStats | None = None
+    exits: ExitStats | None = None
+    sweep: list[SweepPoint] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -219,6 +261,128 @@ def decision_stats(bundle: Bundle, gates: np.ndarray, batch_sizes: Sequence[int]
     )
 
 
+def exit_macs(macs_per_stage: Sequence[int], exit_stage: np.ndarray, form: str, batch_size: int) -> float:
+    """Mean MACs per sample of an early-exit network for given exit stages, as ``form`` computes
+    them: ``mask`` (every stage), ``if`` (a stage runs on the whole batch when any sample of it
+    reaches the stage), ``staged`` or ``ideal`` (each sample up to its exit stage)."""
+    n, stages = len(exit_stage), len(macs_per_stage)
+    if form == "mask" or n == 0:
+        return float(sum(macs_per_stage))
+    if form == "if":
+        total = 0.0
+        for chunk in np.array_split(exit_stage, max(1, -(-n // batch_size))):
+            if len(chunk):
+                total += len(chunk) * sum(macs_per_stage[: int(chunk.max()) + 1])
+        return total / n
+    cumulative = np.cumsum(macs_per_stage)
+    return float(cumulative[np.clip(exit_stage, 0, stages - 1)].mean())
+
+
+def exit_stats(bundle: Bundle, outputs: Mapping[str, np.ndarray], batch_sizes: Sequence[int], labels: np.ndarray | None = None) -> ExitStats:
+    """Exit shares and predicted MACs of an early-exit bundle for the exits it took."""
+    plan, form = bundle.manifest["exits"], bundle.manifest["dynamic"]
+    macs = [int(plan["macs"][f"stage{j}"]) for j in range(plan["n_stages"])]
+    stage = np.asarray(outputs["exit_stage"])
+    mask = exit_macs(macs, stage, "mask", 1)
+    by_batch = {str(b): exit_macs(macs, stage, form, b) for b in batch_sizes}
+    return ExitStats(
+        form=form,
+        samples=len(stage),
+        thresholds=[float(t) for t in bundle.manifest["decisions"]["thresholds"]["exit_thresholds"]],
+        exit_share_per_stage=[float((stage == j).mean()) for j in range(len(macs))],
+        macs_per_stage=macs,
+        macs_mask=mask,
+        macs_ideal=exit_macs(macs, stage, "ideal", 1),
+        macs_form=by_batch,
+        predicted_speedup={b: mask / v for b, v in by_batch.items()},
+        accuracy=float((outputs["logits"].argmax(1) == labels).mean()) if labels is not None else None,
+    )
+
+
+def sweep_exits(
+    runner: Runner,
+    images: np.ndarray,
+    labels: np.ndarray | None,
+    macs_per_stage: Sequence[int],
+    values: Sequence[float],
+    batch_size: int = 1,
+    warmup: int = 3,
+    iterations: int | None = None,
+) -> list[SweepPoint]:
+    """Accuracy, average MACs and latency of an active early-exit runner at each threshold in
+    ``values`` (every stage but the last gets it).
+
+    Latency is the mean call time over ``iterations`` calls cycling through ``images`` in
+    batches of ``batch_size`` (exits differ per sample, so the mean is what throughput follows).
+    Average MACs are what the decisions predict for ``staged`` (each sample up to its exit).
+
+    Args:
+        runner: an active runner taking ``input`` and ``exit_thresholds``.
+        images: inputs [N, C, H, W].
+        labels: classes [N] for accuracy, or None.
+        macs_per_stage: MACs per sample of each stage (the plan's ``macs``).
+        values: thresholds to try.
+        batch_size: rows per call. Defaults to 1.
+        warmup: untimed calls per setting. Defaults to 3.
+        iterations: timed calls per setting. Defaults to one pass over ``images``.
+    """
+    n_stages = len(macs_per_stage)
+    points = []
+    for value in values:
+        thresholds = np.full(n_stages, value, dtype=np.float32)
+        thresholds[-1] = 0.0
+        feeds = [{"input": images[i:i + batch_size], "exit_thresholds": thresholds} for i in range(0, len(images), batch_size)]
+        outputs = [runner.infer(feed) for feed in feeds]
+        stage = np.concatenate([o["exit_stage"] for o in outputs])
+        logits = np.concatenate([o["logits"] for o in outputs])
+        for i in range(warmup):
+            runner.infer(feeds[i % len(feeds)], check_inputs=False)
+        calls = iterations or len(feeds)
+        started = time.perf_counter()
+        for i in range(calls):
+            runner.infer(feeds[i % len(feeds)], check_inputs=False)
+        points.append(SweepPoint(
+            thresholds=[float(t) for t in thresholds],
+            exit_share_per_stage=[float((stage == j).mean()) for j in range(n_stages)],
+            macs_average=exit_macs(macs_per_stage, stage, "ideal", 1),
+            accuracy=float((logits.argmax(1) == labels).mean()) if labels is not None else None,
+            latency_ms=(time.perf_counter() - started) / calls * 1e3,
+            batch_size=batch_size,
+        ))
+    return points
+
+
+def plot_sweep(points: Sequence[SweepPoint], path: str | Path, title: str = "early-exit threshold sweep") -> Path:
+    """Draw a sweep (accuracy against average MACs, and against latency) as a PNG.
+
+    Raises ``BackendUnavailableError`` when matplotlib is not installed.
+    """
+    from slimdeploy._optional import optional_import
+
+    matplotlib = optional_import("matplotlib", "draw the threshold sweep")
+    matplotlib.use("Agg")
+    pyplot = optional_import("matplotlib.pyplot", "draw the threshold sweep")
+    figure, (left, right) = pyplot.subplots(1, 2, figsize=(10, 4))
+    accuracy = [p.accuracy if p.accuracy is not None else float("nan") for p in points]
+    for axis, xs, label in ((left, [p.macs_average / 1e6 for p in points], "average MMACs per sample"),
+                            (right, [p.latency_ms for p in points], f"latency ms (batch {points[0].batch_size})")):
+        axis.plot(xs, accuracy, marker="o")
+        for x, y, p in zip(xs, accuracy, points):
+            axis.annotate(f"{p.thresholds[0]:.3g}", (x, y), fontsize=7)
+        axis.set_xlabel(label)
+        axis.set_ylabel("accuracy")
+        axis.grid(True, alpha=0.3)
+    figure.suptitle(title)
+    figure.tight_layout()
+    out = Path(path)
+    figure.savefig(out, dpi=120)
+    pyplot.close(figure)
+    return out
+
+
+DEFAULT_SWEEP = (0.0, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 1.01)
+
+
 def bench_bundle(
     path: str | Path,
     batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
@@ -229,6 +393,7 @@ def bench_bundle(
     baseline: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
     device: str = "cpu",
+    sweep: Sequence[float] | None = None,
 ) -> BenchReport:
     """Benchmark a bundle on ONNX Runtime and, when possible, PyTorch eager.
 
@@ -245,10 +410,14 @@ def bench_bundle(
         progress: optional callable told each step.
         device: where the bundle (and the baseline) run: ``"cpu"``/``"cuda"`` (ONNX Runtime) or
             ``"tensorrt"`` (the engines ``slimdeploy build`` made). Defaults to ``"cpu"``.
+        sweep: early-exit bundles: thresholds to sweep (``sweep_exits``, at the first batch
+            size; max-softmax values, or entropies for the entropy rule). Defaults to none.
     """
     say = progress or (lambda _message: None)
     threads = threads or os.cpu_count() or 1
     bundle = load_bundle(path)
+    if sweep and not bundle.manifest.get("exits"):
+        raise BadInputError("--sweep applies to early-exit bundles (exit thresholds); this bundle has none | Fix: leave out --sweep")
     report = BenchReport(bundle=str(bundle.path), threads=threads)
     backend = "tensorrt" if device == "tensorrt" else "onnxruntime"
     runners: list[Runner] = [bundle_runner(bundle, device=device, threads=threads)]
@@ -284,4 +453,15 @@ def bench_bundle(
             golden = bundle.golden()
             gates = runner.infer({"input": golden["input"]})["gates"]
         report.decisions = decision_stats(bundle, gates, batch_sizes)
+    if bundle.manifest.get("exits"):
+        golden = bundle.golden()
+        with bundle_runner(bundle, threads=threads) as runner:
+            outputs = runner.infer({"input": golden["input"]})
+            report.exits = exit_stats(bundle, outputs, batch_sizes, golden.get("labels"))
+            report.notes.append(f"exit shares and accuracy are over the {len(golden['input'])} golden inputs")
+            if sweep:
+                say(f"threshold sweep over {len(sweep)} settings")
+                plan = bundle.manifest["exits"]
+                macs = [int(plan["macs"][f"stage{j}"]) for j in range(plan["n_stages"])]
+                report.sweep = sweep_exits(runner, golden["input"], golden.get("labels"), macs, sweep, batch_size=batch_sizes[0])
     return report

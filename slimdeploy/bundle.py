@@ -282,7 +282,7 @@ def bundle_runner(bundle: Bundle, device: str = "cpu", threads: int = 0, replay:
         graphs,
         manifest.get("dynamic"),
         bundle.input_meta("input"),
-        plan=manifest.get("gating") or None,
+        plan=manifest.get("gating") or manifest.get("exits") or None,
         decision_defaults=manifest.get("decisions", {}).get("thresholds"),
         device=device,
         threads=threads,

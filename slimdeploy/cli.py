@@ -150,6 +150,12 @@ def _print_parity(report: Any, json_target: str | None) -> None:
                     f"{result.defects} defect(s)"
                 )
             first = results[0]
+            if first.kind == "exit":
+                out_console.print(f"{name}: reference exits per stage {first.reference_open}")
+                unseen = [j for j, count in enumerate(first.reference_open) if not count]
+                if unseen:
+                    out_console.print(f"[yellow]note:[/yellow] {name}: no sample exits at stage(s) {unseen} in these samples")
+                continue
             never = [i + 1 for i, (o, c) in enumerate(zip(first.reference_open, first.reference_closed)) if not o or not c]
             if never:
                 out_console.print(f"[yellow]note:[/yellow] {name}: blocks {never} were seen only open or only closed in these samples")
@@ -181,7 +187,7 @@ def export(
     arch: Annotated[str | None, typer.Option(help="Architecture (needed when the checkpoint does not name one).")] = None,
     arch_args: Annotated[str | None, typer.Option("--arch-args", help="Constructor arguments as a JSON object.")] = None,
     target: Annotated[str, typer.Option(help="Deployment target: ort (ONNX Runtime) or trt (TensorRT: engines built on the target with slimdeploy build).")] = "ort",
-    dynamic: Annotated[str | None, typer.Option(help="Form of a gated model: mask, if, compact or staged (default for ort: compact; for trt: staged).")] = None,
+    dynamic: Annotated[str | None, typer.Option(help="Form of a gated model: mask, if, compact or staged (default for ort: compact; for trt: staged); of an early-exit model: mask, if or staged (default: staged).")] = None,
     condense_classifier: Annotated[bool, typer.Option("--condense-classifier", help="CondenseNet: prune the classifier as the official converter does (lossy).")] = False,
     no_fold: Annotated[bool, typer.Option("--no-fold", help="CondenseNet: export the condensed layers as they are (no BN/shuffle folding).")] = False,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow a pickled nn.Module checkpoint (runs code from the file).")] = False,
@@ -415,10 +421,21 @@ def bench(
     no_torch: Annotated[bool, typer.Option("--no-torch", help="Do not time the PyTorch reference.")] = False,
     baseline: Annotated[Path | None, typer.Option(help="Another bundle of the same model (e.g. its mask form) to time side by side.")] = None,
     device: DeviceOpt = "cpu",
+    sweep: Annotated[str | None, typer.Option(help="Early-exit bundles: exit thresholds to sweep, comma-separated, or 'default'.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="With --sweep: draw the sweep to this PNG (needs matplotlib).")] = None,
     json_out: JsonOpt = None,
 ) -> None:
-    """Latency percentiles and throughput on ONNX Runtime (or the TensorRT engines with --device tensorrt), beside PyTorch eager when torch is here."""
-    from slimdeploy.bench import bench_bundle
+    """Latency percentiles and throughput on ONNX Runtime (or the TensorRT engines with --device tensorrt), beside PyTorch eager when torch is here; exit shares and threshold sweeps of early-exit bundles."""
+    from slimdeploy.bench import DEFAULT_SWEEP, bench_bundle, plot_sweep
+
+    if plot is not None and sweep is None:
+        raise BadInputError("--plot draws a threshold sweep | Fix: add --sweep default (or a list of thresholds)")
+    sweep_values: list[float] | None = None
+    if sweep is not None:
+        try:
+            sweep_values = list(DEFAULT_SWEEP) if sweep == "default" else [float(v) for v in sweep.split(",") if v.strip()]
+        except ValueError:
+            raise BadInputError(f"--sweep '{sweep}' is not a comma-separated list of numbers | Fix: e.g. --sweep 0.5,0.9,0.99") from None
 
     report = bench_bundle(
         bundle,
@@ -430,7 +447,10 @@ def bench(
         baseline=baseline,
         progress=StepPrinter(quiet=json_out == "-"),
         device=device,
+        sweep=sweep_values,
     )
+    if plot is not None and report.sweep:
+        plot_sweep(report.sweep, plot)
     if json_out != "-":
         table = Table(title=f"latency ({report.threads} threads, {iterations} calls after {warmup} warm-up)")
         for column in ("runner", "batch", "p50 ms", "p90 ms", "p99 ms", "images/s"):
@@ -450,6 +470,25 @@ def bench(
             )
             out_console.print("predicted speed-up over mask: " + ", ".join(
                 f"batch {b} {v:.2f}x" for b, v in stats.predicted_speedup.items()))
+        exits = report.exits
+        if exits is not None:
+            shares = " ".join(f"{share:.0%}" for share in exits.exit_share_per_stage)
+            out_console.print(f"exits per stage ({exits.samples} samples, thresholds {exits.thresholds}): {shares}")
+            out_console.print(
+                f"MACs per sample: all stages {exits.macs_mask / 1e6:.2f} M, exits alone {exits.macs_ideal / 1e6:.2f} M, "
+                + ", ".join(f"{exits.form} at batch {b} {v / 1e6:.2f} M" for b, v in exits.macs_form.items())
+            )
+            out_console.print("predicted speed-up over mask: " + ", ".join(
+                f"batch {b} {v:.2f}x" for b, v in exits.predicted_speedup.items()))
+        if report.sweep:
+            sweep_table = Table(title=f"threshold sweep (batch {report.sweep[0].batch_size})")
+            for column in ("threshold", "exits per stage", "MMACs/sample", "accuracy", "latency ms"):
+                sweep_table.add_column(column)
+            for point in report.sweep:
+                accuracy = "-" if point.accuracy is None else f"{point.accuracy:.1%}"
+                sweep_table.add_row(f"{point.thresholds[0]:g}", " ".join(f"{v:.0%}" for v in point.exit_share_per_stage),
+                                    f"{point.macs_average / 1e6:.2f}", accuracy, f"{point.latency_ms:.3f}")
+            out_console.print(sweep_table)
         for note in report.notes:
             out_console.print(f"[yellow]note:[/yellow] {escape(note)}")
     if json_out:
@@ -547,6 +586,9 @@ def zoo_list(json_out: JsonOpt = None) -> None:
             notes = ""
             if "skip_rate" in metrics:  # gated models: what they skip, and the no-gate baseline
                 notes = f"skips {metrics['skip_rate']:.0%} of gated blocks; no-gate baseline {metrics['baseline_accuracy']:.1%}"
+            elif "exit_share_per_stage" in metrics:  # early exits: where samples leave
+                shares = "/".join(f"{v:.0%}" for v in metrics["exit_share_per_stage"])
+                notes = f"exits per stage {shares}; last stage alone {metrics['final_stage_accuracy']:.1%}"
             table.add_row(row["name"], row["arch"], row.get("family") or "-", checkpoint, row.get("dataset") or "-", accuracy, notes)
         out_console.print(table)
     _emit_json(rows, json_out)

@@ -65,12 +65,16 @@ def inspect_checkpoint(
     trust_pickle: bool = False,
 ) -> dict[str, Any]:
     """Summary of a checkpoint: the model it builds, its parameters, MACs and I/O."""
-    from slimdeploy.flops import count_macs
+    from slimdeploy.flops import count_macs, count_macs_of
     from slimdeploy.loading import load_checkpoint
 
     loaded = load_checkpoint(path, arch=arch, arch_args=arch_args, trust_pickle=trust_pickle)
-    macs = count_macs(loaded.module, loaded.preprocessing.input_size)
     torch = __import__("torch")
+    if hasattr(loaded.module, "forward_all"):
+        # Early-exit models: forward stops at the first confident stage; count every stage.
+        macs = count_macs_of(loaded.module, loaded.module.forward_all, torch.zeros(1, *loaded.preprocessing.input_size))
+    else:
+        macs = count_macs(loaded.module, loaded.preprocessing.input_size)
     with torch.inference_mode():
         out = loaded.module(torch.zeros(1, *loaded.preprocessing.input_size))
     logits = out[0] if isinstance(out, (tuple, list)) else out

@@ -47,14 +47,21 @@ DEFAULT_BATCH_SIZES = (1, 16)
 MODEL_FILE = "model.onnx"
 STAGES_DIR = "stages"
 GATED_FORMS = ("mask", "if", "compact", "staged")
-# Default dynamic form per target: compact routes per sample inside one flat graph; TensorRT
-# gets staged (one engine per piece, decisions on the host: tensorrt-facts.md "Control flow").
+EXIT_FORMS = ("mask", "if", "staged")
+# Default dynamic form per target and family. Gated: compact routes per sample inside one flat
+# graph. Early exits: staged, the form that saves at every batch size (benchmarks/early_exit.py).
+# TensorRT gets staged for both (one engine per piece, decisions on the host: tensorrt-facts.md
+# "Control flow").
 DEFAULT_FORMS = {"ort": "compact", "trt": "staged"}
+DEFAULT_EXIT_FORMS = {"ort": "staged", "trt": "staged"}
 GATED_OUTPUTS = ("logits", "gates", "gate_probs")
+EXIT_OUTPUTS = ("logits", "exit_stage", "exit_confidence")
 # Targets whose kernels run CondenseNet's small grouped 3x3 convolutions slower than the dense
 # equivalent (benchmarks/condensenet.py), so folding stores them dense and absorbs the shuffle.
 EXPAND_GROUPED_3X3 = ("ort",)
 DEFAULT_GATE_THRESHOLD = 0.5
+# Families whose models decide per sample, and the kind of decision they make.
+DECISION_FAMILIES = {"skipnet": "gated", "early_exit": "early_exit"}
 
 Progress = Callable[[str], None]
 
@@ -129,9 +136,10 @@ def export(
         arch_args: constructor arguments overriding the checkpoint's and the inferred ones.
         target: ``"ort"`` (ONNX Runtime) or ``"trt"`` (TensorRT: the bundle also records how
             to build the engines on the target). Defaults to ``"ort"``.
-        dynamic: form of a gated model: ``mask``, ``if``, ``compact`` or ``staged``. Defaults to
-            the target's (``compact`` for ``ort``, ``staged`` for ``trt``, which refuses
-            ``compact``); must be None for static models.
+        dynamic: form of a gated model (``mask``, ``if``, ``compact`` or ``staged``) or of an
+            early-exit model (``mask``, ``if`` or ``staged``). Defaults to the target's
+            (``ort``: ``compact`` for gated models, ``staged`` for early exits; ``trt``:
+            ``staged``, and ``compact`` is refused); must be None for static models.
         condense_classifier: CondenseNet: also prune the classifier as the official converter
             does (lossy; parity is then against the condensed PyTorch model). Defaults to False:
             the classifier stays exact and parity is against the learned model.
@@ -169,7 +177,7 @@ def export(
     from slimdeploy.calibration import agreement, apply_precision, check_precision
     from slimdeploy.engines.factory import make_runner
     from slimdeploy.engines.torch_runner import TorchRunner
-    from slimdeploy.flops import count_macs
+    from slimdeploy.flops import count_macs, count_macs_of
     from slimdeploy.loading import load_checkpoint, save_checkpoint
 
     say = progress or (lambda _message: None)
@@ -191,8 +199,9 @@ def export(
     loaded = load_checkpoint(checkpoint, arch=arch, arch_args=arch_args, trust_pickle=trust_pickle)
     notes.extend(loaded.notes)
     info = _registered(loaded.arch)
-    gated = bool(info and info.family == "skipnet")
-    form = _choose_form(dynamic, gated, target)
+    kind = DECISION_FAMILIES.get(info.family) if info else None
+    gated, early_exit = kind == "gated", kind == "early_exit"
+    form = _choose_form(dynamic, kind, target)
     check_precision(precision, form)  # refuse int8 for 'if' before the long work
     if target == "trt":
         from slimdeploy.engines import trt_build
@@ -224,33 +233,51 @@ def export(
         deploy_module, folds = _fold(deploy_module, target)
         transforms.append("fold")
     input_meta = TensorMeta("input", np.dtype(np.float32), ("batch", *prep.input_size))
-    output_names = list(GATED_OUTPUTS) if gated else ["logits"]
-    decisions = [DecisionSpec("gates", "gate_probs", DEFAULT_GATE_THRESHOLD)] if gated else []
+    output_names = list(GATED_OUTPUTS) if gated else list(EXIT_OUTPUTS) if early_exit else ["logits"]
+    exit_thresholds = [float(t) for t in getattr(deploy_module, "exit_thresholds", [])]
+    decisions = (
+        [DecisionSpec("gates", "gate_probs", DEFAULT_GATE_THRESHOLD, threshold_input="gate_threshold")] if gated
+        else [DecisionSpec("exit_stage", "exit_confidence", exit_thresholds, kind="exit", threshold_input="exit_thresholds")] if early_exit
+        else []
+    )
 
     say("preparing held-out inputs and the PyTorch reference")
     pool, pool_labels, data_source = _parity_inputs(
-        data, prep, None if gated else samples, input_meta, trained_on_digits=loaded.meta.get("dataset") == "digits"
+        data, prep, None if kind else samples, input_meta, trained_on_digits=loaded.meta.get("dataset") == "digits"
     )
     with TorchRunner(reference_module, {"input": input_meta}, output_names) as reference_runner:
         pool_reference = run_batches(reference_runner, {"input": pool}, batch_size=64)
     # Gated models: pick samples so that every gate is seen both open and closed where the
     # data allows (a gate frozen at trace time is the typical silent failure).
-    rows = _covering_rows(pool_reference["gates"], samples) if gated else np.arange(len(pool))
+    # Early exits: every exit stage is seen (one-hot exit stages as decision bits).
+    if gated:
+        rows = _covering_rows(pool_reference["gates"], samples)
+    elif early_exit:
+        rows = _covering_rows(np.eye(len(exit_thresholds), dtype=np.uint8)[pool_reference["exit_stage"]], samples)
+    else:
+        rows = np.arange(len(pool))
     inputs = pool[rows]
     labels = pool_labels[rows] if pool_labels is not None else None
     reference = {name: value[rows] for name, value in pool_reference.items()}
     feed = {"input": inputs}
     macs = count_macs(macs_module, prep.input_size)
+    if early_exit:
+        # forward stops at the first confident stage; the model's cost is every stage's.
+        macs = count_macs_of(deploy_module, deploy_module.forward_all, torch.zeros(1, *prep.input_size))
     graph_macs = count_macs(deploy_module, prep.input_size).macs if folds else macs.macs
 
     say(f"exporting with torch.export{f' ({form} form)' if form else ''}")
     export_started = time.perf_counter()
     spec = exporters.ExportSpec(output_names=output_names, opset=opset or exporters.onnx_export.DEFAULT_OPSET)
-    graphs, plan = _export_graphs(deploy_module, form, prep.input_size, spec, torch)
+    graphs, plan = _export_graphs(deploy_module, form, kind, prep.input_size, spec, torch)
     export_seconds = time.perf_counter() - export_started
     for graph in graphs.values():
         exporters.check_onnx(graph)
-    threshold_defaults = {"gate_threshold": DEFAULT_GATE_THRESHOLD} if gated else {}
+    threshold_defaults: dict[str, Any] = (
+        {"gate_threshold": DEFAULT_GATE_THRESHOLD} if gated
+        else {"exit_thresholds": exit_thresholds} if early_exit
+        else {}
+    )
 
     def runner_of(candidate: dict[str, Any]) -> Any:
         sources = {name: graph.SerializeToString() for name, graph in candidate.items()}
@@ -328,6 +355,12 @@ def export(
                             "default": DEFAULT_GATE_THRESHOLD})
         outputs_spec += [{"name": "gates", "dtype": "uint8", "shape": ["batch", n_gated]},
                          {"name": "gate_probs", "dtype": "float32", "shape": ["batch", n_gated]}]
+    if early_exit:
+        n_stages = len(exit_thresholds)
+        inputs_spec.append({"name": "exit_thresholds", "dtype": "float32", "shape": [n_stages], "optional": True,
+                            "default": exit_thresholds})
+        outputs_spec += [{"name": "exit_stage", "dtype": "int64", "shape": ["batch"]},
+                         {"name": "exit_confidence", "dtype": "float32", "shape": ["batch", n_stages]}]
     manifest = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "versions": versions(),
@@ -362,7 +395,9 @@ def export(
         },
         # Gated models: how the pieces connect and what each costs (the staged controller
         # follows it; bench predicts MACs from it). Staged bundles list their stage graphs.
-        "gating": plan or {},
+        "gating": plan if gated else {},
+        # Early-exit models: the stage pieces, what each carries to the next, MACs per stage.
+        "exits": plan if early_exit else {},
         "stages": list(graphs) if form == "staged" else [],
         "golden": {
             "file": GOLDEN, "samples": len(inputs), "batch_sizes": list(batch_sizes),
@@ -458,20 +493,21 @@ def _spec_dict(meta: TensorMeta) -> dict[str, Any]:
     return {"name": meta.name, "dtype": np.dtype(meta.dtype).name, "shape": list(meta.shape)}
 
 
-def _choose_form(dynamic: str | None, gated: bool, target: str) -> str | None:
-    """The dynamic form: None for static models; for gated ones ``dynamic`` or the target's
-    default (``compact`` on ONNX Runtime: exact and saving per sample at any batch size;
-    ``staged`` on TensorRT, which refuses ``compact``)."""
-    if not gated:
+def _choose_form(dynamic: str | None, kind: str | None, target: str) -> str | None:
+    """The dynamic form: None for static models; for deciding ones (``kind`` ``"gated"`` or
+    ``"early_exit"``) ``dynamic`` or the target's default (``DEFAULT_FORMS``, ``DEFAULT_EXIT_FORMS``)."""
+    if kind is None:
         if dynamic is not None:
             raise BadInputError(
                 f"--dynamic {dynamic} applies to models that make decisions (gates, exits); this "
                 "architecture is static | Fix: leave out --dynamic"
             )
         return None
-    form = dynamic or DEFAULT_FORMS[target]
-    if form not in GATED_FORMS:
-        raise BadInputError(f"unknown dynamic form '{form}' | Note: expected one of {list(GATED_FORMS)}")
+    forms, defaults = (EXIT_FORMS, DEFAULT_EXIT_FORMS) if kind == "early_exit" else (GATED_FORMS, DEFAULT_FORMS)
+    form = dynamic or defaults[target]
+    if form not in forms:
+        what = "an early-exit" if kind == "early_exit" else "a gated"
+        raise BadInputError(f"unknown dynamic form '{form}' for {what} model | Note: expected one of {list(forms)}")
     if target == "trt":
         from slimdeploy.engines.trt_build import refuse_form
 
@@ -479,20 +515,25 @@ def _choose_form(dynamic: str | None, gated: bool, target: str) -> str | None:
     return form
 
 
-def _export_graphs(module: Any, form: str | None, input_size: tuple[int, ...], spec: Any, torch: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """The form's graphs by name (``model`` for single-graph forms) and, for gated models, the
-    plan of their pieces (how they connect, MACs per piece)."""
+def _export_graphs(module: Any, form: str | None, kind: str | None, input_size: tuple[int, ...], spec: Any, torch: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The form's graphs by name (``model`` for single-graph forms) and, for gated and
+    early-exit models, the plan of their pieces (how they connect, MACs per piece)."""
     from slimdeploy import exporters
-    from slimdeploy.exporters import gated
+    from slimdeploy.exporters import early_exit, gated
 
     if form is None:
         generator = torch.Generator().manual_seed(0)
         example = torch.randn(exporters.onnx_export.EXAMPLE_BATCH, *input_size, generator=generator)
         return {"model": exporters.export_onnx(module, (example,), spec)}, None
-    pieces, plan = gated.gated_pieces(module, input_size, opset=spec.opset)
+    if kind == "early_exit":
+        pieces, plan = early_exit.exit_pieces(module, input_size, opset=spec.opset)
+        composed = early_exit.compose_form
+    else:
+        pieces, plan = gated.gated_pieces(module, input_size, opset=spec.opset)
+        composed = gated.compose_form
     if form == "staged":
         return pieces, plan.to_dict()
-    return {"model": gated.compose_form(form, pieces, plan, input_size)}, plan.to_dict()
+    return {"model": composed(form, pieces, plan, input_size)}, plan.to_dict()
 
 
 def _covering_rows(gates: np.ndarray, count: int) -> np.ndarray:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree
@@ -268,17 +268,34 @@ class DecisionSpec:
     """A decision output and how to judge a disagreement.
 
     Attributes:
-        name: the decision output (``"gates"``: [B, n] uint8, 1 = executed).
-        probs: the output holding the probability behind each decision (``"gate_probs"``).
-        threshold: the threshold the decisions were made at (execute iff prob > threshold).
-        near_margin: a flip whose reference probability lies closer than this to the threshold
-            is reported as near-threshold, not as a defect. Defaults to 1e-3.
+        name: the decision output (gates: ``"gates"``, [B, n] uint8, 1 = executed; exits:
+            ``"exit_stage"``, [B] int64).
+        probs: the output holding the value behind each decision (``"gate_probs"``; exits:
+            ``"exit_confidence"``, [B, n_stages]).
+        threshold: the threshold the decisions were made at: gates execute iff prob >
+            threshold; exits take one threshold per stage.
+        near_margin: a flip whose reference value lies closer than this to the threshold is
+            reported as near-threshold, not as a defect. Defaults to 1e-3.
+        kind: ``"gate"`` (independent bits) or ``"exit"`` (the first confident stage answers).
+            Defaults to ``"gate"``.
+        threshold_input: the graph input that carries the threshold (``"gate_threshold"``,
+            ``"exit_thresholds"``); when a check's feed holds it, margins are taken against the
+            fed value instead of ``threshold``. Defaults to "" (none).
     """
 
     name: str
     probs: str
-    threshold: float
+    threshold: float | list[float]
     near_margin: float = 1e-3
+    kind: str = "gate"
+    threshold_input: str = ""
+
+    def at(self, feed: Mapping[str, np.ndarray]) -> DecisionSpec:
+        """This spec with the threshold the feed gives, if it gives one."""
+        if self.threshold_input and self.threshold_input in feed:
+            fed = np.asarray(feed[self.threshold_input], dtype=np.float64)
+            return replace(self, threshold=fed.tolist())
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -304,6 +321,7 @@ class DecisionResult:
     rows_agree: list[bool] = field(repr=False, default_factory=list)
     # Reduced precision: pass on this agreement rate instead of on zero defects.
     min_agreement: float | None = None
+    kind: str = "gate"  # "exit": per_block_* and reference_open/closed are per stage
 
     def __bool__(self) -> bool:
         if self.min_agreement is not None:
@@ -321,7 +339,9 @@ def compare_decisions(
     candidate: Mapping[str, np.ndarray],
     batch_size: int,
 ) -> DecisionResult:
-    """Compare decision bits exactly; each flip carries the reference's margin to the threshold."""
+    """Compare decisions exactly; each flip carries the reference's margin to the threshold."""
+    if spec.kind == "exit":
+        return _compare_exits(spec, reference, candidate, batch_size)
     ref = np.asarray(reference[spec.name]).astype(np.int64).reshape(len(reference[spec.name]), -1)
     cand = np.asarray(candidate[spec.name]).astype(np.int64).reshape(ref.shape)
     probs = np.asarray(reference[spec.probs], dtype=np.float64).reshape(ref.shape)
@@ -355,6 +375,58 @@ def compare_decisions(
         reference_open=[int(v) for v in ref.sum(axis=0)],
         reference_closed=[int(v) for v in (1 - ref).sum(axis=0)],
         rows_agree=[bool(v) for v in ~differ.any(axis=1)],
+    )
+
+
+def _compare_exits(
+    spec: DecisionSpec,
+    reference: Mapping[str, np.ndarray],
+    candidate: Mapping[str, np.ndarray],
+    batch_size: int,
+) -> DecisionResult:
+    """Compare exit stages per sample. Where they differ, the decisive stage is the earlier of
+    the two (one exited there, the other did not); the margin is the reference's confidence
+    there against that stage's threshold (the reference always reached it).
+
+    ``per_block_agreement`` holds per stage the agreement among samples whose reference exits
+    there; ``reference_open`` counts reference exits per stage and ``reference_closed`` the
+    samples that reached a stage and went on.
+    """
+    ref = np.asarray(reference[spec.name]).astype(np.int64).reshape(-1)
+    cand = np.asarray(candidate[spec.name]).astype(np.int64).reshape(ref.shape)
+    confidence = np.asarray(reference[spec.probs], dtype=np.float64).reshape(len(ref), -1)
+    thresholds = np.asarray(spec.threshold, dtype=np.float64).reshape(-1)
+    n_stages = confidence.shape[1]
+    differ = ref != cand
+    decisive = np.minimum(ref, cand).clip(0, n_stages - 1)
+    margins = np.abs(confidence[np.arange(len(ref)), decisive] - thresholds[decisive]) if len(ref) else np.zeros(0)
+    near = differ & (margins < spec.near_margin)
+    listed = [
+        {"sample": int(i), "stage": int(decisive[i]), "reference": int(ref[i]), "candidate": int(cand[i]),
+         "reference_confidence": float(confidence[i, decisive[i]]), "margin": float(margins[i]),
+         "near_threshold": bool(near[i])}
+        for i in np.flatnonzero(differ)[:_DISAGREEMENTS_LISTED]
+    ]
+    defects = int((differ & ~near).sum())
+    per_stage = [float(1.0 - differ[ref == j].mean()) if (ref == j).any() else 1.0 for j in range(n_stages)]
+    return DecisionResult(
+        message="" if not defects else (
+            f"{spec.name}: {defects} sample(s) exit at another stage than the reference at batch "
+            f"{batch_size} beyond the near-threshold margin {spec.near_margin:g}"
+        ),
+        name=spec.name,
+        batch_size=batch_size,
+        samples=len(ref),
+        decisions=len(ref),
+        agreement=float(1.0 - differ.mean()) if len(ref) else 1.0,
+        per_block_agreement=per_stage,
+        near_threshold=int(near.sum()),
+        defects=defects,
+        disagreements=listed,
+        reference_open=[int((ref == j).sum()) for j in range(n_stages)],
+        reference_closed=[int((ref > j).sum()) for j in range(n_stages)],
+        rows_agree=[bool(v) for v in ~differ],
+        kind="exit",
     )
 
 
@@ -419,6 +491,8 @@ def check_parity(
         tolerances={k: list(v) for k, v in tolerances.items()},
         criteria=criteria,
     )
+    # Thresholds fed with the inputs (not split into batches) are the ones decisions were made at.
+    decisions = [spec.at(feed) for spec in decisions]
     decision_names = {spec.name for spec in decisions}
     candidate_by_batch: dict[int, dict[str, np.ndarray]] = {}
     for batch_size in batch_sizes:

@@ -162,9 +162,13 @@ def test_every_entry_has_a_recipe() -> None:
         from slimdeploy.zoo.train_condensenet import CONDENSE_RECIPES
     except ImportError:
         CONDENSE_RECIPES = {}  # noqa: N806
+    try:  # S2D early-exit networks (multi-exit loss, thresholds chosen after training)
+        from slimdeploy.zoo.train_s2d import S2D_RECIPES
+    except ImportError:
+        S2D_RECIPES = {}  # noqa: N806
     for entry in ENTRIES:
         assert entry.name in RECIPES or entry.name in GATED_RECIPES \
-            or entry.name in CONDENSE_RECIPES, entry.name
+            or entry.name in CONDENSE_RECIPES or entry.name in S2D_RECIPES, entry.name
         if entry.name in RECIPES:
             recipe = RECIPES[entry.name]
             assert recipe.arch == entry.arch

@@ -15,7 +15,7 @@ import numpy as np
 
 from slimdeploy.engines.base import Runner, TensorMeta
 from slimdeploy.engines.ort_runner import OrtRunner
-from slimdeploy.engines.staged import StagedGatedRunner
+from slimdeploy.engines.staged import StagedExitRunner, StagedGatedRunner
 
 
 def make_runner(
@@ -36,8 +36,9 @@ def make_runner(
         graphs: graph name → .onnx path or bytes (``"model"`` for single-graph forms).
         form: ``None`` (static), ``"mask"``, ``"if"``, ``"compact"`` or ``"staged"``.
         input_meta: the image input's metadata.
-        plan: the gating plan (manifest ``gating``); needed for ``staged``.
-        decision_defaults: default thresholds by input name (``gate_threshold``).
+        plan: the gating plan (manifest ``gating``) or the early-exit plan (manifest ``exits``,
+            ``kind`` ``"early_exit"``); needed for ``staged``.
+        decision_defaults: default thresholds by input name (``gate_threshold``, ``exit_thresholds``).
         device: ONNX Runtime device. Defaults to ``"cpu"``.
         threads: intra-op threads per session; 0 lets ONNX Runtime choose. Defaults to 0.
         replay: staged only: take decisions from the feed. Defaults to False.
@@ -61,9 +62,16 @@ def make_runner(
         return piece("model")
     if plan is None:
         raise ValueError("a staged form needs its plan")
+    # Many sessions run in turn: spinning worker threads of one would steal the next's cores.
+    def staged_piece(name: str) -> Runner:
+        return piece(name, spinning=False, name=name)
+
+    if plan.get("kind") == "early_exit":
+        if replay:
+            raise ValueError("replaying decisions applies to gated networks, not early exits")
+        return StagedExitRunner(staged_piece, plan, input_meta, exit_thresholds=defaults.get("exit_thresholds"))
     return StagedGatedRunner(
-        # Many sessions run in turn: spinning worker threads of one would steal the next's cores.
-        lambda name: piece(name, spinning=False, name=name),
+        staged_piece,
         plan,
         input_meta,
         gate_threshold=defaults.get("gate_threshold", 0.5),

@@ -1,4 +1,7 @@
-"""Staged execution of a gated network: one graph per piece, decisions and routing on the host.
+"""Staged execution of dynamic networks: one graph per piece, decisions and routing on the host.
+
+``StagedExitRunner`` (early-exit networks, below) runs one graph per stage and drops the
+samples that exited after each stage.
 
 ``StagedGatedRunner`` follows the plan a ``staged`` bundle records (``gating`` in the
 manifest, see ``exporters.gated``): run the stem; for each gated block, run its gate on every
@@ -14,6 +17,7 @@ decision flips.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -139,3 +143,122 @@ class StagedGatedRunner(Runner):
         result = np.empty((len(x), *shape), dtype=parts["on"].dtype)
         result[on], result[off] = parts["on"], parts["off"]
         return result
+
+
+class StagedExitRunner(Runner):
+    """Runs an early-exit network stage by stage, dropping the samples that left.
+
+    Follows the plan a ``staged`` early-exit bundle records (``exits`` in the manifest, see
+    ``exporters.early_exit``): stage j's graph takes the image rows still in the batch (when it
+    reads the image) and the earlier stages' features it reads, and returns ``logits``, ``confidence`` and the features
+    later stages read. After each stage the controller compares the confidences with
+    ``exit_thresholds`` and keeps only the rows that stay, so a sample that left costs nothing
+    more.
+
+    Args:
+        make_runner: callable returning the runner of a stage graph by name (``"stage0"``...).
+        plan: the manifest's ``exits`` entry: ``n_stages``, ``exit_rule``, ``thresholds``,
+            ``needs``, ``provides``, ``reads_input``.
+        input_meta: metadata of the image input ``input``.
+        exit_thresholds: default thresholds when the feed has none. Defaults to the plan's.
+        name: label in reports. Defaults to ``"staged"``.
+    """
+
+    backend = "staged"
+
+    def __init__(
+        self,
+        make_runner: Callable[[str], Runner],
+        plan: Mapping[str, Any],
+        input_meta: TensorMeta,
+        exit_thresholds: Any = None,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(name)
+        self.plan = dict(plan)
+        self.n_stages = int(plan["n_stages"])
+        self.entropy = plan["exit_rule"] == "entropy"
+        self.needs = [list(names) for names in plan["needs"]]
+        self.provides = [list(names) for names in plan["provides"]]
+        self.reads_input = [bool(v) for v in plan.get("reads_input", [True] * self.n_stages)]
+        self.input_meta = input_meta
+        default = plan["thresholds"] if exit_thresholds is None else exit_thresholds
+        self.exit_thresholds = np.asarray(default, dtype=np.float32).reshape(self.n_stages)
+        self._make_runner = make_runner
+        self.runners: dict[str, Runner] = {}
+        self.reset_counters()
+
+    def reset_counters(self) -> None:
+        """Zero the per-stage statistics: rows each stage ran on, times each stage ran, seconds
+        in each stage's graph, and seconds in whole calls (the difference is the controller's
+        overhead: thresholds, row selection, copies)."""
+        self.stage_rows = np.zeros(self.n_stages, dtype=np.int64)
+        self.stage_calls = np.zeros(self.n_stages, dtype=np.int64)
+        self.stage_seconds = np.zeros(self.n_stages)
+        self.calls_seconds = 0.0
+        self.calls = 0
+
+    def _activate(self) -> None:
+        for stage in range(self.n_stages):
+            runner = self._make_runner(f"stage{stage}")
+            runner.activate()
+            self.runners[f"stage{stage}"] = runner
+
+    def _deactivate(self) -> None:
+        for runner in self.runners.values():
+            runner.deactivate()
+        self.runners = {}
+
+    def input_metadata(self) -> dict[str, TensorMeta]:
+        return {
+            "input": self.input_meta,
+            "exit_thresholds": TensorMeta("exit_thresholds", np.dtype(np.float32), (self.n_stages,), optional=True),
+        }
+
+    def output_names(self) -> list[str]:
+        return ["logits", "exit_stage", "exit_confidence"]
+
+    def _infer(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        started = time.perf_counter()
+        images = feed["input"]
+        thresholds = np.asarray(feed["exit_thresholds"]) if "exit_thresholds" in feed else self.exit_thresholds
+        batch = len(images)
+        logits_out: np.ndarray | None = None
+        stage_out = np.full(batch, self.n_stages - 1, dtype=np.int64)
+        confidence_out = np.full((batch, self.n_stages), -1.0, dtype=np.float32)
+        active = np.arange(batch)
+        x, carried = images, {}
+        for stage in range(self.n_stages):
+            self.stage_rows[stage] += len(active)
+            self.stage_calls[stage] += 1
+            stage_started = time.perf_counter()
+            # Pieces come from our own export: skip re-validating every call on the hot path.
+            stage_feed = {n: carried[n] for n in self.needs[stage]}
+            if self.reads_input[stage]:
+                stage_feed["input"] = x
+            out = self.runners[f"stage{stage}"].infer(stage_feed, check_inputs=False)
+            self.stage_seconds[stage] += time.perf_counter() - stage_started
+            confidence, logits = out["confidence"], out["logits"]
+            if logits_out is None:
+                logits_out = np.empty((batch, logits.shape[1]), dtype=logits.dtype)
+            confidence_out[active, stage] = confidence
+            last = stage == self.n_stages - 1
+            if last:
+                leave = np.ones(len(active), dtype=bool)
+            else:
+                leave = confidence <= thresholds[stage] if self.entropy else confidence >= thresholds[stage]
+            logits_out[active[leave]] = logits[leave]
+            stage_out[active[leave]] = stage
+            if last or leave.all():
+                break
+            provided = {n: out[n] for n in self.provides[stage]}
+            if leave.any():
+                # Shrink the batch: only the rows that stay go on, with their carried features.
+                stay = ~leave
+                active, x = active[stay], np.ascontiguousarray(x[stay])
+                carried = {n: np.ascontiguousarray(v[stay]) for n, v in carried.items()}
+                provided = {n: np.ascontiguousarray(v[stay]) for n, v in provided.items()}
+            carried.update(provided)
+        self.calls += 1
+        self.calls_seconds += time.perf_counter() - started
+        return {"logits": logits_out, "exit_stage": stage_out, "exit_confidence": confidence_out}

@@ -26,7 +26,7 @@ class ArchInfo:
     Attributes:
         name: registry name (the official factory name where one exists).
         builder: callable returning an ``nn.Module``; its keyword arguments are the arch args.
-        family: ``"mobilenet"``, ``"spconv"``, ``"skipnet"``, ``"condensenet"``, ``"s2d"``.
+        family: ``"mobilenet"``, ``"spconv"``, ``"skipnet"``, ``"condensenet"``, ``"early_exit"``.
         input_size: default (C, H, W) of the image input.
         dynamic: True when the model makes data-dependent decisions (gates, exits).
         infer_args: optional callable ``state_dict -> dict`` that reads constructor arguments
@@ -134,6 +134,8 @@ ARCHITECTURE_MODULES = (
     "slimdeploy.models.spconv_resnet",
     "slimdeploy.models.skipnet",
     "slimdeploy.models.condensenet",
+    "slimdeploy.models.s2d",
+    "slimdeploy.models.branchy",
 )
 
 

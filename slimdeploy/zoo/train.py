@@ -367,13 +367,16 @@ def train_zoo_entry(
     """
     from slimdeploy.zoo.train_condensenet import CONDENSE_RECIPES, train_condensenet_zoo_entry
     from slimdeploy.zoo.train_gated import GATED_RECIPES, train_gated_zoo_entry
+    from slimdeploy.zoo.train_s2d import S2D_RECIPES, train_s2d_zoo_entry
 
     if name in GATED_RECIPES:  # SkipNets train with straight-through gates and a penalty
         return train_gated_zoo_entry(name, out_dir, epochs=epochs, progress=progress)
     if name in CONDENSE_RECIPES:  # CondenseNets train with the condensation schedule and lasso
         return train_condensenet_zoo_entry(name, out_dir, epochs=epochs, progress=progress)
+    if name in S2D_RECIPES:  # S2D networks train with the multi-exit loss, then pick thresholds
+        return train_s2d_zoo_entry(name, out_dir, epochs=epochs, progress=progress)
     if name not in RECIPES:
-        raise unknown_recipe(name, [*RECIPES, *GATED_RECIPES, *CONDENSE_RECIPES])
+        raise unknown_recipe(name, [*RECIPES, *GATED_RECIPES, *CONDENSE_RECIPES, *S2D_RECIPES])
     recipe = RECIPES[name]
     if epochs is not None:
         recipe = replace(recipe, epochs=epochs)

@@ -1,0 +1,74 @@
+"""End to end on the demo S2D model: export in every early-exit form, check, run with other
+thresholds, bench with a threshold sweep."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import assert_clean_error, run_cli
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("s2d")
+    out = {}
+    for form in ("staged", "if", "mask"):
+        out[form] = root / form
+        result = run_cli("export", "zoo:s2d_resnet20_digits", "--dynamic", form, "--out", str(out[form]))
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "exit_stage at batch 16: agreement 100.00%" in result.stdout
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("form", ["staged", "if", "mask"])
+def test_export_and_check(bundles: dict[str, Path], form: str) -> None:
+    manifest = json.loads((bundles[form] / "manifest.json").read_text())
+    assert manifest["dynamic"] == form and manifest["model"]["family"] == "early_exit"
+    assert [o["name"] for o in manifest["outputs"]] == ["logits", "exit_stage", "exit_confidence"]
+    thresholds = manifest["decisions"]["thresholds"]["exit_thresholds"]
+    assert manifest["inputs"][1] == {"name": "exit_thresholds", "dtype": "float32", "shape": [3], "optional": True, "default": thresholds}
+    assert manifest["exits"]["n_stages"] == 3 and set(manifest["exits"]["macs"]) == {"stage0", "stage1", "stage2"}
+    if form == "staged":
+        assert manifest["stages"] == ["stage0", "stage1", "stage2"]
+    # The golden samples cover every exit stage.
+    golden = np.load(bundles[form] / "golden.npz")
+    assert set(golden["ref_exit_stage"].tolist()) == {0, 1, 2}
+    result = run_cli("check", str(bundles[form]), "--batch-sizes", "1,8")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "exit_stage at batch 8: agreement 100.00%" in result.stdout and "parity PASSED" in result.stdout
+
+
+@pytest.mark.slow
+def test_run_with_other_thresholds_and_bad_shape(bundles: dict[str, Path], tmp_path: Path) -> None:
+    golden = np.load(bundles["staged"] / "golden.npz")
+    feed = tmp_path / "feed.npz"
+    np.savez(feed, input=golden["input"], exit_thresholds=np.array([1.5, 1.5, 0.0], np.float32))
+    result = run_cli("run", str(bundles["staged"]), "--inputs", str(feed), "--out", str(tmp_path / "out.npz"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (np.load(tmp_path / "out.npz")["exit_stage"] == 2).all()
+    np.savez(feed, input=golden["input"], exit_thresholds=np.array([0.5, 0.5], np.float32))
+    result = run_cli("run", str(bundles["if"]), "--inputs", str(feed), "--out", str(tmp_path / "bad.npz"))
+    assert_clean_error(result, 2, "exit_thresholds")
+
+
+@pytest.mark.slow
+def test_bench_sweep(bundles: dict[str, Path], tmp_path: Path) -> None:
+    report_path = tmp_path / "bench.json"
+    result = run_cli("bench", str(bundles["staged"]), "--no-torch", "--batch", "1,8", "--warmup", "1", "--iterations", "3",
+                     "--sweep", "0.5,0.99,1.01", "--json", str(report_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(report_path.read_text())
+    exits = report["exits"]
+    assert sum(exits["exit_share_per_stage"]) == pytest.approx(1.0)
+    assert exits["macs_ideal"] < exits["macs_mask"] == sum(exits["macs_per_stage"])
+    sweep = report["sweep"]
+    assert [p["thresholds"][0] for p in sweep] == pytest.approx([0.5, 0.99, 1.01])
+    assert sweep[-1]["exit_share_per_stage"] == [0.0, 0.0, 1.0] and sweep[-1]["macs_average"] == exits["macs_mask"]
+    assert sweep[0]["macs_average"] <= sweep[1]["macs_average"] <= sweep[2]["macs_average"]
+    gated = run_cli("bench", str(bundles["staged"]), "--plot", str(tmp_path / "x.png"))
+    assert_clean_error(gated, 2, "--sweep")
