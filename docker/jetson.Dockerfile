@@ -7,10 +7,11 @@
 #
 # Every version is a build argument. BASE_IMAGE may also be the smaller runtime image
 # nvcr.io/nvidia/l4t-tensorrt:r10.3.0-runtime; JetPack 7 (Thor: CUDA 13, TensorRT 10.13+) needs
-# its own base tag from NGC and CUDA_PYTHON_VERSION=13.x.
+# its own base tag from NGC and --build-arg CUDA_PYTHON_VERSION=13.0.
 ARG BASE_IMAGE=nvcr.io/nvidia/l4t-jetpack:r36.4.0
 FROM ${BASE_IMAGE}
 
+# cuda-python must match the base image's CUDA major version: 12.x on JetPack 6, 13.x on JetPack 7.
 ARG CUDA_PYTHON_VERSION=12.6
 ARG ONNXRUNTIME_VERSION=1.23.2
 # TensorRT 10.3's Python bindings predate NumPy 2: keep NumPy 1.x beside them.

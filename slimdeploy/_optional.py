@@ -8,6 +8,7 @@ a message, never an ImportError traceback.
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import importlib.util
 from types import ModuleType
 
@@ -21,16 +22,25 @@ INSTALL_HINTS: dict[str, str] = {
     "onnxscript": "pip install 'slimdeploy[export]'",
     "sklearn": "pip install 'slimdeploy[export]'",
     "PIL": "pip install 'slimdeploy[images]'",
-    "tensorrt": "pip install 'slimdeploy[trt]' (or use the slimdeploy TensorRT image)",
+    "tensorrt": "pip install 'slimdeploy[trt]' (or use the slimdeploy TensorRT image); on a Jetson, TensorRT "
+    "comes with JetPack: do not pip install it there, use docker/jetson.Dockerfile",
     "cuda": "pip install 'slimdeploy[trt]'",
     "matplotlib": "pip install 'slimdeploy[plot]'",
 }
 
 
 def is_available(name: str) -> bool:
-    """True when ``name`` can be imported (checked without importing it)."""
+    """True when ``name`` can be imported, checked without importing it or, for a dotted name,
+    its parent packages (``cuda.bindings``: ``cuda`` is a namespace that several NVIDIA packages
+    share, so the namespace alone says nothing about cuda-python)."""
+    top, *rest = name.split(".")
     try:
-        return importlib.util.find_spec(name) is not None
+        spec = importlib.util.find_spec(top)
+        for part in rest:
+            if spec is None or spec.submodule_search_locations is None:
+                return False
+            spec = importlib.machinery.PathFinder.find_spec(f"{spec.name}.{part}", list(spec.submodule_search_locations))
+        return spec is not None
     except (ImportError, ValueError):
         return False
 

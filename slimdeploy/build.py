@@ -31,10 +31,11 @@ from slimdeploy.engines.trt_build import (
     build_plan,
     build_readme,
     build_script,
+    engine_batch_range,
     import_tensorrt,
-    parse_version,
     refuse_form,
     trt_version,
+    version_matches,
 )
 from slimdeploy.errors import BadInputError
 from slimdeploy.parity import ParityReport
@@ -66,9 +67,10 @@ def build_bundle(
 
     Args:
         path: the bundle directory.
-        trt_version_expected: the TensorRT version the engines are meant for (e.g. ``"10.3"``);
-            a different installed major.minor is refused, since engines only run on the version
-            that built them. Defaults to whatever is installed.
+        trt_version_expected: the TensorRT version the engines are meant for, compared part by
+            part with the installed version (the one recorded with the engines): ``"10.3"``
+            accepts any 10.3 build, ``"10.3.0.30"`` only that one, since engines only run on the
+            TensorRT build that made them. Defaults to whatever is installed.
         overrides: ``BuildSpec`` fields (``min_batch``, ``opt_batch``, ``max_batch``,
             ``workspace_mb``, ``tf32``) replacing the ones the export recorded (or the defaults,
             for a bundle exported for ONNX Runtime). Defaults to none.
@@ -82,10 +84,11 @@ def build_bundle(
     refuse_form(form)
     trt = import_tensorrt()
     version = trt_version(trt) or "unknown"
-    if trt_version_expected and version != "unknown" and parse_version(version) != parse_version(trt_version_expected):
+    if trt_version_expected and version != "unknown" and not version_matches(version, trt_version_expected):
         raise BadInputError(
-            f"TensorRT {version} is installed but --trt-version {trt_version_expected} was asked for: engines "
-            "run only on the TensorRT version that built them | Fix: use the matching container, or drop --trt-version"
+            f"TensorRT {version} is installed but --trt-version {trt_version_expected} was asked for (every part "
+            f"given must match): engines run only on the TensorRT build that made them | Fix: use the matching "
+            "container, or drop --trt-version"
         )
     recorded = manifest.get("trt") or {}
     spec = BuildSpec.resolve(recorded.get("spec", {}), overrides or {})
@@ -127,7 +130,8 @@ def build_bundle(
     if check:
         from slimdeploy.parity import check_bundle
 
-        low, high = plan["batch"]["min"], plan["batch"]["max"]
+        # The engines' own range: a static-batch graph is fixed at its ONNX batch.
+        low, high = engine_batch_range(plan)
         sizes = [b for b in manifest.get("golden", {}).get("batch_sizes", []) if low <= b <= high] or [low, high]
         report = check_bundle(bundle.path, batch_sizes=sorted(set(sizes)), device=TENSORRT, progress=say)
         manifest = load_bundle(bundle.path).manifest

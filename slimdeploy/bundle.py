@@ -268,6 +268,8 @@ def bundle_runner(bundle: Bundle, device: str = "cpu", threads: int = 0, replay:
     graphs: dict[str, Path] = {graph["name"]: bundle.file(graph["file"]) for graph in bundle.graphs}
     backend, batch_range = "onnxruntime", None
     if device == TENSORRT:
+        from slimdeploy.engines.trt_build import engine_batch_range
+
         build = manifest.get("trt") or {}
         engines = build.get("engines")
         if not engines:
@@ -277,7 +279,7 @@ def bundle_runner(bundle: Bundle, device: str = "cpu", threads: int = 0, replay:
             )
         graphs = {name: bundle.file(file) for name, file in engines.items()}
         backend = TENSORRT
-        batch_range = (int(build["batch"]["min"]), int(build["batch"]["max"]))
+        batch_range = engine_batch_range(build)
     return make_runner(
         graphs,
         manifest.get("dynamic"),

@@ -106,7 +106,7 @@ def test_static_bundle_records_the_build(static_trt_bundle: Path) -> None:
     assert plan["build_command"] == "slimdeploy build r20"
     assert plan["engines"] is None and plan["built"] is None
     assert plan["trtexec"] == [
-        "trtexec --onnx=model.onnx --saveEngine=trt/model.engine --stronglyTyped "
+        "trtexec --onnx=model.onnx --saveEngine=trt/model.engine --stronglyTyped --skipInference "
         "--minShapes=input:1x3x32x32 --optShapes=input:8x3x32x32 --maxShapes=input:32x3x32x32 "
         "--memPoolSize=workspace:1024M --timingCacheFile=trt/timing.cache --noTF32"
     ]
@@ -210,7 +210,7 @@ def test_build_without_tensorrt_exits_3(tmp_path: Path, static_trt_bundle: Path)
     bundle = _copy(static_trt_bundle, tmp_path)
     before = (bundle / "manifest.json").read_text()
     result = run_cli("build", str(bundle), env={"PYTHONPATH": f"{site}:{REPO}"})
-    assert_clean_error(result, 3, "tensorrt", "pip install 'slimdeploy[trt]'")
+    assert_clean_error(result, 3, "tensorrt", "pip install 'slimdeploy[trt]'", "comes with JetPack")
     assert (bundle / "manifest.json").read_text() == before and not (bundle / "trt").exists()
     result = run_cli("check", str(bundle), "--device", "tensorrt")
     assert_clean_error(result, 2, "no TensorRT engines", "slimdeploy build")
@@ -264,6 +264,52 @@ def test_build_and_check_with_stand_in_tensorrt(tmp_path: Path, static_trt_bundl
     assert_clean_error(result, 2, "TensorRT refused shape [16, 3, 32, 32]", "batch 1 to 8")
     result = run_cli("build", str(bundle), "--trt-version", "11.1", env=FAKE_ENV)
     assert_clean_error(result, 2, "TensorRT 10.3.0 is installed but --trt-version 11.1")
+
+
+def test_trt_version_is_the_loaded_modules_and_compared_in_full(tmp_path: Path, static_trt_bundle: Path, fake_trt: object,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from slimdeploy import versions
+    from slimdeploy.build import build_bundle
+    from slimdeploy.engines.trt_build import trt_version, version_matches
+
+    # Metadata of another install (a pip wheel beside the image's TensorRT) does not win over
+    # the bindings that run.
+    monkeypatch.setattr(versions, "package_version", lambda component: "10.16.0.1")
+    assert trt_version(fake_trt) == "10.3.0" and trt_version() == "10.16.0.1"
+    assert version_matches("10.3.0.30", "10.3") and version_matches("10.3.0.30", "10.3.0.30")
+    assert not version_matches("10.3.0.30", "10.3.0.26") and not version_matches("10.30.1", "10.3")
+    # Same major.minor, another build: refused before anything is written.
+    bundle = _copy(static_trt_bundle, tmp_path)
+    with pytest.raises(BadInputError, match=r"TensorRT 10\.3\.0 is installed but --trt-version 10\.3\.1 was asked for"):
+        build_bundle(bundle, trt_version_expected="10.3.1", check=False)
+    assert not (bundle / "trt").exists()
+    result = build_bundle(bundle, trt_version_expected="10.3", check=False)
+    assert result.manifest["trt"]["built"]["tensorrt"] == "10.3.0"
+
+
+def test_static_batch_graph_is_checked_at_its_own_batch(tmp_path: Path, static_trt_bundle: Path, fake_trt: object) -> None:
+    """A graph with a fixed batch gets a profile fixed at that batch, whatever the batch range:
+    build checks (and the runner reports) the engine's range, not the plan's."""
+    from slimdeploy.build import build_bundle
+    from slimdeploy.bundle import update_bundle
+    from slimdeploy.engines.trt_build import engine_batch_range
+
+    bundle = _copy(static_trt_bundle, tmp_path)
+    model = onnx.load(str(bundle / "model.onnx"))
+    for value in [*model.graph.input, *model.graph.output]:
+        value.type.tensor_type.shape.dim[0].dim_value = 1
+    update_bundle(bundle, {"model.onnx": model.SerializeToString()}, _manifest(bundle))
+    result = build_bundle(bundle, overrides={"max_batch": 16})  # a new range: the plan is made again
+    plan = result.manifest["trt"]
+    assert plan["batch"] == {"min": 1, "opt": 8, "max": 16}
+    assert plan["graphs"][0]["shapes"] == {"input": {key: [1, 3, 32, 32] for key in ("min", "opt", "max")}}
+    assert engine_batch_range(plan) == (1, 1)
+    assert result.passed and plan["built"]["parity"]["batch_sizes"] == [1]  # the golden batch 8 is outside
+    with pytest.raises(BadInputError, match="batch 1 to 1"):
+        from slimdeploy.bundle import bundle_runner, load_bundle
+
+        with bundle_runner(load_bundle(bundle), device="tensorrt") as runner:
+            runner.infer({"input": np.zeros((2, 3, 32, 32), np.float32)}, check_inputs=False)
 
 
 @pytest.mark.slow
@@ -356,7 +402,7 @@ def test_runner_with_cuda_python_buffers(tmp_path: Path, fake_trt: object) -> No
             runner.infer({"x": np.zeros((5, 3), np.float32)})
     import cuda.bindings.runtime as fake_cudart
 
-    assert fake_cudart.ALLOCATIONS == {}  # every device buffer freed on deactivate
+    assert fake_cudart.ALLOCATIONS == {} and not fake_cudart.STREAMS  # buffers and stream freed on deactivate
 
 
 def test_runner_refuses_foreign_engines_and_missing_buffers(tmp_path: Path, fake_trt: object) -> None:
@@ -366,6 +412,9 @@ def test_runner_refuses_foreign_engines_and_missing_buffers(tmp_path: Path, fake
     # An engine from another TensorRT version or GPU does not deserialise: the fix is a rebuild.
     with pytest.raises(BundleError, match="rebuild on this machine"):
         TrtRunner(b"an engine built elsewhere").activate()
+    import cuda.bindings.runtime as fake_cudart
+
+    assert not fake_cudart.STREAMS  # the stream made before deserialising was not leaked
     with pytest.raises(BundleError, match="does not exist"):
         TrtRunner(tmp_path / "missing.engine").activate()
     # torch buffers need a CUDA device, which this machine lacks.
@@ -373,6 +422,31 @@ def test_runner_refuses_foreign_engines_and_missing_buffers(tmp_path: Path, fake
         TrtRunner(b"", buffers="torch").activate()
     with pytest.raises(BadInputError, match="unknown buffers"):
         TrtRunner(b"", buffers="pycuda")
+
+
+def test_auto_buffers_need_cuda_python_not_the_cuda_namespace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``cuda`` alone is a namespace (cuda-core and others install into it): "auto" buffers
+    then come from torch, and only cuda-python's runtime bindings select cuda-python."""
+    from slimdeploy.engines import trt_runner
+    from slimdeploy.engines.trt_build import cuda_python_available
+    from slimdeploy.errors import BackendUnavailableError
+
+    (tmp_path / "cuda" / "core").mkdir(parents=True)  # a namespace package, as cuda-core leaves it
+    (tmp_path / "cuda" / "core" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        assert not cuda_python_available()
+        with pytest.raises(BackendUnavailableError, match="torch sees no CUDA GPU"):  # torch chosen; no GPU here
+            trt_runner._device_memory("auto")
+        monkeypatch.syspath_prepend(str(FAKES))  # cuda-python's bindings (the stand-in)
+        assert cuda_python_available()
+        assert not [name for name in sys.modules if name.split(".")[0] == "cuda"]  # looked up, not imported
+        memory = trt_runner._device_memory("auto")
+        assert isinstance(memory, trt_runner._CudaPythonMemory)
+        memory.release()
+    finally:
+        for name in [m for m in sys.modules if m.split(".")[0] == "cuda"]:
+            del sys.modules[name]
 
 
 def test_export_lints_every_graph_for_tensorrt() -> None:

@@ -98,17 +98,31 @@ class BuildSpec:
 def is_available() -> bool:
     """True when tensorrt imports and device buffers can be made (cuda-python or torch).
     Checked without importing either; a missing GPU shows only when a builder is created."""
-    return _module_available("tensorrt") and (_module_available("cuda") or _module_available("torch"))
+    return _module_available("tensorrt") and (cuda_python_available() or _module_available("torch"))
+
+
+def cuda_python_available() -> bool:
+    """True when cuda-python's runtime bindings import (``cuda.bindings.runtime``, or
+    ``cuda.cudart`` before 12.6); checked without importing them. Not the ``cuda`` namespace,
+    which cuda-core and other NVIDIA packages also install."""
+    return _module_available("cuda.bindings.runtime") or _module_available("cuda.cudart")
 
 
 def trt_version(trt: Any = None) -> str | None:
-    """The installed TensorRT version (distribution metadata, or the module's ``__version__``)."""
+    """The TensorRT version: the loaded module's ``__version__`` (the bindings that actually
+    run; a pip wheel's metadata may sit beside JetPack's or an image's own TensorRT), else the
+    distribution metadata."""
     from slimdeploy.versions import package_version
 
-    found = package_version("tensorrt")
-    if found is None and trt is not None:
-        found = getattr(trt, "__version__", None)
-    return found
+    found = getattr(trt, "__version__", None) if trt is not None else None
+    return found or package_version("tensorrt")
+
+
+def version_matches(installed: str, expected: str) -> bool:
+    """True when every dotted part of ``expected`` equals the same part of ``installed``:
+    ``10.3`` accepts any 10.3 build, ``10.3.0.30`` only that build (engines are tied to it)."""
+    want = expected.strip().split(".")
+    return installed.strip().split(".")[: len(want)] == want
 
 
 def parse_version(text: str) -> tuple[int, int]:
@@ -172,11 +186,23 @@ def profile_shapes(model: Any, spec: BuildSpec, min_batch: int | None = None) ->
     return shapes
 
 
+def engine_batch_range(plan: Mapping[str, Any]) -> tuple[int, int]:
+    """(min, max) batch that every engine of a plan accepts, from the recorded profiles: a
+    static-batch graph is fixed at its ONNX batch whatever the plan's batch range, and staged
+    pieces fed routed rows start lower than the stem. The plan's batch range when no graph has
+    a profiled input."""
+    profiles = [shape for entry in plan.get("graphs") or [] for shape in entry["shapes"].values()]
+    if not profiles:
+        return int(plan["batch"]["min"]), int(plan["batch"]["max"])
+    return max(int(shape["min"][0]) for shape in profiles), min(int(shape["max"][0]) for shape in profiles)
+
+
 def trtexec_command(onnx_file: str, engine: str, shapes: Mapping[str, Mapping[str, Sequence[int]]], spec: BuildSpec) -> str:
     """The ``trtexec`` line that builds the same engine as ``build_engine`` (run in the bundle
     directory). ``--stronglyTyped`` is needed on 10.12+ and does nothing on 11.x; no precision
-    flags (11.x rejects ``--fp16``/``--int8``/``--best``)."""
-    parts = ["trtexec", f"--onnx={onnx_file}", f"--saveEngine={engine}", "--stronglyTyped"]
+    flags (11.x rejects ``--fp16``/``--int8``/``--best``); ``--skipInference``: the engine is
+    all we want, not trtexec's timing run."""
+    parts = ["trtexec", f"--onnx={onnx_file}", f"--saveEngine={engine}", "--stronglyTyped", "--skipInference"]
     for key, option in (("min", "--minShapes"), ("opt", "--optShapes"), ("max", "--maxShapes")):
         if shapes:
             parts.append(f"{option}=" + ",".join(f"{name}:{'x'.join(str(d) for d in shape[key])}" for name, shape in shapes.items()))

@@ -90,17 +90,22 @@ class TrtRunner(Runner):
         self._trt = trt
         data = self._engine_bytes()
         self.memory = _device_memory(self.buffers_kind)
-        runtime = trt.Runtime(trt_logger(trt))
-        engine = runtime.deserialize_cuda_engine(data)
-        if engine is None:
-            raise BundleError(
-                f"TensorRT cannot deserialise the engine of '{self.name}': engines are tied to the TensorRT "
-                "version and GPU that built them | Fix: rebuild on this machine with slimdeploy build BUNDLE"
-            )
-        self.engine = engine
-        self.context = engine.create_execution_context()
-        self._runtime = runtime  # the runtime must outlive the engine it deserialised
-        self._read_io()
+        try:
+            runtime = trt.Runtime(trt_logger(trt))
+            engine = runtime.deserialize_cuda_engine(data)
+            if engine is None:
+                raise BundleError(
+                    f"TensorRT cannot deserialise the engine of '{self.name}': engines are tied to the TensorRT "
+                    "version and GPU that built them | Fix: rebuild on this machine with slimdeploy build BUNDLE"
+                )
+            self.engine = engine
+            self.context = engine.create_execution_context()
+            self._runtime = runtime  # the runtime must outlive the engine it deserialised
+            self._read_io()
+        except BaseException:
+            # activate() failed, so no deactivate() follows: free the stream and buffers here.
+            self._deactivate()
+            raise
 
     def _deactivate(self) -> None:
         if self.memory is not None:
@@ -235,7 +240,9 @@ class _DeviceMemory:
 
 
 def _device_memory(kind: str) -> _DeviceMemory:
-    if kind == "cuda-python" or (kind == "auto" and _module_available("cuda")):
+    from slimdeploy.engines.trt_build import cuda_python_available
+
+    if kind == "cuda-python" or (kind == "auto" and cuda_python_available()):
         return _CudaPythonMemory()
     if kind == "torch" or (kind == "auto" and _module_available("torch")):
         return _TorchMemory()
@@ -315,35 +322,41 @@ class _CudaPythonMemory(_DeviceMemory):
 
 
 class _TorchMemory(_DeviceMemory):
-    """Buffers as torch CUDA tensors (``data_ptr()``) on torch's current stream."""
+    """Buffers as torch CUDA tensors (``data_ptr()``), copies and the engine on one dedicated
+    ``torch.cuda.Stream``: on the legacy default stream ``enqueueV3`` adds synchronisations."""
 
     def __init__(self) -> None:
         torch = optional_import("torch", "allocate TensorRT device buffers")
         if not torch.cuda.is_available():
             raise BackendUnavailableError("torch sees no CUDA GPU for TensorRT's buffers | Fix: run on the GPU machine, or pip install 'slimdeploy[trt]'")
         self.torch = torch
+        self.stream = torch.cuda.Stream()
         self.tensors: dict[str, Any] = {}
 
     def stream_handle(self) -> int:
-        return int(self.torch.cuda.current_stream().cuda_stream)
+        return int(self.stream.cuda_stream)
 
     def upload(self, name: str, array: np.ndarray) -> int:
-        tensor = self.torch.from_numpy(array).to("cuda")
+        with self.torch.cuda.stream(self.stream):
+            tensor = self.torch.from_numpy(array).to("cuda")
         self.tensors[name] = tensor
         return int(tensor.data_ptr())
 
     def allocate(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> int:
         torch_dtype = self.torch.from_numpy(np.empty(0, dtype=dtype)).dtype
-        tensor = self.torch.empty(shape, dtype=torch_dtype, device="cuda")
+        with self.torch.cuda.stream(self.stream):
+            tensor = self.torch.empty(shape, dtype=torch_dtype, device="cuda")
         self.tensors[name] = tensor
         return int(tensor.data_ptr())
 
     def download(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-        # .cpu() is ordered on the current stream after the enqueued engine, and blocks.
-        return self.tensors[name].cpu().numpy()
+        # .cpu() on our stream is ordered after the enqueued engine, and blocks.
+        with self.torch.cuda.stream(self.stream):
+            return self.tensors[name].cpu().numpy()
 
     def synchronize(self) -> None:
-        self.torch.cuda.current_stream().synchronize()
+        self.stream.synchronize()
 
     def release(self) -> None:
+        self.stream.synchronize()  # nothing may still use the buffers the caching allocator gets back
         self.tensors = {}

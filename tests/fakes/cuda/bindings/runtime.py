@@ -1,6 +1,7 @@
 """Fake ``cuda.bindings.runtime``: "device" memory is host memory from ctypes, copies are
-memmoves, streams do nothing. Every call returns ``(error, value...)`` as cuda-python does, and
-copies into or out of memory that was never allocated fail."""
+memmoves, streams do nothing but are tracked (so leaks show). Every call returns
+``(error, value...)`` as cuda-python does, and copies into or out of memory that was never
+allocated fail."""
 
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ class cudaStream_t:  # noqa: N801
 
 
 ALLOCATIONS: dict[int, ctypes.Array] = {}
+STREAMS: set[int] = set()  # handles of the streams created and not yet destroyed
 
 
 def _inside(pointer: int, count: int) -> bool:
@@ -61,7 +63,9 @@ def cudaMemcpyAsync(dst: int, src: int, count: int, kind: cudaMemcpyKind, stream
 
 
 def cudaStreamCreate():  # noqa: N802
-    return (cudaError_t.cudaSuccess, cudaStream_t())
+    stream = cudaStream_t()
+    STREAMS.add(stream.handle)
+    return (cudaError_t.cudaSuccess, stream)
 
 
 def cudaStreamSynchronize(stream: cudaStream_t):  # noqa: N802
@@ -70,6 +74,7 @@ def cudaStreamSynchronize(stream: cudaStream_t):  # noqa: N802
 
 def cudaStreamDestroy(stream: cudaStream_t):  # noqa: N802
     stream.destroyed = True
+    STREAMS.discard(stream.handle)
     return (cudaError_t.cudaSuccess,)
 
 
