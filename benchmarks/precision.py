@@ -8,7 +8,7 @@ In one run, for each zoo model (``mobilenet_v1_digits``, ``spconv_resnet20_digit
 ``skipnet38_digits`` in the ``compact`` form, ``condensenet_digits``):
 
 1. export an FP32 bundle and an INT8 bundle (``--precision int8 --calib digits``: the 100-image
-   calibration split, MinMax, ONNX Runtime's U8S8 form, gate heads FP32) with ``export()``;
+   calibration split, Percentile (the default), ONNX Runtime's U8S8 form, gate heads FP32) with ``export()``;
 2. make the TensorRT form (S8S8 symmetric, zero points 0) from the INT8 bundle's stored
    ``calibration.json`` and the FP32 graph, without recalibrating (``quantize_int8``);
 3. on the digits held-out split: top-1 agreement of each INT8 form with FP32, gate agreement
@@ -178,7 +178,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "machine": machine_facts(),
         "settings": {
             "threads": args.threads,
-            "calibration": "digits calibration split (100 images), MinMax, per-channel weights, gate heads FP32",
+            "calibration": "digits calibration split (100 images), Percentile, per-channel weights, gate heads FP32",
             "int8_ort": "U8S8 QDQ (QUInt8 activations, QInt8 symmetric per-channel weights), the bundle's model.onnx",
             "int8_trt_form": "S8S8 QDQ (symmetric, zero points 0, FP32 biases) from the INT8 bundle's calibration.json",
             "gated_form": "compact (the ort default)",

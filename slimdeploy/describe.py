@@ -104,7 +104,7 @@ def environment() -> list[dict[str, Any]]:
         ("onnxslim", "onnxslim", "simplify graphs at export"),
         ("scikit-learn", "sklearn", "digits data for demo models and parity"),
         ("tensorrt", "tensorrt", "build and run TensorRT engines"),
-        ("cuda-python", "cuda", "TensorRT device buffers"),
+        ("cuda-python", "cuda.bindings.runtime", "TensorRT device buffers"),
     ):
         present = is_available(module)
         row = {"name": name, "version": package_version(name), "available": present, "purpose": purpose, "reason": ""}

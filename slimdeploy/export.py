@@ -122,7 +122,7 @@ def export(
     precision: str = "fp32",
     calib: str | Path | None = None,
     calib_size: int | None = None,
-    calib_method: str = "MinMax",
+    calib_method: str = "Percentile",
     quantize_decisions: bool = False,
     progress: Progress | None = None,
 ) -> ExportResult:
@@ -167,7 +167,7 @@ def export(
             ranges are reused without recalibrating. Defaults to ``digits`` for models trained
             on digits; others must name their data.
         calib_size: calibration samples to use. Defaults to 100 (the digits calibration split).
-        calib_method: ``MinMax``, ``Entropy`` or ``Percentile``. Defaults to ``MinMax``.
+        calib_method: ``MinMax``, ``Entropy`` or ``Percentile``. Defaults to ``Percentile``.
         quantize_decisions: also reduce the precision of gate and exit heads. Defaults to False
             (decision heads stay FP32).
         progress: callable told the name of each step. Defaults to silence.

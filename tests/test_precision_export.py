@@ -31,11 +31,11 @@ def test_int8_bundle_passes_check_and_its_ranges_are_reused(tmp_path: Path) -> N
     result = run_cli("export", "zoo:spconv_resnet20_digits", "--out", str(bundle), "--precision", "int8",
                      "--calib", "digits", "--calib-size", "60", *FAST)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "U8S8" in result.stdout and "calibrated with MinMax on 60 samples" in result.stdout
+    assert "U8S8" in result.stdout and "calibrated with Percentile on 60 samples" in result.stdout
     manifest = json.loads((bundle / "manifest.json").read_text())
     calibration = manifest["calibration"]
     assert manifest["precision"] == "int8" and calibration["source"] == "digits:calib[:60]"
-    assert calibration["size"] == 60 and calibration["synthetic"] is False and calibration["method"] == "MinMax"
+    assert calibration["size"] == 60 and calibration["synthetic"] is False and calibration["method"] == "Percentile"
     assert calibration["vs_fp32"]["top1"] >= 0.95
     assert manifest["parity"]["criteria"]["top1_agreement"] == 0.97
     assert manifest["tolerances"][""] == [0.25, 0.1]

@@ -94,7 +94,7 @@ def apply_precision(
         plan: the gating plan; needed to calibrate a ``staged`` form. Defaults to None.
         input_meta: metadata of the image input; needed for ``staged``. Defaults to None.
         calibration: INT8 only: calibration images, or stored ranges to reuse.
-        method: ``MinMax``, ``Entropy`` or ``Percentile`` (when calibrating). Defaults to MinMax.
+        method: ``MinMax``, ``Entropy`` or ``Percentile`` (when calibrating). Defaults to Percentile.
         quantize_decisions: also reduce the precision of gate and exit heads. Defaults to False.
         scope: what counts as a decision head. Defaults to gate and exit heads.
         gate_threshold: threshold the staged controller decides at while calibrating. Defaults to 0.5.

@@ -28,7 +28,10 @@ import onnx
 from slimdeploy.errors import BadInputError
 
 METHODS = ("MinMax", "Entropy", "Percentile")
-DEFAULT_METHOD = "MinMax"
+# Percentile (99.999th, ONNX Runtime's histogram calibrator) clips the rare outliers that MinMax
+# stretches every scale for: on the SPConv ResNet-20 demo, S8S8 top-1 agreement with FP32 rose
+# from 97.0 % (MinMax) to 98.6 %, U8S8 from 99.0 % to 99.6 % (500 held-out digits).
+DEFAULT_METHOD = "Percentile"
 RECORD_FILE = "calibration.json"
 RECORD_FORMAT = 1
 
@@ -97,7 +100,7 @@ def collect_ranges(model: onnx.ModelProto, feeds: Iterable[Mapping[str, np.ndarr
     Args:
         model: the FP32 graph.
         feeds: calibration batches, each a feed dict.
-        method: ``MinMax``, ``Entropy`` or ``Percentile``. Defaults to ``MinMax``.
+        method: ``MinMax``, ``Entropy`` or ``Percentile``. Defaults to ``Percentile``.
     """
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, create_calibrator
 
@@ -123,8 +126,11 @@ def collect_ranges(model: onnx.ModelProto, feeds: Iterable[Mapping[str, np.ndarr
         del calibrator
     ranges = {name: (_scalar(data.range_value[0]), _scalar(data.range_value[1])) for name, data in tensors.data.items()}
     # A tensor seen only empty (a compacted block no sample executed) has no range: leave it
-    # out, so that nothing is quantized with a made-up one (``int8.unranged_nodes``).
-    return {name: (low, high) for name, (low, high) in ranges.items() if np.isfinite(low) and np.isfinite(high) and low <= high}
+    # out, so that nothing is quantized with a made-up one (``int8.unranged_nodes``). MinMax
+    # marks it (inf, -inf); the histogram methods give it an empty (low == high) range, as they
+    # do a tensor that is constant over the data, which is as well left in FP32.
+    return {name: (low, high) for name, (low, high) in ranges.items()
+            if np.isfinite(low) and np.isfinite(high) and (low < high or (method == "MinMax" and low == high))}
 
 
 def _scalar(value: Any) -> float:
