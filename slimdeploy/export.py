@@ -38,6 +38,9 @@ from slimdeploy.parity import DecisionSpec, ParityReport, check_parity, run_batc
 from slimdeploy.versions import versions
 
 CALIBRATION_FILE = "calibration.json"
+# --calib-method auto: calibrate with each and keep the closest to FP32 (see _best_calibration).
+AUTO_CALIB = "auto"
+AUTO_METHODS = ("MinMax", "Percentile")
 
 TARGETS = ("ort", "trt")
 DEFAULT_SAMPLES = 32
@@ -122,7 +125,7 @@ def export(
     precision: str = "fp32",
     calib: str | Path | None = None,
     calib_size: int | None = None,
-    calib_method: str = "Percentile",
+    calib_method: str = AUTO_CALIB,
     quantize_decisions: bool = False,
     progress: Progress | None = None,
 ) -> ExportResult:
@@ -167,14 +170,16 @@ def export(
             ranges are reused without recalibrating. Defaults to ``digits`` for models trained
             on digits; others must name their data.
         calib_size: calibration samples to use. Defaults to 100 (the digits calibration split).
-        calib_method: ``MinMax``, ``Entropy`` or ``Percentile``. Defaults to ``Percentile``.
+        calib_method: ``auto``, ``MinMax``, ``Entropy`` or ``Percentile``. Defaults to ``auto``
+            (MinMax and Percentile both tried, the one closer to FP32 on the calibration images kept).
         quantize_decisions: also reduce the precision of gate and exit heads. Defaults to False
             (decision heads stay FP32).
         progress: callable told the name of each step. Defaults to silence.
     """
     from slimdeploy import exporters
     from slimdeploy._optional import optional_import
-    from slimdeploy.calibration import agreement, apply_precision, check_precision
+    from slimdeploy.calibration import CalibrationSet, agreement, apply_precision, check_precision
+    from slimdeploy.calibration.ranges import DEFAULT_METHOD, check_method
     from slimdeploy.engines.factory import make_runner
     from slimdeploy.engines.torch_runner import TorchRunner
     from slimdeploy.flops import count_macs, count_macs_of
@@ -203,6 +208,8 @@ def export(
     gated, early_exit = kind == "gated", kind == "early_exit"
     form = _choose_form(dynamic, kind, target)
     check_precision(precision, form)  # refuse int8 for 'if' before the long work
+    if calib_method != AUTO_CALIB:
+        check_method(calib_method)
     if target == "trt":
         from slimdeploy.engines import trt_build
 
@@ -320,11 +327,18 @@ def export(
     record_bytes: bytes | None = None
     if precision != "fp32":
         calibration = _calibration_source(calib, calib_size, prep, loaded.meta) if precision == "int8" else None
-        converted = apply_precision(
-            graphs, precision, target=target, form=form, plan=plan, input_meta=input_meta,
-            calibration=calibration, method=calib_method, quantize_decisions=quantize_decisions,
-            gate_threshold=DEFAULT_GATE_THRESHOLD, progress=say,
-        )
+
+        def convert(method: str) -> Any:
+            return apply_precision(
+                graphs, precision, target=target, form=form, plan=plan, input_meta=input_meta,
+                calibration=calibration, method=method, quantize_decisions=quantize_decisions,
+                gate_threshold=DEFAULT_GATE_THRESHOLD, progress=say,
+            )
+
+        if calib_method == AUTO_CALIB and precision == "int8" and isinstance(calibration, CalibrationSet):
+            converted = _best_calibration(convert, runner_of, graphs, calibration.inputs, say)
+        else:
+            converted = convert(DEFAULT_METHOD if calib_method == AUTO_CALIB else calib_method)
         notes.extend(converted.notes)
         say(f"checking parity of the {precision} graph" + ("s" if len(graphs) > 1 else ""))
         fp32_report = report
@@ -464,6 +478,28 @@ def _condense(module: Any, condense_classifier: bool) -> tuple[Any, str, dict[st
 
     deployed = condense(module, condense_classifier=condense_classifier)
     return deployed, "condensenet_converted", infer_condensenet_args(deployed.state_dict())
+
+
+def _best_calibration(convert: Callable[[str], Any], runner_of: Callable[[dict[str, Any]], Any],
+                      graphs: dict[str, Any], images: np.ndarray, say: Progress) -> Any:
+    """``--calib-method auto``: quantize with each of ``AUTO_METHODS`` and keep the one whose
+    logits stay closest to the FP32 graphs' on the calibration images themselves (never the
+    held-out parity samples). No method wins everywhere: Percentile clips outliers that MinMax
+    stretches every scale for (SPConv demo), while on CondenseNet's concatenated features the
+    clipping hurts and MinMax is closer."""
+    with runner_of(graphs) as runner:
+        expected = run_batches(runner, {"input": images}, 32, ["input"])["logits"]
+    best, best_error, errors = None, float("inf"), {}
+    for method in AUTO_METHODS:
+        candidate = convert(method)
+        with runner_of(candidate.graphs) as runner:
+            logits = run_batches(runner, {"input": images}, 32, ["input"])["logits"]
+        errors[method] = float(np.abs(logits - expected).mean())
+        say(f"{method}: mean |logits - FP32| {errors[method]:.4f} on the calibration images")
+        if errors[method] < best_error:
+            best, best_error = candidate, errors[method]
+    best.info["method_choice"] = {"rule": "lowest mean |logits - FP32| on the calibration images", "errors": errors}
+    return best
 
 
 def _fold(module: Any, target: str) -> tuple[Any, dict[str, int]]:

@@ -212,3 +212,27 @@ def test_tensors_without_a_range_keep_their_nodes_fp32(model: onnx.ModelProto, r
     assert conv2.input[1] == "w2"  # FP32 weight, no DequantizeLinear
     assert producers["c2"].op_type == "Conv" and not any(n.input[0] == "c2" for n in _qdq(qdq, "QuantizeLinear"))
     assert qdq_violations(qdq) == []
+
+
+def test_exit_head_classifier_and_confidence_stay_fp32() -> None:
+    """An exit stage decides from its own logits: the classifier, softmax and max are the head."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from slimdeploy.calibration.decisions import decision_nodes
+
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Relu", ["x"], ["features"], name="body_relu"),
+        helper.make_node("Gemm", ["features", "w"], ["logits"], name="head_linear"),
+        helper.make_node("Softmax", ["logits"], ["softmax"], name="head_softmax"),
+        helper.make_node("ReduceMax", ["softmax"], ["confidence"], name="head_max", keepdims=0),
+    ]
+    graph = helper.make_graph(
+        nodes, "stage0", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("logits", "confidence", "features")],
+        [numpy_helper.from_array(rng.standard_normal((4, 3)).astype(np.float32), "w")])
+    chosen = decision_nodes(helper.make_model(graph))
+    assert chosen == ["head_linear", "head_softmax", "head_max"]
+    # Without a confidence output (a gated or static graph) the logits classifier is not a head.
+    graph.output.remove(graph.output[1])
+    assert decision_nodes(helper.make_model(graph)) == []

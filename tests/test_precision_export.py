@@ -31,11 +31,15 @@ def test_int8_bundle_passes_check_and_its_ranges_are_reused(tmp_path: Path) -> N
     result = run_cli("export", "zoo:spconv_resnet20_digits", "--out", str(bundle), "--precision", "int8",
                      "--calib", "digits", "--calib-size", "60", *FAST)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "U8S8" in result.stdout and "calibrated with Percentile on 60 samples" in result.stdout
     manifest = json.loads((bundle / "manifest.json").read_text())
     calibration = manifest["calibration"]
+    # --calib-method auto (the default): both methods tried, the one closer to FP32 on the
+    # calibration images kept and named.
+    errors = calibration["method_choice"]["errors"]
+    assert set(errors) == {"MinMax", "Percentile"} and calibration["method"] == min(errors, key=errors.get)
+    assert "U8S8" in result.stdout and f"calibrated with {calibration['method']} on 60 samples" in result.stdout
     assert manifest["precision"] == "int8" and calibration["source"] == "digits:calib[:60]"
-    assert calibration["size"] == 60 and calibration["synthetic"] is False and calibration["method"] == "Percentile"
+    assert calibration["size"] == 60 and calibration["synthetic"] is False
     assert calibration["vs_fp32"]["top1"] >= 0.95
     assert manifest["parity"]["criteria"]["top1_agreement"] == 0.97
     assert manifest["tolerances"][""] == [0.25, 0.1]
@@ -67,7 +71,7 @@ def test_fp16_bundle_passes_check(tmp_path: Path) -> None:
     result = run_cli("export", "zoo:mobilenet_v1_digits", "--out", str(bundle), "--precision", "fp16", *FAST)
     assert result.returncode == 0, result.stdout + result.stderr
     manifest = json.loads((bundle / "manifest.json").read_text())
-    assert manifest["precision"] == "fp16" and manifest["tolerances"][""] == [0.01, 0.01]
+    assert manifest["precision"] == "fp16" and manifest["tolerances"][""] == [0.05, 0.01]
     assert "calibration.json" not in manifest["files"]
     model = onnx.load(bundle / "model.onnx")
     assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer)

@@ -24,7 +24,12 @@ from fnmatch import fnmatchcase
 import onnx
 
 DEFAULT_PATTERNS = ("gate*", "exit*")
-DEFAULT_OUTPUTS = ("gates", "gate_probs", "exit_stage", "exit_probs")
+DEFAULT_OUTPUTS = ("gates", "gate_probs", "exit_stage", "exit_probs", "exit_confidence", "confidence")
+# An early-exit stage decides from its own logits (max softmax or entropy against a threshold
+# near 1, where one INT8 step of the logits moves the confidence past it): where a graph has a
+# confidence output, the classifier producing ``logits`` belongs to the exit head too.
+CONFIDENCE_OUTPUTS = ("exit_confidence", "confidence")
+EXIT_LOGITS = "logits"
 
 
 @dataclass(frozen=True)
@@ -35,7 +40,8 @@ class DecisionScope:
         patterns: fnmatch patterns of head prefixes / staged piece names. Defaults to gate and
             exit heads.
         outputs: decision output names. Defaults to ``gates``, ``gate_probs``, ``exit_stage``,
-            ``exit_probs``.
+            ``exit_probs``, ``exit_confidence``, ``confidence`` (with a confidence output, the
+            ``logits`` classifier counts as part of the exit head).
     """
 
     patterns: tuple[str, ...] = DEFAULT_PATTERNS
@@ -76,6 +82,8 @@ def decision_nodes(model: onnx.ModelProto, patterns: Sequence[str] = DEFAULT_PAT
             consumers.setdefault(name, []).append(node.name)
     graph_outputs = {out.name for out in graph.output}
     wanted = set(outputs) & graph_outputs
+    if wanted & set(CONFIDENCE_OUTPUTS) and EXIT_LOGITS in graph_outputs:
+        wanted.add(EXIT_LOGITS)
     if wanted:
         for node in reversed(nodes):
             if node.name in chosen or not node.output:

@@ -57,7 +57,7 @@ def piece_feeds(
 
     Args:
         graphs: piece name → serialized FP32 ONNX graph.
-        plan: the gating plan (manifest ``gating``).
+        plan: the gating plan (manifest ``gating``) or the early-exit plan (``exits``).
         input_meta: metadata of the image input.
         images: calibration inputs [N, C, H, W].
         gate_threshold: threshold the gates decide at. Defaults to 0.5.
@@ -65,7 +65,7 @@ def piece_feeds(
         threads: ONNX Runtime intra-op threads; 0 lets it choose. Defaults to 0.
     """
     from slimdeploy.engines.ort_runner import OrtRunner
-    from slimdeploy.engines.staged import StagedGatedRunner
+    from slimdeploy.engines.staged import StagedExitRunner, StagedGatedRunner
     from slimdeploy.parity import run_batches
 
     recorders: dict[str, RecordingRunner] = {}
@@ -74,7 +74,11 @@ def piece_feeds(
         recorders[name] = RecordingRunner(OrtRunner(graphs[name], threads=threads, spinning=False, name=name))
         return recorders[name]
 
-    with StagedGatedRunner(make, plan, input_meta, gate_threshold=gate_threshold) as runner:
+    # Early exits: the controller drops the rows that left, so later stages see only the rest
+    # (at the plan's default thresholds).
+    controller = (StagedExitRunner(make, plan, input_meta) if plan.get("kind") == "early_exit"
+                  else StagedGatedRunner(make, plan, input_meta, gate_threshold=gate_threshold))
+    with controller as runner:
         run_batches(runner, {"input": images}, batch_size)
     feeds = {}
     for name, recorder in recorders.items():
