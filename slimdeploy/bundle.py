@@ -22,7 +22,8 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,12 +80,7 @@ def write_bundle(
     """
     out = ensure_writable(out_dir, force).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    # mkdtemp makes the directory private (0700); a bundle gets the usual permissions.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)
-    try:
+    with _staging(out) as staging:
         digests: dict[str, str] = {}
         for relative, content in files.items():
             target = staging / relative
@@ -99,10 +95,6 @@ def write_bundle(
             digests[relative] = sha256_file(target)
         full = {"schema_version": SCHEMA_VERSION, **manifest, "files": digests}
         (staging / MANIFEST).write_text(json.dumps(full, indent=2, default=_json_default) + "\n")
-        _swap_into_place(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
 
@@ -124,9 +116,7 @@ def update_bundle(
         The bundle path.
     """
     out = Path(bundle_dir).resolve()
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        shutil.copytree(out, staging, dirs_exist_ok=True)
+    with _staging(out, copy_from=out) as staging:
         digests = dict(manifest.get("files", {}))
         for relative, content in files.items():
             target = staging / relative
@@ -135,11 +125,27 @@ def update_bundle(
             digests[relative] = sha256_file(target)
         full = {**manifest, "files": digests}
         (staging / MANIFEST).write_text(json.dumps(full, indent=2, default=_json_default) + "\n")
+    return out
+
+
+@contextmanager
+def _staging(out: Path, copy_from: Path | None = None) -> Iterator[Path]:
+    """A temporary sibling of ``out`` (a copy of ``copy_from`` when given) that replaces ``out``
+    when the block completes, and is removed if anything in it fails: a bundle is never seen
+    half-written."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    # mkdtemp makes the directory private (0700); a bundle gets the usual permissions.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)
+    try:
+        if copy_from is not None:
+            shutil.copytree(copy_from, staging, dirs_exist_ok=True)
+        yield staging
         _swap_into_place(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return out
 
 
 def _swap_into_place(staging: Path, out: Path) -> None:

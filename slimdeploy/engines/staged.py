@@ -28,7 +28,33 @@ from slimdeploy.engines.base import Runner, TensorMeta
 DEFAULT_GATE_THRESHOLD = 0.5
 
 
-class StagedGatedRunner(Runner):
+class PieceController(Runner):
+    """What the staged controllers share: one runner per piece (``piece_names``), made with
+    ``make_runner`` and activated and released together."""
+
+    backend = "staged"
+
+    def __init__(self, make_runner: Callable[[str], Runner], name: str | None = None) -> None:
+        super().__init__(name)
+        self._make_runner = make_runner
+        self.runners: dict[str, Runner] = {}
+
+    def piece_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def _activate(self) -> None:
+        for name in self.piece_names():
+            runner = self._make_runner(name)
+            runner.activate()
+            self.runners[name] = runner
+
+    def _deactivate(self) -> None:
+        for runner in self.runners.values():
+            runner.deactivate()
+        self.runners = {}
+
+
+class StagedGatedRunner(PieceController):
     """Runs a gated network piece by piece.
 
     Args:
@@ -41,8 +67,6 @@ class StagedGatedRunner(Runner):
         name: label in reports. Defaults to ``"staged"``.
     """
 
-    backend = "staged"
-
     def __init__(
         self,
         make_runner: Callable[[str], Runner],
@@ -52,7 +76,7 @@ class StagedGatedRunner(Runner):
         replay: bool = False,
         name: str | None = None,
     ) -> None:
-        super().__init__(name)
+        super().__init__(make_runner, name)
         self.plan = dict(plan)
         self.n_blocks = int(plan["n_blocks"])
         self.state_names = list(plan["state"])
@@ -61,8 +85,6 @@ class StagedGatedRunner(Runner):
         self.input_meta = input_meta
         self.gate_threshold = gate_threshold
         self.replay = replay
-        self._make_runner = make_runner
-        self.runners: dict[str, Runner] = {}
         # Rows each block ran on, summed over calls: what the skipping saved.
         self.executed_rows = np.zeros(self.n_blocks, dtype=np.int64)
         self.total_rows = 0
@@ -72,17 +94,6 @@ class StagedGatedRunner(Runner):
         for k in range(1, self.n_blocks):
             names += [f"gate{k - 1}", f"exec{k}"] + ([f"skip{k}"] if k in self.skips else [])
         return [*names, "head"]
-
-    def _activate(self) -> None:
-        for name in self.piece_names():
-            runner = self._make_runner(name)
-            runner.activate()
-            self.runners[name] = runner
-
-    def _deactivate(self) -> None:
-        for runner in self.runners.values():
-            runner.deactivate()
-        self.runners = {}
 
     def input_metadata(self) -> dict[str, TensorMeta]:
         metadata = {"input": self.input_meta}
@@ -145,7 +156,7 @@ class StagedGatedRunner(Runner):
         return result
 
 
-class StagedExitRunner(Runner):
+class StagedExitRunner(PieceController):
     """Runs an early-exit network stage by stage, dropping the samples that left.
 
     Follows the plan a ``staged`` early-exit bundle records (``exits`` in the manifest, see
@@ -164,8 +175,6 @@ class StagedExitRunner(Runner):
         name: label in reports. Defaults to ``"staged"``.
     """
 
-    backend = "staged"
-
     def __init__(
         self,
         make_runner: Callable[[str], Runner],
@@ -174,7 +183,7 @@ class StagedExitRunner(Runner):
         exit_thresholds: Any = None,
         name: str | None = None,
     ) -> None:
-        super().__init__(name)
+        super().__init__(make_runner, name)
         self.plan = dict(plan)
         self.n_stages = int(plan["n_stages"])
         self.entropy = plan["exit_rule"] == "entropy"
@@ -184,8 +193,6 @@ class StagedExitRunner(Runner):
         self.input_meta = input_meta
         default = plan["thresholds"] if exit_thresholds is None else exit_thresholds
         self.exit_thresholds = np.asarray(default, dtype=np.float32).reshape(self.n_stages)
-        self._make_runner = make_runner
-        self.runners: dict[str, Runner] = {}
         self.reset_counters()
 
     def reset_counters(self) -> None:
@@ -198,16 +205,8 @@ class StagedExitRunner(Runner):
         self.calls_seconds = 0.0
         self.calls = 0
 
-    def _activate(self) -> None:
-        for stage in range(self.n_stages):
-            runner = self._make_runner(f"stage{stage}")
-            runner.activate()
-            self.runners[f"stage{stage}"] = runner
-
-    def _deactivate(self) -> None:
-        for runner in self.runners.values():
-            runner.deactivate()
-        self.runners = {}
+    def piece_names(self) -> list[str]:
+        return [f"stage{stage}" for stage in range(self.n_stages)]
 
     def input_metadata(self) -> dict[str, TensorMeta]:
         return {
