@@ -328,15 +328,16 @@ def export(
     if precision != "fp32":
         calibration = _calibration_source(calib, calib_size, prep, loaded.meta) if precision == "int8" else None
 
-        def convert(method: str) -> Any:
+        def convert(method: str, op_types: Sequence[str] | None = None, stored: Any = None) -> Any:
             return apply_precision(
                 graphs, precision, target=target, form=form, plan=plan, input_meta=input_meta,
-                calibration=calibration, method=method, quantize_decisions=quantize_decisions,
-                gate_threshold=DEFAULT_GATE_THRESHOLD, progress=say,
+                calibration=stored or calibration, method=method, op_types=op_types,
+                quantize_decisions=quantize_decisions, gate_threshold=DEFAULT_GATE_THRESHOLD, progress=say,
             )
 
         if calib_method == AUTO_CALIB and precision == "int8" and isinstance(calibration, CalibrationSet):
-            converted = _best_calibration(convert, runner_of, graphs, calibration.inputs, say)
+            converted = _best_calibration(convert, runner_of, graphs, calibration.inputs,
+                                          [d.name for d in decisions], say)
         else:
             converted = convert(DEFAULT_METHOD if calib_method == AUTO_CALIB else calib_method)
         notes.extend(converted.notes)
@@ -480,25 +481,66 @@ def _condense(module: Any, condense_classifier: bool) -> tuple[Any, str, dict[st
     return deployed, "condensenet_converted", infer_condensenet_args(deployed.state_dict())
 
 
-def _best_calibration(convert: Callable[[str], Any], runner_of: Callable[[dict[str, Any]], Any],
-                      graphs: dict[str, Any], images: np.ndarray, say: Progress) -> Any:
-    """``--calib-method auto``: quantize with each of ``AUTO_METHODS`` and keep the one whose
-    logits stay closest to the FP32 graphs' on the calibration images themselves (never the
-    held-out parity samples). No method wins everywhere: Percentile clips outliers that MinMax
-    stretches every scale for (SPConv demo), while on CondenseNet's concatenated features the
-    clipping hurts and MinMax is closer."""
+def _best_calibration(convert: Callable[..., Any], runner_of: Callable[[dict[str, Any]], Any],
+                      graphs: dict[str, Any], images: np.ndarray, decision_names: Sequence[str],
+                      say: Progress) -> Any:
+    """``--calib-method auto``: the INT8 conversion to keep, judged against the FP32 graphs on
+    the calibration images themselves (never the held-out parity samples).
+
+    1. Full Q/DQ placement with each of ``AUTO_METHODS``: no method wins everywhere
+       (Percentile clips the outliers MinMax stretches every scale for, which helps the SPConv
+       demo; on CondenseNet's concatenated features the clipping hurts and MinMax is closer).
+       The one with the lowest mean |logits - FP32| is kept if it meets the INT8 criteria
+       (top-1 and decision agreement with FP32, ``parity.DEFAULT_CRITERIA``).
+    2. Otherwise the same ranges with Q/DQ only on the compute-heavy operators
+       (``calibration.CONV_OPS``), for which no recalibration is needed: fewer rounding points,
+       and concatenated features keep their own scales (the S2D demo's exit decisions flip with
+       full placement). The best of all candidates is kept: meeting the criteria first, then
+       decision agreement, top-1 agreement, closeness.
+    """
+    from slimdeploy.calibration import CONV_OPS
+    from slimdeploy.parity import DEFAULT_CRITERIA
+
+    criteria = DEFAULT_CRITERIA["int8"]
     with runner_of(graphs) as runner:
-        expected = run_batches(runner, {"input": images}, 32, ["input"])["logits"]
-    best, best_error, errors = None, float("inf"), {}
-    for method in AUTO_METHODS:
-        candidate = convert(method)
+        expected = run_batches(runner, {"input": images}, 32, ["input"])
+
+    def score(candidate: Any, label: str) -> dict[str, float]:
         with runner_of(candidate.graphs) as runner:
-            logits = run_batches(runner, {"input": images}, 32, ["input"])["logits"]
-        errors[method] = float(np.abs(logits - expected).mean())
-        say(f"{method}: mean |logits - FP32| {errors[method]:.4f} on the calibration images")
-        if errors[method] < best_error:
-            best, best_error = candidate, errors[method]
-    best.info["method_choice"] = {"rule": "lowest mean |logits - FP32| on the calibration images", "errors": errors}
+            got = run_batches(runner, {"input": images}, 32, ["input"])
+        result = {
+            "logits_error": float(np.abs(got["logits"] - expected["logits"]).mean()),
+            "top1_agreement": float((got["logits"].argmax(1) == expected["logits"].argmax(1)).mean()),
+            "decision_agreement": min([float((got[n] == expected[n]).mean()) for n in decision_names], default=1.0),
+        }
+        say(f"{label}: mean |logits - FP32| {result['logits_error']:.4f}, top-1 agreement "
+            f"{result['top1_agreement']:.1%}, decision agreement {result['decision_agreement']:.1%} on the calibration images")
+        return result
+
+    def acceptable(result: dict[str, float]) -> bool:
+        return result["top1_agreement"] >= criteria["top1_agreement"] and result["decision_agreement"] >= criteria["decision_agreement"]
+
+    scores: dict[str, dict[str, float]] = {}
+    candidates: dict[str, Any] = {}
+    for method in AUTO_METHODS:
+        candidates[method] = convert(method)
+        scores[method] = score(candidates[method], method)
+    chosen = min(scores, key=lambda label: scores[label]["logits_error"])
+    if not acceptable(scores[chosen]):
+        for method in AUTO_METHODS:
+            label = f"{method}, Q/DQ on {'/'.join(CONV_OPS)} only"
+            candidates[label] = convert(method, CONV_OPS, stored=candidates[method].record)
+            scores[label] = score(candidates[label], label)
+        # Decisions first: they are what a dynamic model is about; then top-1, then closeness.
+        chosen = max(scores, key=lambda label: (acceptable(scores[label]), scores[label]["decision_agreement"],
+                                                scores[label]["top1_agreement"], -scores[label]["logits_error"]))
+    best = candidates[chosen]
+    best.info["method_choice"] = {
+        "rule": "full Q/DQ placement with the lowest mean |logits - FP32| on the calibration images if it "
+                "meets the INT8 agreement criteria, else the best of all candidates incl. Q/DQ on "
+                "Conv/Gemm/MatMul only (criteria met, decision agreement, top-1 agreement, closeness)",
+        "chosen": chosen, "candidates": scores,
+    }
     return best
 
 

@@ -35,8 +35,12 @@ def test_int8_bundle_passes_check_and_its_ranges_are_reused(tmp_path: Path) -> N
     calibration = manifest["calibration"]
     # --calib-method auto (the default): both methods tried, the one closer to FP32 on the
     # calibration images kept and named.
-    errors = calibration["method_choice"]["errors"]
-    assert set(errors) == {"MinMax", "Percentile"} and calibration["method"] == min(errors, key=errors.get)
+    choice = calibration["method_choice"]
+    assert {"MinMax", "Percentile"} <= set(choice["candidates"]) and choice["chosen"] in choice["candidates"]
+    assert calibration["method"] == choice["chosen"].split(",")[0]
+    if choice["chosen"] in ("MinMax", "Percentile"):  # full placement kept: the closer of the two
+        full = {m: choice["candidates"][m]["logits_error"] for m in ("MinMax", "Percentile")}
+        assert choice["chosen"] == min(full, key=full.get) and calibration["op_types"] == "all"
     assert "U8S8" in result.stdout and f"calibrated with {calibration['method']} on 60 samples" in result.stdout
     assert manifest["precision"] == "int8" and calibration["source"] == "digits:calib[:60]"
     assert calibration["size"] == 60 and calibration["synthetic"] is False
@@ -172,3 +176,23 @@ def test_gated_int8_keeps_gates_fp32_and_calibrates_each_stage_on_its_rows(skipn
     # The blocks no calibration sample executed are the same in both forms, and stay FP32 in both.
     unreached_compact = {b for b in result.info["fp32_unreached"].get("model", []) if b.startswith("exec")}
     assert unreached_compact == {f"exec{k}" for k in range(1, plan.n_blocks) if f"exec{k}" not in feeds}
+
+
+@pytest.mark.slow
+def test_early_exit_int8_falls_back_to_conv_only_placement_and_passes(tmp_path: Path) -> None:
+    """Full Q/DQ placement flips the S2D demo's exits (thresholds near 1); auto calibration sees
+    it on the calibration images and keeps Q/DQ on the convolutions only, which passes check."""
+    bundle = tmp_path / "s2d-int8"
+    result = run_cli("export", "zoo:s2d_resnet20_digits", "--out", str(bundle), "--precision", "int8")
+    assert result.returncode == 0, result.stdout + result.stderr
+    calibration = json.loads((bundle / "manifest.json").read_text())["calibration"]
+    candidates = calibration["method_choice"]["candidates"]
+    assert all(candidates[m]["decision_agreement"] < 0.98 for m in ("MinMax", "Percentile"))
+    assert calibration["op_types"] == ["Conv", "Gemm", "MatMul"]
+    stage0 = onnx.load(bundle / "stages" / "stage0.onnx")
+    # Only what convolutions read and write is rounded: no Add, Concat or pooling result is (full
+    # placement rounds every residual sum).
+    producer = {out: n.op_type for n in stage0.graph.node for out in n.output}
+    quantized = {producer.get(n.input[0], "input") for n in stage0.graph.node if n.op_type == "QuantizeLinear"}
+    assert "Conv" in quantized and not quantized & {"Add", "Concat", "AveragePool", "ReduceMean"}
+    assert run_cli("check", str(bundle)).returncode == 0

@@ -3,6 +3,7 @@ stored for reuse, INT8 QDQ in the target's form (U8S8 for ONNX Runtime, S8S8 for
 FP16, decision heads kept FP32."""
 
 from slimdeploy.calibration.apply import (
+    CONV_OPS,
     PRECISIONS,
     PrecisionResult,
     agreement,
@@ -22,7 +23,7 @@ from slimdeploy.calibration.ranges import (
 from slimdeploy.calibration.readers import CalibrationSet, load_calibration
 
 __all__ = [
-    "INT8_TARGETS", "METHODS", "PRECISIONS", "RECORD_FILE", "CalibrationRecord", "CalibrationSet",
+    "CONV_OPS", "INT8_TARGETS", "METHODS", "PRECISIONS", "RECORD_FILE", "CalibrationRecord", "CalibrationSet",
     "DecisionScope", "PrecisionResult", "agreement", "apply_precision", "check_precision",
     "collect_ranges", "convert_fp16", "decision_nodes", "is_record", "load_calibration",
     "qdq_violations", "quantize_int8",

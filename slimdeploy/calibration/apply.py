@@ -16,7 +16,7 @@ Decision heads stay FP32 unless ``quantize_decisions``. FP16 of ``if`` graphs is
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +69,14 @@ def check_precision(precision: str, form: str | None) -> None:
         )
 
 
+# Q/DQ only on the inputs of the compute-heavy operators (the placement TensorRT's own
+# quantization toolkits use): additions, concatenations and pooling stay FP32, so features of
+# different ranges are never forced onto one scale. ONNX Runtime's CPU kernels gain nothing from
+# it (the convolutions' outputs stay float), so it is the fallback when full placement flips
+# too many answers (``--calib-method auto`` in ``export``).
+CONV_OPS = ("Conv", "Gemm", "MatMul")
+
+
 def apply_precision(
     graphs: Mapping[str, onnx.ModelProto],
     precision: str,
@@ -79,6 +87,7 @@ def apply_precision(
     input_meta: TensorMeta | None = None,
     calibration: CalibrationSet | CalibrationRecord | None = None,
     method: str = DEFAULT_METHOD,
+    op_types: Sequence[str] | None = None,
     quantize_decisions: bool = False,
     scope: DecisionScope | None = None,
     gate_threshold: float = 0.5,
@@ -95,6 +104,9 @@ def apply_precision(
         input_meta: metadata of the image input; needed for ``staged``. Defaults to None.
         calibration: INT8 only: calibration images, or stored ranges to reuse.
         method: ``MinMax``, ``Entropy`` or ``Percentile`` (when calibrating). Defaults to Percentile.
+        op_types: INT8 only: operator types that get Q/DQ (``CONV_OPS``: only the inputs of
+            the compute-heavy operators, everything between them in FP32). Defaults to every
+            type the quantizer handles, or the placement stored with reused ranges.
         quantize_decisions: also reduce the precision of gate and exit heads. Defaults to False.
         scope: what counts as a decision head. Defaults to gate and exit heads.
         gate_threshold: threshold the staged controller decides at while calibrating. Defaults to 0.5.
@@ -124,6 +136,8 @@ def apply_precision(
                 f"{sorted(graphs)} | Fix: reuse ranges from a bundle of the same model and dynamic form, or recalibrate"
             )
         say(f"reusing stored calibration ranges ({record.method}, {record.data.get('source')})")
+        if op_types is None and record.data.get("op_types"):
+            op_types = record.data["op_types"]
     elif isinstance(calibration, CalibrationSet):
         say(f"calibrating on {len(calibration)} samples from {calibration.source} ({method})")
         if form == "staged":
@@ -136,7 +150,7 @@ def apply_precision(
         else:
             feeds = {name: {"input": calibration.inputs} for name in graphs}
         ranges = {name: collect_ranges(graphs[name], [feed], method) for name, feed in feeds.items()}
-        record = CalibrationRecord(method, ranges, calibration.describe())
+        record = CalibrationRecord(method, ranges, {**calibration.describe(), "op_types": list(op_types) if op_types else None})
     else:
         raise BadInputError("--precision int8 needs calibration data | Fix: pass --calib digits, --calib PATH (images, .npy/.npz) or --calib synthetic")
 
@@ -152,7 +166,7 @@ def apply_precision(
             fp32_pieces.append(name)
             notes.append(f"INT8: no calibration sample reached '{name}'; it stays FP32")
         else:
-            out[name] = quantize_int8(graph, record.graphs[name], target=target, exclude=scope.nodes(graph))
+            out[name] = quantize_int8(graph, record.graphs[name], target=target, exclude=scope.nodes(graph), op_types=op_types)
             nodes = unranged_nodes(graph, record.graphs[name])
             # Pieces' nodes carry their piece as prefix (exec2/...); routing nodes have none.
             unreached = sorted({node.split("/")[0] for node in nodes if "/" in node}, key=_natural)
@@ -165,6 +179,8 @@ def apply_precision(
         "method": record.method,
         **{key: record.data.get(key) for key in ("source", "size", "synthetic")},
         "form": "S8S8 symmetric, zero points 0, per-channel weights" if target == "trt" else "U8S8, per-channel weights",
+        # Which operators got Q/DQ: all the quantizer handles, or only the compute-heavy ones.
+        "op_types": list(op_types) if op_types else "all",
         "fp32_pieces": fp32_pieces,
         # Per graph, the node groups (name prefixes) left FP32 because no sample reached them.
         "fp32_unreached": fp32_blocks,
