@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import platform
 import time
@@ -73,3 +75,23 @@ class OtherLoad:
         wall = time.perf_counter() - self._start
         others = (_machine_busy_seconds() - self._busy) - (_own_cpu_seconds() - self._own)
         self.cores = round(max(0.0, others / wall), 3) if wall > 0 else 0.0
+
+
+def benchmark_arguments(description: str, default_out: Path) -> argparse.ArgumentParser:
+    """The options every side-by-side benchmark takes: ``--quick``, ``--out`` (default
+    ``default_out``) and ``--threads`` (default 2)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="few samples and rounds (smoke test)")
+    parser.add_argument("--out", type=Path, default=default_out, help="JSON results file")
+    parser.add_argument("--threads", type=int, default=2, help="intra-op threads for every runner")
+    return parser
+
+
+def write_results(result: dict[str, Any], out: Path, table: str) -> None:
+    """Write ``result`` as JSON to ``out``, then print ``table`` and each of ``result["checks"]``
+    against its target."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(table)
+    for check in result["checks"]:
+        print(f"{check['name']}: {check['value']:.2f} (target {check['target']}: {'met' if check['met'] else 'NOT met'})")

@@ -30,8 +30,6 @@ Writes ``benchmarks/results/skipnet.json`` and ``benchmarks/results/skipnet.png`
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -44,7 +42,7 @@ if str(REPO) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine_facts  # noqa: E402
+from common import benchmark_arguments, machine_facts, write_results  # noqa: E402
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "skipnet.json"
 DEMO = "skipnet38_digits"
@@ -241,11 +239,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="few samples and rounds (smoke test)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
-    parser.add_argument("--threads", type=int, default=2, help="intra-op threads for every runner")
-    args = parser.parse_args(argv)
+    args = benchmark_arguments(__doc__.splitlines()[0], DEFAULT_OUT).parse_args(argv)
     settings = QUICK if args.quick else FULL
     import torch
 
@@ -258,10 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result["plot"] = plot(result["large"], args.out.with_suffix(".png"))
     result["seconds"] = round(time.perf_counter() - started, 1)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(markdown(result))
-    for check in result["checks"]:
-        print(f"{check['name']}: {check['value']:.2f} (target {check['target']}: {'met' if check['met'] else 'NOT met'})")
+    write_results(result, args.out, markdown(result))
     return 0
 
 
