@@ -267,10 +267,11 @@ def export(
     labels = pool_labels[rows] if pool_labels is not None else None
     reference = {name: value[rows] for name, value in pool_reference.items()}
     feed = {"input": inputs}
-    macs = count_macs(macs_module, prep.input_size)
     if early_exit:
         # forward stops at the first confident stage; the model's cost is every stage's.
         macs = count_macs_of(deploy_module, deploy_module.forward_all, torch.zeros(1, *prep.input_size))
+    else:
+        macs = count_macs(macs_module, prep.input_size)
     graph_macs = count_macs(deploy_module, prep.input_size).macs if folds else macs.macs
 
     say(f"exporting with torch.export{f' ({form} form)' if form else ''}")
