@@ -130,7 +130,8 @@ def test_spatial_reduce_mean_becomes_global_average_pool() -> None:
          helper.make_node("ReduceMean", ["x", "axes"], ["flat"], keepdims=0, name="spatial_flat"),
          helper.make_node("ReduceMean", ["x", "channel_axes"], ["per_pixel"], keepdims=1, name="channels")],
         "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 5, 6])],
-        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("pooled", "flat", "per_pixel")],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape) for name, shape in
+         (("pooled", ["batch", 4, 1, 1]), ("flat", ["batch", 4]), ("per_pixel", ["batch", 1, 5, 6]))],
         initializer=[axes, channel_axes])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     x = np.random.default_rng(0).standard_normal((2, 4, 5, 6)).astype(np.float32)
