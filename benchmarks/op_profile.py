@@ -5,7 +5,8 @@
 For each graph (a bundle folder's ``model.onnx`` or an .onnx file): the optimized graph's node
 count per operator type, the time share of each operator type over ``--runs`` profiled runs at
 batch ``--batch`` (random normal inputs; the first run is a warm-up and not counted), and the
-p50 latency of ``--runs`` plain (unprofiled) runs. Used to find what keeps INT8 graphs slow
+p50 latency of ``--runs`` plain (unprofiled) runs, and the sum over nodes of each node's fastest
+run (a figure other load on a shared machine barely moves; it leaves out the gaps between nodes). Used to find what keeps INT8 graphs slow
 (float islands: DequantizeLinear -> Transpose -> float op -> QuantizeLinear -> Transpose).
 """
 
@@ -53,19 +54,24 @@ def profile(path: Path, batch: int, threads: int, runs: int) -> dict[str, Any]:
             started = time.perf_counter()
             plain.run(None, feed)
             latencies.append(time.perf_counter() - started)
-    spent: dict[str, float] = defaultdict(float)
     # Node events carry the op type; skip the warm-up run (the first of each node's events).
-    seen: set[str] = set()
+    durations: dict[str, list[float]] = defaultdict(list)
+    op_of: dict[str, str] = {}
     for event in events:
-        if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time"):
-            continue
-        if event["name"] not in seen:
-            seen.add(event["name"])
-            continue
-        spent[event["args"]["op_name"]] += event["dur"]
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            durations[event["name"]].append(event["dur"])
+            op_of[event["name"]] = event["args"]["op_name"]
+    spent: dict[str, float] = defaultdict(float)
+    quiet: dict[str, float] = defaultdict(float)
+    for node, times in durations.items():
+        spent[op_of[node]] += sum(times[1:])
+        # Each node's fastest run: what a quiet machine would see, robust to other load.
+        quiet[op_of[node]] += min(times[1:] or times)
     total = sum(spent.values()) or 1.0
     shares = {op: round(100 * us / total, 1) for op, us in sorted(spent.items(), key=lambda kv: -kv[1])}
     return {"graph": str(path), "p50_ms": round(1000 * float(np.median(latencies)), 2),
+            "sum_of_node_minima_ms": round(sum(quiet.values()) / 1000, 2),
+            "node_minima_ms": {op: round(us / 1000, 3) for op, us in sorted(quiet.items(), key=lambda kv: -kv[1])},
             "op_counts": dict(counts.most_common()), "time_share_pct": shares}
 
 
@@ -78,9 +84,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     for target in args.graphs:
         result = profile(graph_path(target), args.batch, args.threads, args.runs)
-        print(f"{result['graph']}: p50 {result['p50_ms']} ms at batch {args.batch}, {args.threads} threads")
+        print(f"{result['graph']}: p50 {result['p50_ms']} ms at batch {args.batch}, {args.threads} threads; "
+              f"sum of per-node minima {result['sum_of_node_minima_ms']} ms")
         print("  ops:  " + ", ".join(f"{op} {n}" for op, n in result["op_counts"].items()))
         print("  time: " + ", ".join(f"{op} {pct}%" for op, pct in result["time_share_pct"].items() if pct >= 0.5))
+        print("  minima: " + ", ".join(f"{op} {ms} ms" for op, ms in result["node_minima_ms"].items() if ms >= 0.05))
 
 
 if __name__ == "__main__":

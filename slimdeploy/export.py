@@ -241,7 +241,7 @@ def export(
     macs_module = deploy_module
     if deploy_arch == "condensenet_converted" and fold:
         say("folding BatchNorm and channel shuffles into the condensed convolutions")
-        deploy_module, folds = _fold(deploy_module, target)
+        deploy_module, folds = _fold(deploy_module, target, precision)
         transforms.append("fold")
     elif info is not None and info.family == "spconv" and fold and precision == "int8":
         # Only INT8 gains: the folded forms run slower than ONNX Runtime's own FP32 fusions
@@ -556,15 +556,19 @@ def _best_calibration(convert: Callable[..., Any], runner_of: Callable[[dict[str
     return best
 
 
-def _fold(module: Any, target: str) -> tuple[Any, dict[str, int]]:
+def _fold(module: Any, target: str, precision: str) -> tuple[Any, dict[str, int]]:
     """A folded copy of a condensed CondenseNet (the original stays the parity reference) and
     the count of each fold. The 3x3 convolutions are stored dense (shuffle folded in) for ONNX
-    Runtime, whose CPU kernels run them faster that way; other targets keep them grouped."""
+    Runtime, whose CPU kernels run them faster that way; other targets keep them grouped.
+    INT8 for ONNX Runtime also turns the channel Gathers and the BNs before a ReLU into
+    convolutions, so the quantized graph needs no layout Transposes."""
     import copy
 
     from slimdeploy.transforms.fold import fold_condensed
 
-    folded, report = fold_condensed(copy.deepcopy(module), expand_3x3=target in EXPAND_GROUPED_3X3)
+    dense = target in EXPAND_GROUPED_3X3
+    folded, report = fold_condensed(copy.deepcopy(module), expand_3x3=dense,
+                                    gather_into_conv=dense and precision == "int8")
     return folded, report.to_dict()
 
 

@@ -117,28 +117,32 @@ def test_zoo_spconv_int8_exports_folded_and_passes_check(tmp_path: Path) -> None
     assert "Slice" in [n.op_type for n in onnx.load(plain / "model.onnx").graph.node]
 
 
-def test_spatial_reduce_mean_becomes_global_average_pool() -> None:
+def test_spatial_means_and_whole_map_pools_become_global_average_pools() -> None:
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    from slimdeploy.exporters import reduce_mean_to_global_pool
+    from slimdeploy.exporters import to_global_average_pool
 
     axes = helper.make_tensor("axes", TensorProto.INT64, [2], [2, 3])
     channel_axes = helper.make_tensor("channel_axes", TensorProto.INT64, [1], [1])
     graph = helper.make_graph(
         [helper.make_node("ReduceMean", ["x", "axes"], ["pooled"], keepdims=1, name="spatial"),
          helper.make_node("ReduceMean", ["x", "axes"], ["flat"], keepdims=0, name="spatial_flat"),
-         helper.make_node("ReduceMean", ["x", "channel_axes"], ["per_pixel"], keepdims=1, name="channels")],
+         helper.make_node("ReduceMean", ["x", "channel_axes"], ["per_pixel"], keepdims=1, name="channels"),
+         helper.make_node("AveragePool", ["x"], ["whole"], kernel_shape=[5, 6], name="whole_map"),
+         helper.make_node("AveragePool", ["x"], ["window"], kernel_shape=[5, 5], name="window")],
         "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 5, 6])],
         [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape) for name, shape in
-         (("pooled", ["batch", 4, 1, 1]), ("flat", ["batch", 4]), ("per_pixel", ["batch", 1, 5, 6]))],
+         (("pooled", ["batch", 4, 1, 1]), ("flat", ["batch", 4]), ("per_pixel", ["batch", 1, 5, 6]),
+          ("whole", ["batch", 4, 1, 1]), ("window", ["batch", 4, 1, 2]))],
         initializer=[axes, channel_axes])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     x = np.random.default_rng(0).standard_normal((2, 4, 5, 6)).astype(np.float32)
     before = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
-    # Only the spatial mean that keeps its dims is a GlobalAveragePool.
-    assert reduce_mean_to_global_pool(model) == 1
-    assert [n.op_type for n in model.graph.node] == ["GlobalAveragePool", "ReduceMean", "ReduceMean"]
+    # Only the spatial mean that keeps its dims and the pool over the whole map are global pools.
+    assert to_global_average_pool(model) == 2
+    assert [n.op_type for n in model.graph.node] == ["GlobalAveragePool", "ReduceMean", "ReduceMean",
+                                                    "GlobalAveragePool", "AveragePool"]
     onnx.checker.check_model(model)
     after = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     for a, b in zip(before, after):

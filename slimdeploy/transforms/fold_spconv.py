@@ -29,6 +29,7 @@ from torch import nn
 from slimdeploy.models.spconv_resnet import BasicBlock, Bottleneck
 from slimdeploy.nn.folded_spconv import FoldedSPConv3x3
 from slimdeploy.nn.spconv import SPConv3x3
+from slimdeploy.transforms.fold import bn_affine
 
 
 @dataclass
@@ -44,12 +45,6 @@ class SPConvFoldReport:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eval-mode BatchNorm as ``x * scale + shift`` (per channel)."""
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    return scale, bn.bias - bn.running_mean * scale
 
 
 def _strided_1x1(weight: torch.Tensor, stride: int) -> torch.Tensor:
