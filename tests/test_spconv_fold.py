@@ -79,6 +79,21 @@ def test_folded_resnet_matches_and_drops_the_block_batchnorms(dense: bool) -> No
     assert report.split_into_weights == (18 if dense else 0)
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_folded_bottleneck_matches(stride: int) -> None:
+    from slimdeploy.models.spconv_resnet import Bottleneck, _downsample
+
+    torch.manual_seed(stride)
+    block = Bottleneck(32, 8, stride, _downsample(32, 32, stride)).eval()
+    _randomise_bn(block, 3)
+    folded, report = fold_spconv(nn.Sequential(copy.deepcopy(block)))
+    x = torch.randn(2, 32, 8, 8)
+    with torch.no_grad():
+        np.testing.assert_allclose(folded(x).numpy(), block(x).numpy(), atol=1e-5, rtol=1e-5)
+    # The SPConv (conv2) and the bn2 after it folded; bn1, bn3 and the shortcut BN stay.
+    assert report.block_bn_into_spconv == 1 and isinstance(folded[0].bn2, nn.Identity)
+
+
 def test_fold_refuses_a_model_without_spconv() -> None:
     with pytest.raises(TypeError, match="no SPConv layer"):
         fold_spconv(nn.Sequential(nn.Conv2d(3, 8, 3)))
