@@ -60,8 +60,9 @@ DEFAULT_FORMS = {"ort": "compact", "trt": "staged"}
 DEFAULT_EXIT_FORMS = {"ort": "staged", "trt": "staged"}
 GATED_OUTPUTS = ("logits", "gates", "gate_probs")
 EXIT_OUTPUTS = ("logits", "exit_stage", "exit_confidence")
-# Targets whose kernels run CondenseNet's small grouped 3x3 convolutions slower than the dense
-# equivalent (benchmarks/condensenet.py), so folding stores them dense and absorbs the shuffle.
+# Targets whose kernels run small grouped 3x3 convolutions slower than the dense equivalent
+# (benchmarks/condensenet.py), so folding stores them dense: CondenseNet absorbs the shuffle,
+# SPConv absorbs pwc into the 3x3 taps.
 EXPAND_GROUPED_3X3 = ("ort",)
 DEFAULT_GATE_THRESHOLD = 0.5
 # Families whose models decide per sample, and the kind of decision they make.
@@ -147,9 +148,12 @@ def export(
         condense_classifier: CondenseNet: also prune the classifier as the official converter
             does (lossy; parity is then against the condensed PyTorch model). Defaults to False:
             the classifier stays exact and parity is against the learned model.
-        fold: CondenseNet: fold BatchNorm, ReLU placement and the channel shuffle into the
-            condensed convolutions before export (``transforms.fold``; the manifest's
-            ``model.folds`` says what). Defaults to True.
+        fold: fold what the constants allow before export (the manifest's ``model.folds``
+            says what; parity is against the unfolded model). CondenseNet: BatchNorm, ReLU
+            placement and the channel shuffle into the condensed convolutions
+            (``transforms.fold``). SPConv ResNets, INT8 only: BatchNorm, pooling, the channel
+            split and the attention into a form that is quantized end to end
+            (``transforms.fold_spconv``). Defaults to True.
         trust_pickle: allow a pickled ``nn.Module`` checkpoint (runs code). Defaults to False.
         force: replace an existing ``out``. Defaults to False.
         data: .npz/.npy with parity inputs (and labels). Defaults to the digits held-out split.
@@ -241,7 +245,14 @@ def export(
     macs_module = deploy_module
     if deploy_arch == "condensenet_converted" and fold:
         say("folding BatchNorm and channel shuffles into the condensed convolutions")
-        deploy_module, folds = _fold(deploy_module, target)
+        deploy_module, folds = _fold(deploy_module, target, precision)
+        transforms.append("fold")
+    elif info is not None and info.family == "spconv" and fold and precision == "int8":
+        # Only INT8 gains: the folded forms run slower than ONNX Runtime's own FP32 fusions
+        # of the original graph (more MACs; benchmarks/README.md), but they remove the float
+        # islands that break a quantized graph apart.
+        say("folding BatchNorm, pooling and attention into the SPConv layers")
+        deploy_module, folds = _fold_spconv(deploy_module, target)
         transforms.append("fold")
     input_meta = TensorMeta("input", np.dtype(np.float32), ("batch", *prep.input_size))
     output_names = list(GATED_OUTPUTS) if gated else list(EXIT_OUTPUTS) if early_exit else ["logits"]
@@ -550,15 +561,31 @@ def _best_calibration(convert: Callable[..., Any], runner_of: Callable[[dict[str
     return best
 
 
-def _fold(module: Any, target: str) -> tuple[Any, dict[str, int]]:
+def _fold(module: Any, target: str, precision: str) -> tuple[Any, dict[str, int]]:
     """A folded copy of a condensed CondenseNet (the original stays the parity reference) and
     the count of each fold. The 3x3 convolutions are stored dense (shuffle folded in) for ONNX
-    Runtime, whose CPU kernels run them faster that way; other targets keep them grouped."""
+    Runtime, whose CPU kernels run them faster that way; other targets keep them grouped.
+    INT8 for ONNX Runtime also turns the channel Gathers and the BNs before a ReLU into
+    convolutions, so the quantized graph needs no layout Transposes."""
     import copy
 
     from slimdeploy.transforms.fold import fold_condensed
 
-    folded, report = fold_condensed(copy.deepcopy(module), expand_3x3=target in EXPAND_GROUPED_3X3)
+    dense = target in EXPAND_GROUPED_3X3
+    folded, report = fold_condensed(copy.deepcopy(module), expand_3x3=dense,
+                                    gather_into_conv=dense and precision == "int8")
+    return folded, report.to_dict()
+
+
+def _fold_spconv(module: Any, target: str) -> tuple[Any, dict[str, int]]:
+    """A folded copy of an SPConv ResNet (the original stays the parity reference) and the
+    count of each fold. ONNX Runtime gets the dense form (no channel split, every convolution
+    dense: more MACs, fewer and faster quantized ops); other targets keep gwc grouped."""
+    import copy
+
+    from slimdeploy.transforms.fold_spconv import fold_spconv
+
+    folded, report = fold_spconv(copy.deepcopy(module), dense=target in EXPAND_GROUPED_3X3)
     return folded, report.to_dict()
 
 

@@ -270,8 +270,9 @@ def _perturb_batchnorm(model: nn.Module, seed: int = 0) -> None:
                 module.bias.copy_(torch.rand(n, generator=generator) * 0.4 - 0.2)
 
 
-@pytest.mark.parametrize("expand_3x3", [True, False])
-def test_fold_keeps_the_condensed_features(learned: CondenseNet, kit: dict, expand_3x3: bool) -> None:
+@pytest.mark.parametrize(("expand_3x3", "gather_into_conv"), [(True, False), (False, False), (True, True)])
+def test_fold_keeps_the_condensed_features(learned: CondenseNet, kit: dict, expand_3x3: bool,
+                                           gather_into_conv: bool) -> None:
     import copy
 
     from slimdeploy.nn.folded_dense_layer import FoldedDenseLayer
@@ -279,11 +280,16 @@ def test_fold_keeps_the_condensed_features(learned: CondenseNet, kit: dict, expa
 
     condensed = condense(learned)
     _perturb_batchnorm(condensed)
-    folded, report = fold_condensed(copy.deepcopy(condensed), expand_3x3=expand_3x3)
+    folded, report = fold_condensed(copy.deepcopy(condensed), expand_3x3=expand_3x3,
+                                    gather_into_conv=gather_into_conv)
     layers = [m for m in folded.modules() if isinstance(m, FoldedDenseLayer)]
     assert len(layers) == 6 and report.bn_into_conv == 6
     assert report.shuffle_into_weights == (6 if expand_3x3 else 0)
     assert all((layer.conv_2.groups == 1) == expand_3x3 for layer in layers)
+    # Gather + BN as a 1x1 convolution over the layer's whole input; no BN left at all.
+    assert report.gather_into_conv == report.bn_as_depthwise_conv * 6 == (6 if gather_into_conv else 0)
+    assert all((layer.select is not None) == gather_into_conv for layer in layers)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in folded.modules()) != gather_into_conv
     with torch.no_grad():
         expected = condensed.features_pooled(kit["input"])
         np.testing.assert_allclose(folded.features_pooled(kit["input"]).numpy(), expected.numpy(), atol=1e-5, rtol=1e-5)

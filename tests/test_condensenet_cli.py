@@ -79,3 +79,24 @@ def test_demo_condensenet_bundle_passes_check(tmp_path: Path) -> None:
     report = json.loads((out / "report.json").read_text())
     assert report["task"]["top1_agreement"] == 1.0 and report["task"]["accuracy_reference"] >= 0.95
     assert run_cli("check", str(out)).returncode == 0
+
+
+@pytest.mark.slow
+def test_zoo_int8_export_has_no_gather_or_batchnorm_between_convolutions(tmp_path: Path) -> None:
+    """INT8 for ONNX Runtime: Gather + BN folded into 1x1 convolutions, so the quantized graph
+    keeps one layout (no Transposes around float islands); FP32 keeps the Gathers."""
+    out = tmp_path / "int8"
+    result = run_cli("export", "zoo:condensenet_digits", "--out", str(out), "--precision", "int8")
+    assert result.returncode == 0, result.stdout + result.stderr
+    folds = json.loads((out / "manifest.json").read_text())["model"]["folds"]
+    assert folds["gather_into_conv"] == 12 and folds["bn_as_depthwise_conv"] == 1
+    ops = [n.op_type for n in onnx.load(out / "model.onnx").graph.node]
+    # Only the classifier's Gather (on [B, C] features) is left; the last pool is global.
+    assert "BatchNormalization" not in ops and ops.count("Gather") == 1
+    assert ops.count("GlobalAveragePool") == 1 and ops.count("AveragePool") == 2
+    check = run_cli("check", str(out))
+    assert check.returncode == 0, check.stdout + check.stderr
+    fp32 = tmp_path / "fp32"
+    assert run_cli("export", "zoo:condensenet_digits", "--out", str(fp32), "--samples", "16", "--batch-sizes", "16").returncode == 0
+    assert json.loads((fp32 / "manifest.json").read_text())["model"]["folds"]["gather_into_conv"] == 0
+    assert [n.op_type for n in onnx.load(fp32 / "model.onnx").graph.node].count("Gather") == 13

@@ -30,6 +30,7 @@ from onnx import TensorProto, numpy_helper
 
 from slimdeploy.calibration.ranges import quiet_quantizer
 from slimdeploy.errors import BadInputError
+from slimdeploy.exporters.rewrite import to_global_average_pool
 
 INT8_TARGETS = ("ort", "trt")
 
@@ -75,9 +76,15 @@ def quantize_int8(
         activation, extra = QuantType.QUInt8, {}
     else:
         activation, extra = QuantType.QInt8, {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False}
+    # Spatial means and whole-map pools as GlobalAveragePool (same tensor names, so the ranges
+    # still apply): ONNX Runtime has no quantized ReduceMean and would run it in float on a full
+    # feature map, and its quantized global pool is faster than a whole-map AveragePool.
+    rewritten = onnx.ModelProto()
+    rewritten.CopyFrom(model)
+    to_global_average_pool(rewritten)
     with tempfile.TemporaryDirectory(prefix="slimdeploy-int8-") as tmp, quiet_quantizer():
         source, cache, result = Path(tmp) / "model.onnx", Path(tmp) / "ranges.json", Path(tmp) / "int8.onnx"
-        onnx.save(model, source)
+        onnx.save(rewritten, source)
         save_tensors_data(tensors, cache)
         try:
             quantize_static(
