@@ -127,6 +127,7 @@ def export(
     calib_size: int | None = None,
     calib_method: str = AUTO_CALIB,
     quantize_decisions: bool = False,
+    bias_correction: bool = True,
     progress: Progress | None = None,
 ) -> ExportResult:
     """Export a checkpoint to a parity-checked bundle.
@@ -174,6 +175,9 @@ def export(
             (MinMax and Percentile both tried, the one closer to FP32 on the calibration images kept).
         quantize_decisions: also reduce the precision of gate and exit heads. Defaults to False
             (decision heads stay FP32).
+        bias_correction: INT8: shift each quantized Conv/Gemm's bias by its mean output error
+            per channel against FP32 on the calibration images (``calibration.bias_correction``).
+            Defaults to True.
         progress: callable told the name of each step. Defaults to silence.
     """
     from slimdeploy import exporters
@@ -333,7 +337,9 @@ def export(
             return apply_precision(
                 graphs, precision, target=target, form=form, plan=plan, input_meta=input_meta,
                 calibration=stored or calibration, method=method, op_types=op_types,
-                quantize_decisions=quantize_decisions, gate_threshold=DEFAULT_GATE_THRESHOLD, progress=say,
+                quantize_decisions=quantize_decisions, gate_threshold=DEFAULT_GATE_THRESHOLD,
+                bias_correction=bias_correction,
+                correction_data=calibration if isinstance(calibration, CalibrationSet) else None, progress=say,
             )
 
         if calib_method == AUTO_CALIB and precision == "int8" and isinstance(calibration, CalibrationSet):
