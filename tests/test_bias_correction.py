@@ -83,3 +83,29 @@ def test_graph_without_quantized_layers_is_unchanged(setup: dict) -> None:
     model = setup["model"]
     result = correct_biases(model, model, {"input": setup["calib"][:8]})
     assert not result.layers and result.model.SerializeToString() == model.SerializeToString()
+
+
+@pytest.mark.slow
+def test_s2d_trt_int8_export_records_the_correction_and_keeps_exits_closer(tmp_path: Path) -> None:
+    """The S2D early-exit demo in the TensorRT INT8 form (S8S8): every stage's quantized layers
+    are corrected, the graphs stay in the form TensorRT's parser takes, and exit agreement with
+    PyTorch on the parity samples rises from 95 % (uncorrected) to 97 %. Its remaining flips
+    lie within 2e-4 of the 0.994 exit threshold; the 98 % criterion is not met yet, so check
+    still fails (the export exits 1) and this test pins the figures instead."""
+    from conftest import run_cli
+
+    bundle = tmp_path / "s2d-trt-int8"
+    result = run_cli("export", "zoo:s2d_resnet20_digits", "--target", "trt", "--precision", "int8",
+                     "--calib", "digits", "--prepare-only", "--out", str(bundle))
+    assert result.returncode in (0, 1), result.stdout + result.stderr
+    assert "biases of 44 layers corrected" in result.stdout.replace("\n", " ")
+    calibration = json.loads((bundle / "manifest.json").read_text())["calibration"]
+    correction = calibration["bias_correction"]
+    assert correction["applied"] and correction["layers"] == 44 and correction["skipped"] == 0
+    assert correction["mean_channel_error_after"] < 0.1 * correction["mean_channel_error_before"]
+    for stage in ("stage0", "stage1", "stage2"):
+        assert qdq_violations(onnx.load(bundle / "stages" / f"{stage}.onnx")) == []
+    report = json.loads((bundle / "report.json").read_text())
+    agreement = min(entry["agreement"] for entry in report["decisions"]["exit_stage"])
+    assert agreement >= 0.97, agreement  # 0.95 with --no-bias-correction
+    assert report["outputs"] and report["passed"] == (agreement >= 0.98)
