@@ -70,11 +70,12 @@ def check_precision(precision: str, form: str | None) -> None:
         )
 
 
-# Q/DQ only on the inputs of the compute-heavy operators (the placement TensorRT's own
-# quantization toolkits use): additions, concatenations and pooling stay FP32, so features of
-# different ranges are never forced onto one scale. ONNX Runtime's CPU kernels gain nothing from
-# it (the convolutions' outputs stay float), so it is the fallback when full placement flips
-# too many answers (``--calib-method auto`` in ``export``).
+# Q/DQ only around the compute-heavy operators: additions, concatenations and pooling stay
+# FP32, so features of different ranges are never forced onto one scale. In the TensorRT form
+# only their inputs get Q/DQ (the placement TensorRT's own quantization toolkits use; TensorRT
+# fuses the requantization into the layer before), and it is ``--calib-method auto``'s first
+# choice there; in the ONNX Runtime form their outputs too, and it is the fallback when full
+# placement flips too many answers (``export._best_calibration``).
 CONV_OPS = ("Conv", "Gemm", "MatMul")
 
 
@@ -107,8 +108,9 @@ def apply_precision(
         input_meta: metadata of the image input; needed for ``staged``. Defaults to None.
         calibration: INT8 only: calibration images, or stored ranges to reuse.
         method: ``MinMax``, ``Entropy`` or ``Percentile`` (when calibrating). Defaults to Percentile.
-        op_types: INT8 only: operator types that get Q/DQ (``CONV_OPS``: only the inputs of
-            the compute-heavy operators, everything between them in FP32). Defaults to every
+        op_types: INT8 only: operator types that get Q/DQ (``CONV_OPS``: only the
+            compute-heavy operators, everything between them in FP32; in the ``trt`` form only
+            their inputs). Defaults to every
             type the quantizer handles, or the placement stored with reused ranges.
         quantize_decisions: also reduce the precision of gate and exit heads. Defaults to False.
         scope: what counts as a decision head. Defaults to gate and exit heads.
@@ -192,6 +194,9 @@ def apply_precision(
         "form": "S8S8 symmetric, zero points 0, per-channel weights" if target == "trt" else "U8S8, per-channel weights",
         # Which operators got Q/DQ: all the quantizer handles, or only the compute-heavy ones.
         "op_types": list(op_types) if op_types else "all",
+        # Where Q/DQ sits: the TensorRT form puts none after the layers of a partial placement.
+        "placement": ("every quantizable operator" if not op_types else
+                      f"inputs of {'/'.join(op_types)}" + ("" if target == "trt" else " and their outputs")),
         "fp32_pieces": fp32_pieces,
         # Per graph, the node groups (name prefixes) left FP32 because no sample reached them.
         "fp32_unreached": fp32_blocks,
