@@ -255,8 +255,8 @@ def _correction_info(corrections: Mapping[str, BiasCorrection]) -> dict[str, Any
         "applied": True,
         "layers": len(before),
         "skipped": sum(len(c.skipped) for c in corrections.values()),
-        "mean_channel_error_before": round(float(np.mean(before)), 6) if before else 0.0,
-        "mean_channel_error_after": round(float(np.mean(after)), 6) if after else 0.0,
+        "mean_channel_error_before": float(f"{np.mean(before):.3g}") if before else 0.0,
+        "mean_channel_error_after": float(f"{np.mean(after):.3g}") if after else 0.0,
     }
 
 
