@@ -95,3 +95,32 @@ def write_results(result: dict[str, Any], out: Path, table: str) -> None:
     print(table)
     for check in result["checks"]:
         print(f"{check['name']}: {check['value']:.2f} (target {check['target']}: {'met' if check['met'] else 'NOT met'})")
+
+
+def estimate_batchnorm(model: Any, images: Any, forward: Any = None, batch_size: int = 64) -> None:
+    """Re-estimate every BatchNorm's running statistics of a randomly initialised ``model`` on
+    real ``images`` (a numpy [N, C, H, W] array; cumulative average), then put it in eval mode:
+    activations then stay in range through deep stacks, as the upstream kit did for its
+    checkpoints.
+
+    Args:
+        model: the torch module.
+        images: the images, preprocessed.
+        forward: ``forward(model, batch)`` (e.g. to run every gated block). Defaults to ``model(batch)``.
+        batch_size: images per forward pass. Defaults to 64.
+    """
+    import torch
+
+    for layer in model.modules():
+        if isinstance(layer, torch.nn.BatchNorm2d):
+            layer.reset_running_stats()
+            layer.momentum = None
+    model.train()
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            batch = torch.from_numpy(images[start:start + batch_size])
+            if forward is None:
+                model(batch)
+            else:
+                forward(model, batch)
+    model.eval()

@@ -54,7 +54,7 @@ if str(REPO) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import OtherLoad, benchmark_arguments, machine_facts, write_results  # noqa: E402
+from common import OtherLoad, benchmark_arguments, estimate_batchnorm, machine_facts, write_results  # noqa: E402
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "condensenet.json"
 DEMO = "condensenet_digits"
@@ -225,17 +225,9 @@ def large_model(settings: dict[str, Any], threads: int) -> dict[str, Any]:
     random_masks(model, torch.Generator().manual_seed(0))
     mean, std = digits_statistics()
     train, _ = digits_inputs("train", (3, 32, 32), mean, std, count=256)
-    # Random weights, BatchNorm statistics re-estimated on real images (cumulative average) with
-    # the masks in place, so activations stay in range through 42 dense layers.
-    for layer in model.modules():
-        if isinstance(layer, torch.nn.BatchNorm2d):
-            layer.reset_running_stats()
-            layer.momentum = None
-    model.train()
-    with torch.no_grad():
-        for i in range(0, len(train), 64):
-            model(torch.from_numpy(train[i:i + 64]))
-    model.eval()
+    # Random weights, BatchNorm statistics re-estimated on real images with the masks in place,
+    # so activations stay in range through 42 dense layers.
+    estimate_batchnorm(model, train)
     x, _ = digits_inputs("heldout", (3, 32, 32), mean, std)
     result = compare("condensenet86", model, x, settings, threads)
     return {"model": "CondenseNet-86 (random weights seed 0, random masks at kept fraction 1/condense_factor)",

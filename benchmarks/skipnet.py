@@ -42,7 +42,7 @@ if str(REPO) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import benchmark_arguments, machine_facts, write_results  # noqa: E402
+from common import benchmark_arguments, estimate_batchnorm, machine_facts, write_results  # noqa: E402
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "skipnet.json"
 DEMO = "skipnet38_digits"
@@ -149,17 +149,9 @@ def large_model(settings: dict[str, Any], threads: int) -> dict[str, Any]:
     model = get_arch(LARGE_ARCH).build(num_classes=10)
     mean, std = digits_statistics()
     train, _ = digits_inputs("train", (3, 32, 32), mean, std, count=256)
-    # Random weights, BatchNorm statistics re-estimated on real images (cumulative average), so
-    # activations stay in range through 54 blocks, as the upstream kit did for its checkpoints.
-    for layer in model.modules():
-        if isinstance(layer, torch.nn.BatchNorm2d):
-            layer.reset_running_stats()
-            layer.momentum = None
-    model.train()
-    with torch.no_grad():
-        for i in range(0, len(train), 64):
-            model(torch.from_numpy(train[i:i + 64]), -1.0)  # every block runs while estimating
-    model.eval()
+    # Random weights, BatchNorm statistics re-estimated on real images, so activations stay in
+    # range through 54 blocks; every block runs while estimating (threshold -1).
+    estimate_batchnorm(model, train, forward=lambda module, batch: module(batch, -1.0))
     x, _ = digits_inputs("heldout", (3, 32, 32), mean, std)
     say(f"{LARGE_ARCH}: exporting the pieces and composing the forms")
     runners, plan = form_runners(model, (3, 32, 32), threads)

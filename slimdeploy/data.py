@@ -1,6 +1,6 @@
 """Real image data for demo training, parity checks and benchmarks: scikit-learn's digits.
 
-The 1,797 8×8 grey digits are scaled to [0, 1], resized (bilinear) to the model's input size,
+The 1,797 8x8 grey digits are scaled to [0, 1], resized (bilinear) to the model's input size,
 repeated to three channels and normalised with the model's mean and std. A fixed permutation
 (seed 0) splits them once for everyone:
 
@@ -38,7 +38,7 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
 
 
 def digits_split(split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Grey 8×8 images in [0, 1] ([N, 8, 8] float32) and labels ([N] int64) of one split."""
+    """Grey 8x8 images in [0, 1] ([N, 8, 8] float32) and labels ([N] int64) of one split."""
     if split not in SPLITS:
         raise ValueError(f"unknown digits split '{split}', expected one of {sorted(SPLITS)}")
     images, labels = _digits()

@@ -19,6 +19,7 @@ it can be inspected; the caller decides the exit code (the CLI exits 1).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import resource
@@ -221,6 +222,9 @@ def export(
         if form == "if":
             notes.append(trt_build.IF_WARNING)
     prep = loaded.preprocessing
+    # Calibration data (or stored ranges) is read and checked now, before the long work.
+    model_id = {"arch": loaded.arch, "weights_sha256": weights_digest(loaded.module)} if precision == "int8" else None
+    calibration = _calibration_source(calib, calib_size, prep, loaded.meta, model_id) if precision == "int8" else None
     # The module that is exported, and the one parity compares against (the same unless a
     # deploy transform changes the model).
     deploy_module, deploy_arch, deploy_args = loaded.module, loaded.arch, loaded.arch_args
@@ -331,7 +335,6 @@ def export(
     calibration_info: dict[str, Any] | None = None
     record_bytes: bytes | None = None
     if precision != "fp32":
-        calibration = _calibration_source(calib, calib_size, prep, loaded.meta) if precision == "int8" else None
 
         def convert(method: str, op_types: Sequence[str] | None = None, stored: Any = None) -> Any:
             return apply_precision(
@@ -360,6 +363,8 @@ def export(
         calibration_info = {**converted.info, "vs_fp32": agreement(fp32_out, reduced_out),
                             "fp32_parity_passed": fp32_report.passed}
         if converted.record is not None:
+            # Which checkpoint the ranges belong to: reusing them for another one is refused.
+            converted.record.data["model"] = model_id
             record_bytes = converted.record.to_bytes()
             calibration_info["ranges"] = CALIBRATION_FILE
         graphs = converted.graphs
@@ -673,8 +678,11 @@ def _parity_inputs(
     return inputs, labels, "digits:heldout" + (f"[:{samples}]" if samples else "")
 
 
-def _calibration_source(calib: str | Path | None, size: int | None, prep: Any, meta: Mapping[str, Any]) -> Any:
-    """Calibration images (``CalibrationSet``) or stored ranges (``CalibrationRecord``)."""
+def _calibration_source(
+    calib: str | Path | None, size: int | None, prep: Any, meta: Mapping[str, Any], model_id: Mapping[str, str] | None = None
+) -> Any:
+    """Calibration images (``CalibrationSet``) or stored ranges (``CalibrationRecord``) that
+    belong to this checkpoint (``model_id``: arch and weights digest)."""
     from slimdeploy.calibration import CalibrationRecord, is_record, load_calibration
     from slimdeploy.calibration.readers import DEFAULT_SIZE, DIGITS
 
@@ -686,5 +694,29 @@ def _calibration_source(calib: str | Path | None, size: int | None, prep: Any, m
             )
         calib = DIGITS
     if str(calib) not in (DIGITS, "synthetic") and is_record(calib):
-        return CalibrationRecord.load(calib)
-    return load_calibration(calib, prep.input_size, prep.mean, prep.std, size=size or DEFAULT_SIZE)
+        if size is not None:
+            raise BadInputError("--calib-size applies when calibrating, not when reusing stored ranges | Fix: leave --calib-size out")
+        record = CalibrationRecord.load(calib)
+        stored = record.data.get("model")
+        if stored and model_id and stored.get("weights_sha256") != model_id["weights_sha256"]:
+            raise BadInputError(
+                f"the calibration ranges in '{calib}' were collected on another model ({stored.get('arch')}, weights "
+                f"{str(stored.get('weights_sha256'))[:12]}), not on this checkpoint ({model_id['arch']}, weights "
+                f"{model_id['weights_sha256'][:12]}) | Fix: recalibrate (--calib digits|PATH), or reuse the "
+                "calibration.json of a bundle exported from this checkpoint"
+            )
+        return record
+    return load_calibration(calib, prep.input_size, prep.mean, prep.std, size=DEFAULT_SIZE if size is None else size)
+
+
+def weights_digest(module: Any) -> str:
+    """SHA-256 of a module's state (names, shapes, dtypes, raw bytes, in name order): identifies
+    the checkpoint that calibration ranges were collected on."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        # Raw bytes whatever the dtype (bfloat16 has no numpy type).
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -35,7 +35,7 @@ from slimdeploy.errors import ArchitectureError, CheckpointError, StateDictMisma
 FORMAT_NAME = "slimdeploy.checkpoint"
 FORMAT_VERSION = 1
 
-# Normalisation used when a foreign checkpoint does not say: CIFAR statistics for 32×32 models
+# Normalisation used when a foreign checkpoint does not say: CIFAR statistics for 32x32 models
 # (the official SkipNet/CondenseNet CIFAR scripts), ImageNet statistics otherwise.
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

@@ -73,10 +73,10 @@ def test_tampered_file_detected(tmp_path: Path) -> None:
 def test_missing_file_and_missing_manifest(tmp_path: Path) -> None:
     out = write_bundle(tmp_path / "b", FILES, dict(MANIFEST_FIELDS))
     (out / "golden.npz").unlink()
-    with pytest.raises(BundleError, match="lacks 'golden.npz'"):
+    with pytest.raises(BundleError, match=r"lacks 'golden\.npz'"):
         load_bundle(out)
     (out / MANIFEST).unlink()
-    with pytest.raises(BundleError, match="no manifest.json"):
+    with pytest.raises(BundleError, match=r"no manifest\.json"):
         load_bundle(out)
     with pytest.raises(BundleError, match="not a bundle directory"):
         load_bundle(tmp_path / "nowhere")

@@ -67,6 +67,16 @@ def test_int8_bundle_passes_check_and_its_ranges_are_reused(tmp_path: Path) -> N
     assert first.keys() == second.keys() and len(first) > 20
     for name in first:
         np.testing.assert_array_equal(first[name], second[name], err_msg=name)
+    # The ranges name the checkpoint they belong to; another checkpoint refuses them up front.
+    stored = json.loads((bundle / "calibration.json").read_text())["data"]["model"]
+    assert stored["arch"] == "spconv_resnet20_cifar" and len(stored["weights_sha256"]) == 64
+    foreign = run_cli("export", "zoo:mobilenet_v1_digits", "--out", str(tmp_path / "foreign"), "--precision", "int8",
+                      "--calib", str(bundle), *FAST)
+    assert_clean_error(foreign, 2, "collected on another model (spconv_resnet20_cifar")
+    assert not (tmp_path / "foreign").exists()
+    sized = run_cli("export", "zoo:spconv_resnet20_digits", "--out", str(tmp_path / "sized"), "--precision", "int8",
+                    "--calib", str(bundle), "--calib-size", "10", *FAST)
+    assert_clean_error(sized, 2, "--calib-size applies when calibrating")
 
 
 @pytest.mark.slow

@@ -109,7 +109,7 @@ def test_runners_agree(tiny: TinyNet, tiny_onnx: Path) -> None:
 def test_ort_unknown_device_is_backend_error(tiny_onnx: Path) -> None:
     from slimdeploy.errors import BackendUnavailableError
 
-    with pytest.raises(BackendUnavailableError, match="cuda|CUDA|unknown device"):
+    with pytest.raises(BackendUnavailableError, match=r"cuda|CUDA|unknown device"):
         OrtRunner(tiny_onnx, device="cuda").activate()
 
 

@@ -202,7 +202,7 @@ def test_kit_legacy_checkpoint_without_num_batches_tracked(kit: dict, tmp_path: 
 def test_kit_gate_threshold(kit: dict) -> None:
     model, x = kit["model"], kit["input"]
     with torch.no_grad():
-        _, gates, probs = model(x)
+        _, gates, _probs = model(x)
         _, gates_t, _ = model(x, torch.tensor(0.5))
         _, gates_0, probs_0 = model(x, gate_threshold=0.0)
         _, gates_1, probs_1 = model(x, gate_threshold=torch.tensor(1.0))
@@ -243,7 +243,7 @@ def test_forward_is_its_pieces(name: str) -> None:
     model = get_arch(name).build().eval()
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
-        logits, gates, probs = model(x, 0.5)
+        logits, _gates, probs = model(x, 0.5)
         features = model.stem(x)
         state = model.gate_init_state(features)
         if model.control is None:

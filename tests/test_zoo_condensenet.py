@@ -38,7 +38,8 @@ def heldout(loaded):
 
 
 def test_entry_is_listed_with_its_metrics(entry) -> None:
-    from slimdeploy.zoo.train_condensenet import CONDENSE_RECIPES, condense_recipe_command
+    from slimdeploy.zoo.train import recipe_command
+    from slimdeploy.zoo.train_condensenet import CONDENSE_RECIPES
 
     recipe = CONDENSE_RECIPES[NAME]
     assert entry.arch == recipe.arch == "condensenet"
@@ -46,7 +47,7 @@ def test_entry_is_listed_with_its_metrics(entry) -> None:
     assert entry.dataset == "digits"
     assert entry.family == "condensenet"
     assert entry.input_size == [3, 32, 32]
-    assert entry.train_command == condense_recipe_command(NAME)
+    assert entry.train_command == recipe_command(NAME, trainer="train_condensenet")
     metrics = entry.metrics
     assert metrics["epochs"] == recipe.epochs
     assert metrics["lasso"] == recipe.lasso > 0

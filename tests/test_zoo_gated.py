@@ -37,7 +37,8 @@ def heldout(entry):
 
 
 def test_entry_is_listed_with_its_metrics(entry) -> None:
-    from slimdeploy.zoo.train_gated import GATED_RECIPES, gated_recipe_command
+    from slimdeploy.zoo.train import recipe_command
+    from slimdeploy.zoo.train_gated import GATED_RECIPES
 
     recipe = GATED_RECIPES[NAME]
     assert entry.arch == recipe.arch == "cifar10_rnn_gate_38"
@@ -45,7 +46,7 @@ def test_entry_is_listed_with_its_metrics(entry) -> None:
     assert entry.dataset == "digits"
     assert entry.family == "skipnet"
     assert entry.input_size == [3, 32, 32]
-    assert entry.train_command == gated_recipe_command(NAME)
+    assert entry.train_command == recipe_command(NAME, trainer="train_gated")
     metrics = entry.metrics
     assert metrics["lambda"] == recipe.penalty
     assert metrics["epochs"] == recipe.epochs

@@ -66,10 +66,9 @@ def check_feed(feed: Mapping[str, np.ndarray], metadata: Mapping[str, TensorMeta
             if isinstance(want, int) and got != want:
                 problems.append(f"'{name}' has shape {list(array.shape)}: axis {axis} should be {want}")
                 break
-            if isinstance(want, str):
-                if bound.setdefault(want, got) != got:
-                    problems.append(f"'{name}' axis {axis} ('{want}') is {got} but another input has {bound[want]}")
-                    break
+            if isinstance(want, str) and bound.setdefault(want, got) != got:
+                problems.append(f"'{name}' axis {axis} ('{want}') is {got} but another input has {bound[want]}")
+                break
     if problems:
         expected = "; ".join(meta.describe() + (" (optional)" if meta.optional else "") for meta in metadata.values())
         raise InputValidationError(f"invalid feed: {'; '.join(problems)} | Note: expected {expected}")

@@ -2,7 +2,7 @@
 
 Uses ``torch.onnx.export(..., dynamo=True)``: the model is captured with ``torch.export`` and
 translated by onnxscript. The batch axis is a symbolic dimension named ``batch``; every other
-dimension is fixed by the example input. Default opset 18 (TensorRT 10.x parses 9–24).
+dimension is fixed by the example input. Default opset 18 (TensorRT 10.x parses 9-24).
 """
 
 from __future__ import annotations

@@ -27,7 +27,8 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -76,7 +77,8 @@ class TrainSettings:
 
 @dataclass(frozen=True)
 class Recipe:
-    """How a shipped zoo checkpoint is trained.
+    """How a shipped zoo checkpoint is trained. The recipes of the other trainers (gated,
+    CondenseNet, S2D) extend it with their own keyword-only fields.
 
     Attributes:
         arch: registered architecture name.
@@ -173,66 +175,44 @@ def train_demo(
             None for silence.
     """
     torch = optional_import("torch", "train a demo model")
-    from slimdeploy.data import digits_inputs, digits_statistics
-    from slimdeploy.models.registry import get_arch
 
     settings = settings or TrainSettings()
     say = progress or (lambda _line: None)
     out_path = Path(out_path)
     started = time.perf_counter()
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(settings.threads)
-    try:
-        info = get_arch(arch)
-        torch.manual_seed(seed)
-        module = info.build(**dict(arch_args))
-        input_size = tuple(int(v) for v in getattr(module, "input_size", info.input_size))
-        mean, std = digits_statistics()
-        preprocessing = Preprocessing(input_size, mean, std)  # type: ignore[arg-type]
-
-        x_train, y_train = digits_inputs("train", input_size, mean, std, count=train_count)
-        x_held, y_held = digits_inputs("heldout", input_size, mean, std)
-        x_train_t, y_train_t = torch.from_numpy(x_train), torch.from_numpy(y_train)
-        # The normalised value of a black pixel: what the shifted-in border is filled with.
-        background = torch.tensor([-m / s for m, s in zip(mean, std)], dtype=torch.float32)
-
-        generator = torch.Generator().manual_seed(seed)
-        steps_per_epoch = math.ceil(len(x_train_t) / settings.batch_size)
-        optimizer, scheduler = _optimizer(torch, module, settings, epochs, steps_per_epoch)
+    with torch_threads(torch, settings.threads):
+        run = start_training(arch, arch_args, epochs=epochs, seed=seed, settings=settings, train_count=train_count)
+        module, optimizer, scheduler = run.module, run.optimizer, run.scheduler
         loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
 
         for epoch in range(1, epochs + 1):
             epoch_start = time.perf_counter()
             module.train()
-            shifted = _random_shifts(torch, x_train_t, settings.max_shift, background, generator)
-            order = torch.randperm(len(shifted), generator=generator)
             total_loss, correct = 0.0, 0
-            for start in range(0, len(order), settings.batch_size):
-                index = order[start:start + settings.batch_size]
-                inputs, labels = shifted[index], y_train_t[index]
+            for inputs, labels in run.epoch_batches():
                 logits = _logits(module(inputs))
                 loss = loss_fn(logits, labels)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
-                total_loss += loss.item() * len(index)
+                total_loss += loss.item() * len(labels)
                 correct += int((logits.detach().argmax(1) == labels).sum())
             say(
-                f"epoch {epoch:>3}/{epochs}  loss {total_loss / len(order):.4f}  "
-                f"train-acc {correct / len(order):.4f}  "
+                f"epoch {epoch:>3}/{epochs}  loss {total_loss / run.train_size:.4f}  "
+                f"train-acc {correct / run.train_size:.4f}  "
                 f"lr {optimizer.param_groups[0]['lr']:.5f}  "
                 f"{time.perf_counter() - epoch_start:.1f}s"
             )
 
-        accuracy = evaluate(module, x_held, y_held)
+        accuracy = evaluate(module, run.x_held, run.y_held)
         params = sum(p.numel() for p in module.parameters())
         meta = {
             "dataset": DATASET,
             "split": "heldout",
             "accuracy": accuracy,
-            "heldout_images": len(y_held),
-            "train_images": len(y_train),
+            "heldout_images": len(run.y_held),
+            "train_images": run.train_size,
             "epochs": epochs,
             "seed": seed,
             "settings": settings.to_dict(),
@@ -240,20 +220,128 @@ def train_demo(
             "train_command": train_command,
             "torch_version": str(torch.__version__),  # TorchVersion would pickle as a global
         }
-        save_zoo_checkpoint(out_path, module, info.name, dict(arch_args), preprocessing, meta)
-    finally:
-        torch.set_num_threads(previous_threads)
+        save_zoo_checkpoint(out_path, module, run.arch, dict(arch_args), run.preprocessing, meta)
 
     seconds = time.perf_counter() - started
     size = out_path.stat().st_size
+    held = len(run.y_held)
     say(
-        f"heldout top-1 {accuracy:.4f} ({round(accuracy * len(y_held))}/{len(y_held)}), "
+        f"heldout top-1 {accuracy:.4f} ({round(accuracy * held)}/{held}), "
         f"{params:,} params, {size / 1e6:.2f} MB, {seconds:.1f}s -> {out_path}"
     )
     return TrainResult(
-        out_path, info.name, dict(arch_args), accuracy, params,
-        input_size, epochs, seed, seconds, size,  # type: ignore[arg-type]
+        out_path, run.arch, dict(arch_args), accuracy, params,
+        run.input_size, epochs, seed, seconds, size,
     )
+
+
+@dataclass
+class DigitsTraining:
+    """What every zoo trainer sets up before its first epoch (``start_training``).
+
+    Attributes:
+        arch: the architecture's registered name.
+        module: the model, built right after seeding.
+        input_size: (C, H, W) it trains at.
+        preprocessing: the digits normalisation at that size (stored in the checkpoint).
+        x_train: training images, a [N, C, H, W] tensor.
+        y_train: their labels, a [N] tensor.
+        x_held: held-out images, a numpy array (``evaluate`` takes numpy).
+        y_held: their labels, a numpy array.
+        settings: the optimisation settings.
+        optimizer: the optimizer (``_optimizer``).
+        scheduler: its per-step schedule.
+        steps_per_epoch: optimizer steps in one epoch.
+        background: per channel, the normalised value of a black pixel (what shifts fill in).
+        generator: the seeded generator every shuffle and shift draws from.
+    """
+
+    arch: str
+    module: Any
+    input_size: tuple[int, int, int]
+    preprocessing: Preprocessing
+    x_train: Any
+    y_train: Any
+    x_held: Any
+    y_held: Any
+    settings: TrainSettings
+    optimizer: Any
+    scheduler: Any
+    steps_per_epoch: int
+    background: Any
+    generator: Any
+
+    @property
+    def train_size(self) -> int:
+        return len(self.y_train)
+
+    def epoch_batches(self) -> Iterator[tuple[Any, Any]]:
+        """One epoch: every training image, randomly shifted, in a fresh random order, as
+        (inputs, labels) batches of ``settings.batch_size``."""
+        import torch
+
+        shifted = _random_shifts(torch, self.x_train, self.settings.max_shift, self.background, self.generator)
+        order = torch.randperm(len(shifted), generator=self.generator)
+        for start in range(0, len(order), self.settings.batch_size):
+            index = order[start:start + self.settings.batch_size]
+            yield shifted[index], self.y_train[index]
+
+
+def start_training(
+    arch: str,
+    arch_args: Mapping[str, Any],
+    *,
+    epochs: int,
+    seed: int,
+    settings: TrainSettings,
+    train_count: int | None = None,
+) -> DigitsTraining:
+    """Seed, build ``arch``, load the digits splits at its input size, make the shift generator,
+    the optimizer and its schedule, in this order: a run is reproducible bit for bit only if
+    every trainer draws its random numbers in the same sequence.
+
+    Args:
+        arch: registered architecture name.
+        arch_args: its constructor arguments.
+        epochs: epochs the schedule spans.
+        seed: seed of the weights' initialisation and of the generator.
+        settings: optimisation settings.
+        train_count: train on the first ``train_count`` training images only (quick tests).
+            Defaults to all 1,197.
+    """
+    torch = optional_import("torch", "train a demo model")
+    from slimdeploy.data import digits_inputs, digits_statistics
+    from slimdeploy.models.registry import get_arch
+
+    info = get_arch(arch)
+    torch.manual_seed(seed)
+    module = info.build(**dict(arch_args))
+    input_size = tuple(int(v) for v in getattr(module, "input_size", info.input_size))
+    mean, std = digits_statistics()
+    x_train, y_train = digits_inputs("train", input_size, mean, std, count=train_count)
+    x_held, y_held = digits_inputs("heldout", input_size, mean, std)
+    generator = torch.Generator().manual_seed(seed)
+    steps_per_epoch = math.ceil(len(x_train) / settings.batch_size)
+    optimizer, scheduler = _optimizer(torch, module, settings, epochs, steps_per_epoch)
+    return DigitsTraining(
+        arch=info.name, module=module, input_size=input_size,  # type: ignore[arg-type]
+        preprocessing=Preprocessing(input_size, mean, std),  # type: ignore[arg-type]
+        x_train=torch.from_numpy(x_train), y_train=torch.from_numpy(y_train), x_held=x_held, y_held=y_held,
+        settings=settings, optimizer=optimizer, scheduler=scheduler, steps_per_epoch=steps_per_epoch,
+        background=torch.tensor([-m / s for m, s in zip(mean, std)], dtype=torch.float32),
+        generator=generator,
+    )
+
+
+@contextmanager
+def torch_threads(torch: Any, threads: int) -> Iterator[None]:
+    """Run the block on ``threads`` torch CPU threads, restoring the previous count after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def save_zoo_checkpoint(
@@ -340,10 +428,50 @@ def _random_shifts(torch: Any, images: Any, max_shift: int, background: Any, gen
     return torch.stack([canvas[i, :, dy:dy + h, dx:dx + w] for i, (dy, dx) in enumerate(offsets)])
 
 
-def recipe_command(name: str, epochs: int | None = None) -> str:
-    """The command that retrains zoo entry ``name`` (as recorded in ``zoo.json``)."""
+def recipe_command(name: str, epochs: int | None = None, trainer: str = "train") -> str:
+    """The command that retrains zoo entry ``name`` (as recorded in ``zoo.json``).
+
+    Args:
+        name: zoo name.
+        epochs: the ``--epochs`` override, if any. Defaults to None.
+        trainer: the trainer module in ``slimdeploy.zoo`` (``train``, ``train_gated``,
+            ``train_condensenet``, ``train_s2d``). Defaults to "train".
+    """
     suffix = f" --epochs {epochs}" if epochs is not None else ""
-    return f"python -m slimdeploy.zoo.train {name}{suffix}"
+    return f"python -m slimdeploy.zoo.{trainer} {name}{suffix}"
+
+
+def plan_entry(
+    name: str,
+    recipes: Mapping[str, Any],
+    trainer: str,
+    out_dir: Path | None,
+    epochs: int | None,
+    train_count: int | None = None,
+    scale: Callable[[Any, int], Any] | None = None,
+) -> tuple[Any, Path, str]:
+    """What retraining zoo entry ``name`` means, for any trainer: (recipe with the ``epochs``
+    override applied, folder of the checkpoint, command recorded in ``zoo.json``).
+
+    Args:
+        name: zoo name, a key of ``recipes``.
+        recipes: the trainer's recipe table.
+        trainer: the trainer module's name (for ``recipe_command``).
+        out_dir: folder for the checkpoint; None writes over the shipped one.
+        epochs: override of the recipe's epochs. Defaults to the recipe's.
+        train_count: training images used (quick tests); refused over the shipped checkpoint.
+        scale: how the recipe takes other epochs. Defaults to replacing ``epochs``.
+    """
+    if name not in recipes:
+        raise unknown_recipe(name, list(recipes))
+    if out_dir is None and train_count is not None:
+        raise ValueError("a run on part of the training data must go to an out_dir, not over "
+                         "the shipped checkpoint")
+    recipe = recipes[name]
+    if epochs is not None:
+        recipe = scale(recipe, epochs) if scale else replace(recipe, epochs=epochs)
+    directory = Path(out_dir) if out_dir is not None else CHECKPOINT_DIR
+    return recipe, directory, recipe_command(name, epochs, trainer)
 
 
 def train_zoo_entry(
@@ -353,7 +481,8 @@ def train_zoo_entry(
     epochs: int | None = None,
     progress: Callable[[str], None] | None = print,
 ) -> ZooEntry:
-    """Retrain the zoo entry ``name`` from its recipe in ``RECIPES``.
+    """Retrain the zoo entry ``name`` from its recipe (``RECIPES`` here; gated, CondenseNet and
+    S2D entries go to their own trainers).
 
     With ``out_dir`` None the shipped checkpoint in ``slimdeploy/zoo/checkpoints/`` and its
     entry in ``zoo.json`` are rewritten. With an ``out_dir`` the checkpoint is written there and
@@ -377,14 +506,9 @@ def train_zoo_entry(
         return train_s2d_zoo_entry(name, out_dir, epochs=epochs, progress=progress)
     if name not in RECIPES:
         raise unknown_recipe(name, [*RECIPES, *GATED_RECIPES, *CONDENSE_RECIPES, *S2D_RECIPES])
-    recipe = RECIPES[name]
-    if epochs is not None:
-        recipe = replace(recipe, epochs=epochs)
-    directory = Path(out_dir) if out_dir is not None else CHECKPOINT_DIR
-    filename = f"{name}.pt"
-    command = recipe_command(name, epochs)
+    recipe, directory, command = plan_entry(name, RECIPES, "train", out_dir, epochs)
     result = train_demo(
-        recipe.arch, recipe.arch_args, directory / filename, recipe.epochs, recipe.seed,
+        recipe.arch, recipe.arch_args, directory / f"{name}.pt", recipe.epochs, recipe.seed,
         settings=recipe.settings, train_command=command, progress=progress,
     )
     return record_trained(name, recipe, result, result.accuracy, command, directory, shipped=out_dir is None)
@@ -433,21 +557,43 @@ def record_trained(
     return record_entry(entry, shipped=shipped)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m slimdeploy.zoo.train NAME [--out-dir DIR] [--epochs N]``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m slimdeploy.zoo.train",
-        description="Retrain a shipped zoo checkpoint on digits and rewrite it and its "
-        "zoo.json entry.",
-    )
-    parser.add_argument("name", choices=sorted(RECIPES), help="zoo entry to retrain")
+def recipe_main(
+    argv: Sequence[str] | None,
+    *,
+    trainer: str,
+    recipes: Mapping[str, Any],
+    train_entry: Callable[..., ZooEntry],
+    description: str,
+    summary: Callable[[ZooEntry], str] = lambda _entry: "",
+) -> int:
+    """The command line of every trainer: ``python -m slimdeploy.zoo.TRAINER NAME [--out-dir
+    DIR] [--epochs N]``; prints the held-out top-1 (and ``summary``'s figures) of the result.
+
+    Args:
+        argv: the arguments (None: ``sys.argv``).
+        trainer: the trainer module's name.
+        recipes: its recipe table (the names it accepts).
+        train_entry: its ``train_*_zoo_entry(name, out_dir, epochs=...)``.
+        description: the help text.
+        summary: extra figures after the accuracy, e.g. `` (no gates 0.9960)``. Defaults to none.
+    """
+    parser = argparse.ArgumentParser(prog=f"python -m slimdeploy.zoo.{trainer}", description=description)
+    parser.add_argument("name", choices=sorted(recipes), help="zoo entry to retrain")
     parser.add_argument("--out-dir", type=Path, default=None,
                         help="write the checkpoint here instead (zoo.json is then left alone)")
     parser.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
     args = parser.parse_args(argv)
-    entry = train_zoo_entry(args.name, args.out_dir, epochs=args.epochs)
-    print(f"{entry.name}: heldout top-1 {entry.accuracy:.4f} -> {entry.path}")
+    entry = train_entry(args.name, args.out_dir, epochs=args.epochs)
+    print(f"{entry.name}: heldout top-1 {entry.accuracy:.4f}{summary(entry)} -> {entry.path}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m slimdeploy.zoo.train NAME [--out-dir DIR] [--epochs N]``."""
+    return recipe_main(
+        argv, trainer="train", recipes=RECIPES, train_entry=train_zoo_entry,
+        description="Retrain a shipped zoo checkpoint on digits and rewrite it and its zoo.json entry.",
+    )
 
 
 if __name__ == "__main__":

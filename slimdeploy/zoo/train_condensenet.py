@@ -25,49 +25,37 @@ retrains an entry of ``CONDENSE_RECIPES`` and rewrites its checkpoint and ``zoo.
 
 from __future__ import annotations
 
-import argparse
-import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from slimdeploy._optional import optional_import
-from slimdeploy.loading import Preprocessing
-from slimdeploy.zoo import CHECKPOINT_DIR, ZooEntry, unknown_recipe
+from slimdeploy.zoo import ZooEntry
 from slimdeploy.zoo.train import (
     DATASET,
+    Recipe,
     TrainSettings,
-    _optimizer,
-    _random_shifts,
     evaluate,
+    plan_entry,
+    recipe_main,
     record_trained,
     save_zoo_checkpoint,
+    start_training,
+    torch_threads,
 )
 
+TRAINER = "train_condensenet"
 
-@dataclass(frozen=True)
-class CondenseRecipe:
-    """How a shipped CondenseNet zoo checkpoint is trained.
 
-    Attributes:
-        arch: registered architecture name (the training form, ``condensenet``).
-        arch_args: its constructor arguments.
-        epochs: training epochs (the condensation stages fill the first half).
-        lasso: weight of the group-lasso penalty while condensing.
-        description: one line for ``zoo list``.
-        settings: optimisation settings. Defaults to ``TrainSettings()``.
-        seed: random seed. Defaults to 0.
-    """
+@dataclass(frozen=True, kw_only=True)
+class CondenseRecipe(Recipe):
+    """How a shipped CondenseNet zoo checkpoint is trained: a ``Recipe`` (``arch`` is the
+    training form, ``condensenet``; the condensation stages fill the first half of ``epochs``)
+    and the weight of the group-lasso penalty while condensing, ``lasso``."""
 
-    arch: str
-    arch_args: Mapping[str, Any]
-    epochs: int
     lasso: float
-    description: str
-    settings: TrainSettings = field(default_factory=TrainSettings)
-    seed: int = 0
 
 
 CONDENSE_RECIPES: dict[str, CondenseRecipe] = {
@@ -194,52 +182,31 @@ def train_condensenet_demo(
         progress: called with one line per epoch and a summary. Defaults to ``print``.
     """
     torch = optional_import("torch", "train a demo CondenseNet")
-    from slimdeploy.data import digits_inputs, digits_statistics
-    from slimdeploy.models.registry import get_arch
     from slimdeploy.transforms.condense import condense
 
     settings = settings or TrainSettings()
     say = progress or (lambda _line: None)
     out_path = Path(out_path)
     started = time.perf_counter()
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(settings.threads)
-    try:
-        info = get_arch(arch)
-        torch.manual_seed(seed)
-        model = info.build(**dict(arch_args))
+    with torch_threads(torch, settings.threads):
+        run = start_training(arch, arch_args, epochs=epochs, seed=seed, settings=settings, train_count=train_count)
+        model, optimizer, scheduler = run.module, run.optimizer, run.scheduler
         layers = learned_layers(model)
         if not layers:
             raise ValueError(f"'{arch}' has no learned group convolutions (not a CondenseNet)")
         final_stage = max(layer.condense_factor - 1 for layer in layers)
-        input_size = tuple(int(v) for v in getattr(model, "input_size", info.input_size))
-        mean, std = digits_statistics()
-        preprocessing = Preprocessing(input_size, mean, std)  # type: ignore[arg-type]
-
-        x_train, y_train = digits_inputs("train", input_size, mean, std, count=train_count)
-        x_held, y_held = digits_inputs("heldout", input_size, mean, std)
-        x_train_t, y_train_t = torch.from_numpy(x_train), torch.from_numpy(y_train)
-        background = torch.tensor([-m / s for m, s in zip(mean, std)], dtype=torch.float32)
-
-        generator = torch.Generator().manual_seed(seed)
-        steps_per_epoch = math.ceil(len(x_train_t) / settings.batch_size)
-        total_steps = epochs * steps_per_epoch
-        optimizer, scheduler = _optimizer(torch, model, settings, epochs, steps_per_epoch)
+        total_steps = epochs * run.steps_per_epoch
         loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
 
         step = 0
         for epoch in range(1, epochs + 1):
             epoch_start = time.perf_counter()
             model.train()
-            shifted = _random_shifts(torch, x_train_t, settings.max_shift, background, generator)
-            order = torch.randperm(len(shifted), generator=generator)
             total_loss, correct = 0.0, 0
-            for start in range(0, len(order), settings.batch_size):
+            for inputs, labels in run.epoch_batches():
                 progress_now = step / total_steps
                 for layer in layers:
                     advance_schedule(layer, progress_now)
-                index = order[start:start + settings.batch_size]
-                inputs, labels = shifted[index], y_train_t[index]
                 logits = model(inputs)
                 loss = loss_fn(logits, labels)
                 if lasso > 0 and any(int(layer._stage[0]) < final_stage for layer in layers):
@@ -249,12 +216,12 @@ def train_condensenet_demo(
                 optimizer.step()
                 scheduler.step()
                 step += 1
-                total_loss += loss.item() * len(index)
+                total_loss += loss.item() * len(labels)
                 correct += int((logits.detach().argmax(1) == labels).sum())
             stages = sorted({int(layer._stage[0]) for layer in layers})
             say(
-                f"epoch {epoch:>3}/{epochs}  loss {total_loss / len(order):.4f}  "
-                f"train-acc {correct / len(order):.4f}  stage {stages}  "
+                f"epoch {epoch:>3}/{epochs}  loss {total_loss / run.train_size:.4f}  "
+                f"train-acc {correct / run.train_size:.4f}  stage {stages}  "
                 f"kept {kept_fraction(model):.3f}  lr {optimizer.param_groups[0]['lr']:.5f}  "
                 f"{time.perf_counter() - epoch_start:.1f}s"
             )
@@ -262,6 +229,7 @@ def train_condensenet_demo(
         for layer in layers:
             advance_schedule(layer, 1.0)
 
+        x_held, y_held = run.x_held, run.y_held
         accuracy = evaluate(model, x_held, y_held)
         deploy = condense(model)
         condensed_accuracy = evaluate(deploy, x_held, y_held)
@@ -278,7 +246,7 @@ def train_condensenet_demo(
             "same_predictions": same,
             "kept_fraction_1x1": kept,
             "heldout_images": len(y_held),
-            "train_images": len(y_train),
+            "train_images": run.train_size,
             "epochs": epochs,
             "lasso": lasso,
             "seed": seed,
@@ -288,9 +256,7 @@ def train_condensenet_demo(
             "train_command": train_command,
             "torch_version": str(torch.__version__),
         }
-        save_zoo_checkpoint(out_path, model, info.name, dict(arch_args), preprocessing, meta)
-    finally:
-        torch.set_num_threads(previous_threads)
+        save_zoo_checkpoint(out_path, model, run.arch, dict(arch_args), run.preprocessing, meta)
 
     seconds = time.perf_counter() - started
     size = out_path.stat().st_size
@@ -300,15 +266,9 @@ def train_condensenet_demo(
         f"condensed, {size / 1e6:.2f} MB, {seconds:.1f}s -> {out_path}"
     )
     return CondenseTrainResult(
-        out_path, info.name, dict(arch_args), accuracy, condensed_accuracy, same, kept, params,
-        condensed_params, input_size, epochs, lasso, seed, seconds, size,  # type: ignore[arg-type]
+        out_path, run.arch, dict(arch_args), accuracy, condensed_accuracy, same, kept, params,
+        condensed_params, run.input_size, epochs, lasso, seed, seconds, size,
     )
-
-
-def condense_recipe_command(name: str, epochs: int | None = None) -> str:
-    """The command that retrains CondenseNet zoo entry ``name`` (as recorded in ``zoo.json``)."""
-    suffix = f" --epochs {epochs}" if epochs is not None else ""
-    return f"python -m slimdeploy.zoo.train_condensenet {name}{suffix}"
 
 
 def train_condensenet_zoo_entry(
@@ -331,19 +291,9 @@ def train_condensenet_zoo_entry(
         train_count: train on the first ``train_count`` images only (quick tests).
         progress: called with progress lines. Defaults to ``print``.
     """
-    if name not in CONDENSE_RECIPES:
-        raise unknown_recipe(name, list(CONDENSE_RECIPES))
-    if out_dir is None and train_count is not None:
-        raise ValueError("a run on part of the training data must go to an out_dir, not over "
-                         "the shipped checkpoint")
-    recipe = CONDENSE_RECIPES[name]
-    if epochs is not None:
-        recipe = replace(recipe, epochs=epochs)
-    directory = Path(out_dir) if out_dir is not None else CHECKPOINT_DIR
-    filename = f"{name}.pt"
-    command = condense_recipe_command(name, epochs)
+    recipe, directory, command = plan_entry(name, CONDENSE_RECIPES, TRAINER, out_dir, epochs, train_count)
     result = train_condensenet_demo(
-        recipe.arch, recipe.arch_args, directory / filename, epochs=recipe.epochs,
+        recipe.arch, recipe.arch_args, directory / f"{name}.pt", epochs=recipe.epochs,
         lasso=recipe.lasso, seed=recipe.seed, settings=recipe.settings,
         train_count=train_count, train_command=command, progress=progress,
     )
@@ -363,23 +313,15 @@ def train_condensenet_zoo_entry(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m slimdeploy.zoo.train_condensenet NAME [--out-dir DIR] [--epochs N]``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m slimdeploy.zoo.train_condensenet",
+    return recipe_main(
+        argv, trainer=TRAINER, recipes=CONDENSE_RECIPES, train_entry=train_condensenet_zoo_entry,
         description="Retrain a shipped CondenseNet zoo checkpoint on digits (condensation "
                     "schedule and group lasso) and rewrite it and its zoo.json entry.",
+        summary=lambda entry: (
+            f" (condensed {entry.metrics['condensed_accuracy']:.4f}), 1x1 kept "
+            f"{entry.metrics['kept_fraction_1x1']:.4f}"
+        ),
     )
-    parser.add_argument("name", choices=sorted(CONDENSE_RECIPES), help="zoo entry to retrain")
-    parser.add_argument("--out-dir", type=Path, default=None,
-                        help="write the checkpoint here instead (zoo.json is then left alone)")
-    parser.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
-    args = parser.parse_args(argv)
-    entry = train_condensenet_zoo_entry(args.name, args.out_dir, epochs=args.epochs)
-    print(
-        f"{entry.name}: heldout top-1 {entry.accuracy:.4f} (condensed "
-        f"{entry.metrics['condensed_accuracy']:.4f}), 1x1 kept "
-        f"{entry.metrics['kept_fraction_1x1']:.4f} -> {entry.path}"
-    )
-    return 0
 
 
 if __name__ == "__main__":

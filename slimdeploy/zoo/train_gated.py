@@ -36,58 +36,48 @@ baseline's accuracy, the penalty and the epochs.
 
 from __future__ import annotations
 
-import argparse
 import copy
-import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from slimdeploy._optional import optional_import
-from slimdeploy.loading import Preprocessing
-from slimdeploy.zoo import CHECKPOINT_DIR, ZooEntry, unknown_recipe
+from slimdeploy.zoo import ZooEntry
 from slimdeploy.zoo.train import (
     DATASET,
+    Recipe,
     TrainSettings,
-    _optimizer,
-    _random_shifts,
+    plan_entry,
+    recipe_main,
     record_trained,
     save_zoo_checkpoint,
+    start_training,
+    torch_threads,
 )
 
 GATE_THRESHOLD = 0.5
+TRAINER = "train_gated"
 
 
-@dataclass(frozen=True)
-class GatedRecipe:
-    """How a shipped gated (SkipNet) zoo checkpoint is trained.
+@dataclass(frozen=True, kw_only=True)
+class GatedRecipe(Recipe):
+    """How a shipped gated (SkipNet) zoo checkpoint is trained: a ``Recipe`` (``epochs`` in all,
+    open phase included; the baseline trains as many) and the gating schedule.
 
     Attributes:
-        arch: registered SkipNet architecture name.
-        arch_args: its constructor arguments.
-        epochs: training epochs in all (open phase included); the baseline trains as many.
         open_epochs: epochs with every block executed before the gates are trained.
         settle_epochs: last epochs, gated, with the gates frozen and no penalty.
         penalty: lambda, the weight of ``mean(g)`` (fraction of gated blocks executed) in the loss.
-        description: one line for ``zoo list``.
         gate_bias: bias given to the gates' final projection when the gated phase starts, so
             that they start open (sigmoid(2) = 0.88); None keeps the initial bias. Defaults to 2.0.
-        settings: optimisation settings. Defaults to ``TrainSettings()``.
-        seed: random seed. Defaults to 0.
     """
 
-    arch: str
-    arch_args: Mapping[str, Any]
-    epochs: int
     open_epochs: int
     settle_epochs: int
     penalty: float
-    description: str
     gate_bias: float | None = 2.0
-    settings: TrainSettings = field(default_factory=TrainSettings)
-    seed: int = 0
 
 
 GATED_RECIPES: dict[str, GatedRecipe] = {
@@ -299,8 +289,6 @@ def train_gated_demo(
             for silence.
     """
     torch = optional_import("torch", "train a demo SkipNet")
-    from slimdeploy.data import digits_inputs, digits_statistics
-    from slimdeploy.models.registry import get_arch
 
     if open_epochs < 0 or settle_epochs < 0 or open_epochs + settle_epochs >= epochs:
         raise ValueError(
@@ -311,37 +299,19 @@ def train_gated_demo(
     say = progress or (lambda _line: None)
     out_path = Path(out_path)
     started = time.perf_counter()
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(settings.threads)
-    try:
-        info = get_arch(arch)
-        torch.manual_seed(seed)
-        model = info.build(**dict(arch_args))
+    with torch_threads(torch, settings.threads):
+        run = start_training(arch, arch_args, epochs=epochs, seed=seed, settings=settings, train_count=train_count)
+        model, optimizer, scheduler, generator = run.module, run.optimizer, run.scheduler, run.generator
         if not hasattr(model, "run_block") or not hasattr(model, "gate"):
             raise ValueError(f"'{arch}' is not a gated network (SkipNet)")
-        input_size = tuple(int(v) for v in getattr(model, "input_size", info.input_size))
-        mean, std = digits_statistics()
-        preprocessing = Preprocessing(input_size, mean, std)  # type: ignore[arg-type]
-
-        x_train, y_train = digits_inputs("train", input_size, mean, std, count=train_count)
-        x_held, y_held = digits_inputs("heldout", input_size, mean, std)
-        x_train_t, y_train_t = torch.from_numpy(x_train), torch.from_numpy(y_train)
-        background = torch.tensor([-m / s for m, s in zip(mean, std)], dtype=torch.float32)
-
-        generator = torch.Generator().manual_seed(seed)
-        steps_per_epoch = math.ceil(len(x_train_t) / settings.batch_size)
-        optimizer, scheduler = _optimizer(torch, model, settings, epochs, steps_per_epoch)
+        x_held, y_held = run.x_held, run.y_held
         loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
 
         def run_epoch(epoch: int, gated: bool, tag: str, penalty: float = penalty) -> None:
             epoch_start = time.perf_counter()
             model.train()
-            shifted = _random_shifts(torch, x_train_t, settings.max_shift, background, generator)
-            order = torch.randperm(len(shifted), generator=generator)
             total_loss, correct, executed = 0.0, 0, 0.0
-            for start in range(0, len(order), settings.batch_size):
-                index = order[start:start + settings.batch_size]
-                inputs, labels = shifted[index], y_train_t[index]
+            for inputs, labels in run.epoch_batches():
                 logits, g = straight_through_forward(model, inputs, gated=gated)
                 loss = loss_fn(logits, labels)
                 if gated and penalty and g.numel():
@@ -350,13 +320,13 @@ def train_gated_demo(
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
-                total_loss += loss.item() * len(index)
+                total_loss += loss.item() * len(labels)
                 correct += int((logits.detach().argmax(1) == labels).sum())
-                executed += float(g.detach().mean()) * len(index) if g.numel() else 0.0
+                executed += float(g.detach().mean()) * len(labels) if g.numel() else 0.0
             say(
-                f"{tag} epoch {epoch:>3}/{epochs}  loss {total_loss / len(order):.4f}  "
-                f"train-acc {correct / len(order):.4f}  "
-                f"train-skip {1 - executed / len(order):.3f}  "
+                f"{tag} epoch {epoch:>3}/{epochs}  loss {total_loss / run.train_size:.4f}  "
+                f"train-acc {correct / run.train_size:.4f}  "
+                f"train-skip {1 - executed / run.train_size:.3f}  "
                 f"lr {optimizer.param_groups[0]['lr']:.5f}  {time.perf_counter() - epoch_start:.1f}s"
             )
 
@@ -411,7 +381,7 @@ def train_gated_demo(
             "split": "heldout",
             "accuracy": evaluation.accuracy,
             "heldout_images": evaluation.images,
-            "train_images": len(y_train),
+            "train_images": run.train_size,
             "gate_threshold": GATE_THRESHOLD,
             "skip_rate": evaluation.skip_rate,
             "skip_rate_per_block": evaluation.skip_rate_per_block,
@@ -428,9 +398,7 @@ def train_gated_demo(
             "train_command": train_command,
             "torch_version": str(torch.__version__),
         }
-        save_zoo_checkpoint(out_path, model, info.name, dict(arch_args), preprocessing, meta)
-    finally:
-        torch.set_num_threads(previous_threads)
+        save_zoo_checkpoint(out_path, model, run.arch, dict(arch_args), run.preprocessing, meta)
 
     seconds = open_seconds + time.perf_counter() - gated_start
     size = out_path.stat().st_size
@@ -441,22 +409,14 @@ def train_gated_demo(
         f"{size / 1e6:.2f} MB, gated run {seconds:.1f}s -> {out_path}"
     )
     return GatedTrainResult(
-        out_path, info.name, dict(arch_args), evaluation, baseline_accuracy, gated_blocks, params,
-        input_size, epochs, open_epochs, settle_epochs, penalty, seed, seconds, baseline_seconds, size,  # type: ignore[arg-type]
+        out_path, run.arch, dict(arch_args), evaluation, baseline_accuracy, gated_blocks, params,
+        run.input_size, epochs, open_epochs, settle_epochs, penalty, seed, seconds, baseline_seconds, size,  # type: ignore[arg-type]
     )
 
 
-def gated_recipe_command(name: str, epochs: int | None = None) -> str:
-    """The command that retrains gated zoo entry ``name`` (as recorded in ``zoo.json``)."""
-    suffix = f" --epochs {epochs}" if epochs is not None else ""
-    return f"python -m slimdeploy.zoo.train_gated {name}{suffix}"
-
-
-def _scaled(recipe: GatedRecipe, epochs: int | None) -> GatedRecipe:
+def _scaled(recipe: GatedRecipe, epochs: int) -> GatedRecipe:
     """The recipe with ``epochs`` in all, the open and settle phases scaled in proportion
     (leaving at least one gated epoch between them)."""
-    if epochs is None:
-        return recipe
     if epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}")
     open_epochs = min(round(recipe.open_epochs * epochs / recipe.epochs), epochs - 1)
@@ -489,17 +449,9 @@ def train_gated_zoo_entry(
             all.
         progress: called with progress lines. Defaults to ``print``.
     """
-    if name not in GATED_RECIPES:
-        raise unknown_recipe(name, list(GATED_RECIPES))
-    if out_dir is None and train_count is not None:
-        raise ValueError("a run on part of the training data must go to an out_dir, not over "
-                         "the shipped checkpoint")
-    recipe = _scaled(GATED_RECIPES[name], epochs)
-    directory = Path(out_dir) if out_dir is not None else CHECKPOINT_DIR
-    filename = f"{name}.pt"
-    command = gated_recipe_command(name, epochs)
+    recipe, directory, command = plan_entry(name, GATED_RECIPES, TRAINER, out_dir, epochs, train_count, scale=_scaled)
     result = train_gated_demo(
-        recipe.arch, recipe.arch_args, directory / filename,
+        recipe.arch, recipe.arch_args, directory / f"{name}.pt",
         epochs=recipe.epochs, open_epochs=recipe.open_epochs, penalty=recipe.penalty,
         settle_epochs=recipe.settle_epochs, gate_bias=recipe.gate_bias, seed=recipe.seed, settings=recipe.settings,
         baseline=True, train_count=train_count, train_command=command, progress=progress,
@@ -523,23 +475,14 @@ def train_gated_zoo_entry(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m slimdeploy.zoo.train_gated NAME [--out-dir DIR] [--epochs N]``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m slimdeploy.zoo.train_gated",
+    return recipe_main(
+        argv, trainer=TRAINER, recipes=GATED_RECIPES, train_entry=train_gated_zoo_entry,
         description="Retrain a shipped gated (SkipNet) zoo checkpoint on digits, with its "
                     "no-gate baseline, and rewrite it and its zoo.json entry.",
+        summary=lambda entry: (
+            f" (no gates {entry.metrics['baseline_accuracy']:.4f}), skip rate {entry.metrics['skip_rate']:.3f}"
+        ),
     )
-    parser.add_argument("name", choices=sorted(GATED_RECIPES), help="zoo entry to retrain")
-    parser.add_argument("--out-dir", type=Path, default=None,
-                        help="write the checkpoint here instead (zoo.json is then left alone)")
-    parser.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
-    args = parser.parse_args(argv)
-    entry = train_gated_zoo_entry(args.name, args.out_dir, epochs=args.epochs)
-    print(
-        f"{entry.name}: heldout top-1 {entry.accuracy:.4f} (no gates "
-        f"{entry.metrics['baseline_accuracy']:.4f}), skip rate {entry.metrics['skip_rate']:.3f} "
-        f"-> {entry.path}"
-    )
-    return 0
 
 
 if __name__ == "__main__":

@@ -15,51 +15,42 @@ final stage alone.
 
 from __future__ import annotations
 
-import argparse
-import math
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from slimdeploy._optional import optional_import
-from slimdeploy.loading import Preprocessing
-from slimdeploy.zoo import CHECKPOINT_DIR, ZooEntry, unknown_recipe
+from slimdeploy.zoo import ZooEntry
 from slimdeploy.zoo.train import (
     DATASET,
+    Recipe,
     TrainSettings,
-    _optimizer,
-    _random_shifts,
+    plan_entry,
+    recipe_main,
     record_trained,
     save_zoo_checkpoint,
+    start_training,
+    torch_threads,
 )
 
+TRAINER = "train_s2d"
 
-@dataclass(frozen=True)
-class S2DRecipe:
-    """How a shipped S2D zoo checkpoint is trained.
+
+@dataclass(frozen=True, kw_only=True)
+class S2DRecipe(Recipe):
+    """How a shipped S2D zoo checkpoint is trained: a ``Recipe`` (its ``arch_args`` get the
+    ``exit_thresholds`` training chooses) and the exits' training.
 
     Attributes:
-        arch: registered S2D architecture.
-        arch_args: its constructor arguments (``exit_thresholds`` is set by training).
-        epochs: training epochs.
-        description: one line for ``zoo list``.
         exit_shares: per stage but the last, the share of the samples reaching it that should
             leave there (on the training split).
         alphas: loss weight per stage. Defaults to 1 each.
-        settings: optimisation settings. Defaults to ``TrainSettings()``.
-        seed: random seed. Defaults to 0.
     """
 
-    arch: str
-    arch_args: Mapping[str, Any]
-    epochs: int
-    description: str
     exit_shares: tuple[float, ...]
     alphas: tuple[float, ...] | None = None
-    settings: TrainSettings = field(default_factory=TrainSettings)
-    seed: int = 0
 
 
 S2D_RECIPES: dict[str, S2DRecipe] = {
@@ -109,45 +100,27 @@ def choose_thresholds(confidences: Any, shares: Sequence[float], rule: str) -> l
 def train_s2d_demo(recipe: S2DRecipe, out_path: Path, train_command: str = "", progress: Callable[[str], None] | None = print) -> S2DTrainResult:
     """Train ``recipe`` on the digits ``train`` split, choose thresholds, save the checkpoint."""
     torch = optional_import("torch", "train a demo model")
-    from slimdeploy.data import digits_inputs, digits_statistics
-    from slimdeploy.models.registry import get_arch
     from slimdeploy.nn.exit_stage import exit_confidence
     from slimdeploy.s2d import multi_exit_loss
 
     say = progress or (lambda _line: None)
     settings = recipe.settings
     started = time.perf_counter()
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(settings.threads)
-    try:
-        info = get_arch(recipe.arch)
-        torch.manual_seed(recipe.seed)
-        module = info.build(**dict(recipe.arch_args))
-        input_size = info.input_size
-        mean, std = digits_statistics()
-        preprocessing = Preprocessing(input_size, mean, std)
-        x_train, y_train = digits_inputs("train", input_size, mean, std)
-        x_held, y_held = digits_inputs("heldout", input_size, mean, std)
-        x_train_t, y_train_t = torch.from_numpy(x_train), torch.from_numpy(y_train)
-        background = torch.tensor([-m / s for m, s in zip(mean, std)], dtype=torch.float32)
-        generator = torch.Generator().manual_seed(recipe.seed)
-        steps = math.ceil(len(x_train_t) / settings.batch_size)
-        optimizer, scheduler = _optimizer(torch, module, settings, recipe.epochs, steps)
+    with torch_threads(torch, settings.threads):
+        run = start_training(recipe.arch, recipe.arch_args, epochs=recipe.epochs, seed=recipe.seed, settings=settings)
+        module, optimizer, scheduler = run.module, run.optimizer, run.scheduler
         for epoch in range(1, recipe.epochs + 1):
             epoch_start = time.perf_counter()
             module.train()
-            shifted = _random_shifts(torch, x_train_t, settings.max_shift, background, generator)
-            order = torch.randperm(len(shifted), generator=generator)
             total = 0.0
-            for start in range(0, len(order), settings.batch_size):
-                index = order[start:start + settings.batch_size]
-                loss = multi_exit_loss(module.forward_all(shifted[index]), y_train_t[index], recipe.alphas, settings.label_smoothing)
+            for inputs, labels in run.epoch_batches():
+                loss = multi_exit_loss(module.forward_all(inputs), labels, recipe.alphas, settings.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
-                total += loss.item() * len(index)
-            say(f"epoch {epoch:>3}/{recipe.epochs}  loss {total / len(order):.4f}  {time.perf_counter() - epoch_start:.1f}s")
+                total += loss.item() * len(labels)
+            say(f"epoch {epoch:>3}/{recipe.epochs}  loss {total / run.train_size:.4f}  {time.perf_counter() - epoch_start:.1f}s")
 
         module.eval()
 
@@ -157,9 +130,10 @@ def train_s2d_demo(recipe: S2DRecipe, out_path: Path, train_command: str = "", p
             confidence = torch.stack([exit_confidence(out, module.exit_rule) for out in logits], dim=1)
             return torch.stack(logits, dim=1).numpy(), confidence.numpy()
 
-        _, train_conf = all_stages(x_train)
+        _, train_conf = all_stages(run.x_train.numpy())
         thresholds = choose_thresholds(train_conf, recipe.exit_shares, module.exit_rule)
         module.exit_thresholds = thresholds
+        x_held, y_held = run.x_held, run.y_held
         held_logits, _ = all_stages(x_held)
         with torch.no_grad():
             logits, stage, _ = module(torch.from_numpy(x_held))
@@ -180,30 +154,17 @@ def train_s2d_demo(recipe: S2DRecipe, out_path: Path, train_command: str = "", p
             "seed": recipe.seed, "settings": settings.to_dict(), "params": params,
             "train_command": train_command, "torch_version": str(torch.__version__), **{"exits": metrics},
         }
-        save_zoo_checkpoint(out_path, module, info.name, arch_args, preprocessing, meta)
-    finally:
-        torch.set_num_threads(previous_threads)
+        save_zoo_checkpoint(out_path, module, run.arch, arch_args, run.preprocessing, meta)
     seconds = time.perf_counter() - started
     metrics["train_seconds"] = round(seconds, 1)
     say(f"heldout top-1 {accuracy:.4f} with exits {metrics['exit_share_per_stage']} "
         f"(final stage alone {metrics['final_stage_accuracy']:.4f}), {seconds:.1f}s -> {out_path}")
-    return S2DTrainResult(out_path, info.name, arch_args, accuracy, params, input_size, seconds, metrics)
-
-
-def s2d_recipe_command(name: str, epochs: int | None = None) -> str:
-    suffix = f" --epochs {epochs}" if epochs is not None else ""
-    return f"python -m slimdeploy.zoo.train_s2d {name}{suffix}"
+    return S2DTrainResult(out_path, run.arch, arch_args, accuracy, params, run.input_size, seconds, metrics)
 
 
 def train_s2d_zoo_entry(name: str, out_dir: Path | None = None, *, epochs: int | None = None, progress: Callable[[str], None] | None = print) -> ZooEntry:
     """Retrain the S2D zoo entry ``name`` (see ``slimdeploy.zoo.train.train_zoo_entry``)."""
-    if name not in S2D_RECIPES:
-        raise unknown_recipe(name, list(S2D_RECIPES))
-    recipe = S2D_RECIPES[name]
-    if epochs is not None:
-        recipe = replace(recipe, epochs=epochs)
-    directory = Path(out_dir) if out_dir is not None else CHECKPOINT_DIR
-    command = s2d_recipe_command(name, epochs)
+    recipe, directory, command = plan_entry(name, S2D_RECIPES, TRAINER, out_dir, epochs)
     result = train_s2d_demo(recipe, directory / f"{name}.pt", command, progress)
     # The zoo entry records the thresholds training chose, so a retrain reproduces the arch args.
     recorded = replace(recipe, arch_args=result.arch_args)
@@ -212,14 +173,10 @@ def train_s2d_zoo_entry(name: str, out_dir: Path | None = None, *, epochs: int |
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m slimdeploy.zoo.train_s2d NAME [--out-dir DIR] [--epochs N]``."""
-    parser = argparse.ArgumentParser(prog="python -m slimdeploy.zoo.train_s2d", description="Retrain a shipped S2D zoo checkpoint on digits.")
-    parser.add_argument("name", choices=sorted(S2D_RECIPES))
-    parser.add_argument("--out-dir", type=Path, default=None, help="write the checkpoint here instead (zoo.json is left alone)")
-    parser.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
-    args = parser.parse_args(argv)
-    entry = train_s2d_zoo_entry(args.name, args.out_dir, epochs=args.epochs)
-    print(f"{entry.name}: heldout top-1 {entry.accuracy:.4f} -> {entry.path}")
-    return 0
+    return recipe_main(
+        argv, trainer=TRAINER, recipes=S2D_RECIPES, train_entry=train_s2d_zoo_entry,
+        description="Retrain a shipped S2D zoo checkpoint on digits and rewrite it and its zoo.json entry.",
+    )
 
 
 if __name__ == "__main__":

@@ -113,7 +113,7 @@ class IOptimizationProfile:
     def __init__(self) -> None:
         self.shapes: dict[str, list[list[int]]] = {}
 
-    def set_shape(self, name: str, min: tuple, opt: tuple, max: tuple) -> None:  # noqa: A002 (TensorRT's names)
+    def set_shape(self, name: str, min: tuple, opt: tuple, max: tuple) -> None:
         if not all(a <= b <= c for a, b, c in zip(min, opt, max)) or not len(min) == len(opt) == len(max):
             raise ValueError(f"bad profile for {name}: {min} {opt} {max}")
         self.shapes[name] = [list(min), list(opt), list(max)]
@@ -283,14 +283,14 @@ class IExecutionContext:
         if not isinstance(stream_handle, int):
             raise TypeError("stream_handle must be an int")
         feed = {}
-        for name, mode, dtype, dims in self.engine.io:
+        for name, mode, dtype, _dims in self.engine.io:
             if name not in self.addresses:
                 raise RuntimeError(f"no address for '{name}'")
             if mode == TensorIOMode.INPUT:
                 shape = self.get_tensor_shape(name)
                 feed[name] = _read(self.addresses[name], shape, nptype(dtype))
         outputs = self.engine.session.run(None, feed)
-        for (name, mode, dtype, _), value in zip([e for e in self.engine.io if e[1] == TensorIOMode.OUTPUT], outputs):
+        for (name, _mode, dtype, _), value in zip([e for e in self.engine.io if e[1] == TensorIOMode.OUTPUT], outputs):
             expected = self.get_tensor_shape(name)
             if tuple(value.shape) != expected:
                 raise RuntimeError(f"output {name} has shape {value.shape}, context said {expected}")

@@ -11,13 +11,13 @@ import itertools
 
 
 class cudaError_t(enum.IntEnum):  # noqa: N801 (cuda-python's names)
-    cudaSuccess = 0
-    cudaErrorInvalidValue = 1
+    cudaSuccess = 0  # noqa: N815 (cuda-python's names)
+    cudaErrorInvalidValue = 1  # noqa: N815
 
 
 class cudaMemcpyKind(enum.IntEnum):  # noqa: N801
-    cudaMemcpyHostToDevice = 1
-    cudaMemcpyDeviceToHost = 2
+    cudaMemcpyHostToDevice = 1  # noqa: N815
+    cudaMemcpyDeviceToHost = 2  # noqa: N815
 
 
 _ids = itertools.count(1)
