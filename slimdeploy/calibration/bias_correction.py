@@ -24,7 +24,7 @@ Only a mean is taken, so the parity samples are never needed: the calibration im
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -62,6 +62,8 @@ class BiasCorrection:
 
 @dataclass
 class _Layer:
+    """One correctable layer and the state of its bias while correcting."""
+
     node: str
     output: str  # its output in the quantized graph
     reference: str  # the same tensor in the FP32 graph
@@ -281,11 +283,12 @@ def _run_means(runner: OrtRunner, feed: Mapping[str, np.ndarray], layers: Sequen
 
 
 def _fetch(runner: OrtRunner, feed: Mapping[str, np.ndarray], names: Sequence[str]) -> dict[str, np.ndarray]:
+    """Only ``names``: the session computes just what they need (``infer`` returns everything)."""
     session = runner.session
     return dict(zip(names, session.run(list(names), dict(feed))))
 
 
-def _means(run, feed: Mapping[str, np.ndarray], names: Sequence[str], batch_size: int, rows: int) -> dict[str, np.ndarray]:
+def _means(run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], feed: Mapping[str, np.ndarray], names: Sequence[str], batch_size: int, rows: int) -> dict[str, np.ndarray]:
     """Per-channel (axis 1) means of ``names`` over every row of ``feed``, run in batches."""
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
