@@ -174,6 +174,9 @@ def _print_precision(precision: str, calibration: dict[str, Any]) -> None:
         line += f" ({calibration['form']}), calibrated with {calibration['method']} on {calibration['size']} samples of {calibration['source']}"
         if calibration.get("synthetic"):
             line += " [yellow](synthetic data: ranges are not those of real inputs)[/yellow]"
+        correction = calibration.get("bias_correction")
+        if correction:
+            line += f"; biases of {correction['layers']} layers corrected"
     line += "; decision heads " + ("FP32" if calibration["decisions_fp32"] else "reduced too")
     vs = calibration["vs_fp32"]
     line += f"; vs FP32: top-1 agreement {vs['top1']:.1%}" + (f", gate agreement {vs['gates']:.1%}" if "gates" in vs else "")
@@ -203,6 +206,7 @@ def export(
     calib_size: Annotated[int | None, typer.Option("--calib-size", help="Calibration samples (default 100, the digits calibration split).")] = None,
     calib_method: Annotated[str, typer.Option("--calib-method", help="Calibration method: auto (MinMax and Percentile tried, the closer to FP32 on the calibration images kept), MinMax, Entropy or Percentile.")] = "auto",
     quantize_decisions: Annotated[bool, typer.Option("--quantize-decisions", help="Also reduce the precision of gate and exit heads (kept FP32 by default).")] = False,
+    no_bias_correction: Annotated[bool, typer.Option("--no-bias-correction", help="INT8: keep the quantized layers' biases as trained (by default each is shifted by its mean output error against FP32 on the calibration images).")] = False,
     atol: AtolOpt = None,
     rtol: RtolOpt = None,
     threads: ThreadsOpt = 0,
@@ -255,6 +259,7 @@ def export(
         calib_size=calib_size,
         calib_method=calib_method,
         quantize_decisions=quantize_decisions,
+        bias_correction=not no_bias_correction,
         progress=StepPrinter(),
     )
     _print_parity(result.report, json_out)

@@ -129,6 +129,7 @@ def export(
     calib_size: int | None = None,
     calib_method: str = AUTO_CALIB,
     quantize_decisions: bool = False,
+    bias_correction: bool = True,
     progress: Progress | None = None,
 ) -> ExportResult:
     """Export a checkpoint to a parity-checked bundle.
@@ -179,6 +180,9 @@ def export(
             (MinMax and Percentile both tried, the one closer to FP32 on the calibration images kept).
         quantize_decisions: also reduce the precision of gate and exit heads. Defaults to False
             (decision heads stay FP32).
+        bias_correction: INT8: shift each quantized Conv/Gemm's bias by its mean output error
+            per channel against FP32 on the calibration images (``calibration.bias_correction``).
+            Defaults to True.
         progress: callable told the name of each step. Defaults to silence.
     """
     from slimdeploy import exporters
@@ -347,11 +351,13 @@ def export(
             return apply_precision(
                 graphs, precision, target=target, form=form, plan=plan, input_meta=input_meta,
                 calibration=stored or calibration, method=method, op_types=op_types,
-                quantize_decisions=quantize_decisions, gate_threshold=DEFAULT_GATE_THRESHOLD, progress=say,
+                quantize_decisions=quantize_decisions, gate_threshold=DEFAULT_GATE_THRESHOLD,
+                bias_correction=bias_correction,
+                correction_data=calibration if isinstance(calibration, CalibrationSet) else None, progress=say,
             )
 
         if calib_method == AUTO_CALIB and precision == "int8" and isinstance(calibration, CalibrationSet):
-            converted = _best_calibration(convert, runner_of, graphs, calibration.inputs,
+            converted = _best_calibration(convert, runner_of, graphs, calibration.inputs, target,
                                           [d.name for d in decisions], say)
         else:
             converted = convert(DEFAULT_METHOD if calib_method == AUTO_CALIB else calib_method)
@@ -499,21 +505,25 @@ def _condense(module: Any, condense_classifier: bool) -> tuple[Any, str, dict[st
 
 
 def _best_calibration(convert: Callable[..., Any], runner_of: Callable[[dict[str, Any]], Any],
-                      graphs: dict[str, Any], images: np.ndarray, decision_names: Sequence[str],
+                      graphs: dict[str, Any], images: np.ndarray, target: str, decision_names: Sequence[str],
                       say: Progress) -> Any:
     """``--calib-method auto``: the INT8 conversion to keep, judged against the FP32 graphs on
     the calibration images themselves (never the held-out parity samples).
 
-    1. Full Q/DQ placement with each of ``AUTO_METHODS``: no method wins everywhere
-       (Percentile clips the outliers MinMax stretches every scale for, which helps the SPConv
-       demo; on CondenseNet's concatenated features the clipping hurts and MinMax is closer).
-       The one with the lowest mean |logits - FP32| is kept if it meets the INT8 criteria
-       (top-1 and decision agreement with FP32, ``parity.DEFAULT_CRITERIA``).
-    2. Otherwise the same ranges with Q/DQ only on the compute-heavy operators
-       (``calibration.CONV_OPS``), for which no recalibration is needed: fewer rounding points,
-       and concatenated features keep their own scales (the S2D demo's exit decisions flip with
-       full placement). The best of all candidates is kept: meeting the criteria first, then
-       decision agreement, top-1 agreement, closeness.
+    Two Q/DQ placements: full (every operator the quantizer handles) and on the compute-heavy
+    operators only (``calibration.CONV_OPS``: fewer rounding points, concatenated features keep
+    their own scales; in the TensorRT form only their inputs, TensorRT's own placement).
+
+    1. The target's first placement (ONNX Runtime: full; TensorRT: its own) with each of
+       ``AUTO_METHODS``: no method wins everywhere (Percentile clips the outliers MinMax
+       stretches every scale for, which helps the SPConv demo; on CondenseNet's concatenated
+       features the clipping hurts and MinMax is closer). The one with the lowest mean
+       |logits - FP32| is kept if it meets the INT8 criteria (top-1 and decision agreement
+       with FP32, ``parity.DEFAULT_CRITERIA``).
+    2. Otherwise the same ranges (no recalibration) with the other placement (the S2D demo's
+       exit decisions flip with full placement in the ONNX Runtime form). The best of all
+       candidates is kept: meeting the criteria first, then decision agreement, top-1
+       agreement, closeness.
     """
     from slimdeploy.calibration import CONV_OPS
     from slimdeploy.parity import DEFAULT_CRITERIA
@@ -537,25 +547,32 @@ def _best_calibration(convert: Callable[..., Any], runner_of: Callable[[dict[str
     def acceptable(result: dict[str, float]) -> bool:
         return result["top1_agreement"] >= criteria["top1_agreement"] and result["decision_agreement"] >= criteria["decision_agreement"]
 
+    placements: list[Sequence[str] | None] = [CONV_OPS, None] if target == "trt" else [None, CONV_OPS]
+
+    def label(method: str, op_types: Sequence[str] | None) -> str:
+        return method if op_types is None else f"{method}, Q/DQ on {'/'.join(op_types)} only"
+
     scores: dict[str, dict[str, float]] = {}
     candidates: dict[str, Any] = {}
     for method in AUTO_METHODS:
-        candidates[method] = convert(method)
-        scores[method] = score(candidates[method], method)
-    chosen = min(scores, key=lambda label: scores[label]["logits_error"])
+        name = label(method, placements[0])
+        candidates[name] = convert(method, placements[0])
+        scores[name] = score(candidates[name], name)
+    chosen = min(scores, key=lambda name: scores[name]["logits_error"])
     if not acceptable(scores[chosen]):
         for method in AUTO_METHODS:
-            label = f"{method}, Q/DQ on {'/'.join(CONV_OPS)} only"
-            candidates[label] = convert(method, CONV_OPS, stored=candidates[method].record)
-            scores[label] = score(candidates[label], label)
+            name = label(method, placements[1])
+            candidates[name] = convert(method, placements[1], stored=candidates[label(method, placements[0])].record)
+            scores[name] = score(candidates[name], name)
         # Decisions first: they are what a dynamic model is about; then top-1, then closeness.
-        chosen = max(scores, key=lambda label: (acceptable(scores[label]), scores[label]["decision_agreement"],
-                                                scores[label]["top1_agreement"], -scores[label]["logits_error"]))
+        chosen = max(scores, key=lambda name: (acceptable(scores[name]), scores[name]["decision_agreement"],
+                                               scores[name]["top1_agreement"], -scores[name]["logits_error"]))
     best = candidates[chosen]
     best.info["method_choice"] = {
-        "rule": "full Q/DQ placement with the lowest mean |logits - FP32| on the calibration images if it "
-                "meets the INT8 agreement criteria, else the best of all candidates incl. Q/DQ on "
-                "Conv/Gemm/MatMul only (criteria met, decision agreement, top-1 agreement, closeness)",
+        "rule": f"{'Q/DQ on the Conv/Gemm/MatMul inputs only (TensorRT placement)' if target == 'trt' else 'full Q/DQ placement'} "
+                "with the lowest mean |logits - FP32| on the calibration images if it meets the INT8 agreement "
+                f"criteria, else the best of all candidates incl. {'full placement' if target == 'trt' else 'Q/DQ on Conv/Gemm/MatMul only'} "
+                "(criteria met, decision agreement, top-1 agreement, closeness)",
         "chosen": chosen, "candidates": scores,
     }
     return best

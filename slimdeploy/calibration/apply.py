@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from slimdeploy.calibration.bias_correction import BiasCorrection, correct_biases
 from slimdeploy.calibration.decisions import NO_DECISIONS, DecisionScope
 from slimdeploy.calibration.fp16 import convert_fp16
 from slimdeploy.calibration.int8 import quantize_int8, unranged_nodes
@@ -69,11 +70,12 @@ def check_precision(precision: str, form: str | None) -> None:
         )
 
 
-# Q/DQ only on the inputs of the compute-heavy operators (the placement TensorRT's own
-# quantization toolkits use): additions, concatenations and pooling stay FP32, so features of
-# different ranges are never forced onto one scale. ONNX Runtime's CPU kernels gain nothing from
-# it (the convolutions' outputs stay float), so it is the fallback when full placement flips
-# too many answers (``--calib-method auto`` in ``export``).
+# Q/DQ only around the compute-heavy operators: additions, concatenations and pooling stay
+# FP32, so features of different ranges are never forced onto one scale. In the TensorRT form
+# only their inputs get Q/DQ (the placement TensorRT's own quantization toolkits use; TensorRT
+# fuses the requantization into the layer before), and it is ``--calib-method auto``'s first
+# choice there; in the ONNX Runtime form their outputs too, and it is the fallback when full
+# placement flips too many answers (``export._best_calibration``).
 CONV_OPS = ("Conv", "Gemm", "MatMul")
 
 
@@ -91,6 +93,8 @@ def apply_precision(
     quantize_decisions: bool = False,
     scope: DecisionScope | None = None,
     gate_threshold: float = 0.5,
+    bias_correction: bool = True,
+    correction_data: CalibrationSet | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> PrecisionResult:
     """Convert the exported (simplified) FP32 graphs to ``precision``.
@@ -104,12 +108,19 @@ def apply_precision(
         input_meta: metadata of the image input; needed for ``staged``. Defaults to None.
         calibration: INT8 only: calibration images, or stored ranges to reuse.
         method: ``MinMax``, ``Entropy`` or ``Percentile`` (when calibrating). Defaults to Percentile.
-        op_types: INT8 only: operator types that get Q/DQ (``CONV_OPS``: only the inputs of
-            the compute-heavy operators, everything between them in FP32). Defaults to every
+        op_types: INT8 only: operator types that get Q/DQ (``CONV_OPS``: only the
+            compute-heavy operators, everything between them in FP32; in the ``trt`` form only
+            their inputs). Defaults to every
             type the quantizer handles, or the placement stored with reused ranges.
         quantize_decisions: also reduce the precision of gate and exit heads. Defaults to False.
         scope: what counts as a decision head. Defaults to gate and exit heads.
         gate_threshold: threshold the staged controller decides at while calibrating. Defaults to 0.5.
+        bias_correction: INT8 only: shift each quantized Conv/Gemm's bias by its mean output
+            error per channel on the calibration images (``bias_correction.correct_biases``).
+            Needs images: skipped (and said) with stored ranges and no ``correction_data``.
+            Defaults to True.
+        correction_data: calibration images for the bias correction when ``calibration`` is a
+            stored record. Defaults to None (the images of ``calibration``).
         progress: callable told each step. Defaults to silence.
     """
     say = progress or (lambda _message: None)
@@ -140,22 +151,20 @@ def apply_precision(
             op_types = record.data["op_types"]
     elif isinstance(calibration, CalibrationSet):
         say(f"calibrating on {len(calibration)} samples from {calibration.source} ({method})")
-        if form == "staged":
-            if plan is None or input_meta is None:
-                raise ValueError("calibrating a staged form needs its plan and input metadata")
-            from slimdeploy.calibration.staged import piece_feeds
-
-            feeds = piece_feeds({n: g.SerializeToString() for n, g in graphs.items()}, plan, input_meta,
-                                calibration.inputs, gate_threshold=gate_threshold)
-        else:
-            feeds = {name: {"input": calibration.inputs} for name in graphs}
+        feeds = _graph_feeds(graphs, form, plan, input_meta, calibration.inputs, gate_threshold)
         ranges = {name: collect_ranges(graphs[name], [feed], method) for name, feed in feeds.items()}
         record = CalibrationRecord(method, ranges, {**calibration.describe(), "op_types": list(op_types) if op_types else None})
     else:
         raise BadInputError("--precision int8 needs calibration data | Fix: pass --calib digits, --calib PATH (images, .npy/.npz) or --calib synthetic")
+    images = calibration.inputs if isinstance(calibration, CalibrationSet) else correction_data.inputs if correction_data else None
+    if bias_correction and images is not None and isinstance(calibration, CalibrationRecord):
+        feeds = _graph_feeds(graphs, form, plan, input_meta, images, gate_threshold)
 
     say(f"quantizing to INT8 in the {'TensorRT (S8S8)' if target == 'trt' else 'ONNX Runtime (U8S8)'} form")
     out, fp32_pieces, fp32_blocks = {}, [], {}
+    corrections: dict[str, BiasCorrection] = {}
+    if bias_correction and images is not None:
+        say("correcting the quantized layers' biases on the calibration images")
     for name, graph in graphs.items():
         if scope.is_decision_piece(name):
             out[name] = graph
@@ -167,6 +176,10 @@ def apply_precision(
             notes.append(f"INT8: no calibration sample reached '{name}'; it stays FP32")
         else:
             out[name] = quantize_int8(graph, record.graphs[name], target=target, exclude=scope.nodes(graph), op_types=op_types)
+            if bias_correction and images is not None and name in feeds:
+                corrected = correct_biases(graph, out[name], feeds[name], _rounded_feed(name, feeds[name], out, form, plan))
+                out[name] = corrected.model
+                corrections[name] = corrected
             nodes = unranged_nodes(graph, record.graphs[name])
             # Pieces' nodes carry their piece as prefix (exec2/...); routing nodes have none.
             unreached = sorted({node.split("/")[0] for node in nodes if "/" in node}, key=_natural)
@@ -181,13 +194,70 @@ def apply_precision(
         "form": "S8S8 symmetric, zero points 0, per-channel weights" if target == "trt" else "U8S8, per-channel weights",
         # Which operators got Q/DQ: all the quantizer handles, or only the compute-heavy ones.
         "op_types": list(op_types) if op_types else "all",
+        # Where Q/DQ sits: the TensorRT form puts none after the layers of a partial placement.
+        "placement": ("every quantizable operator" if not op_types else
+                      f"inputs of {'/'.join(op_types)}" + ("" if target == "trt" else " and their outputs")),
         "fp32_pieces": fp32_pieces,
         # Per graph, the node groups (name prefixes) left FP32 because no sample reached them.
         "fp32_unreached": fp32_blocks,
+        # Biases shifted by their layer's mean output error on the calibration images.
+        "bias_correction": _correction_info(corrections) if corrections else False,
     })
+    if bias_correction and images is None:
+        notes.append("INT8: no bias correction: stored ranges carry no images | Fix: pass --calib digits|PATH to recalibrate")
     if record.data.get("synthetic"):
         notes.append("INT8 ranges come from synthetic (random) data, not real images: expect poor accuracy")
     return PrecisionResult(out, info, record, notes)
+
+
+def _graph_feeds(graphs: Mapping[str, onnx.ModelProto], form: str | None, plan: Mapping[str, Any] | None,
+                 input_meta: TensorMeta | None, images: np.ndarray, gate_threshold: float) -> dict[str, dict[str, np.ndarray]]:
+    """What each graph is fed when the model runs ``images``: the images themselves, or for a
+    staged form the rows the staged controller hands each piece."""
+    if form != "staged":
+        return {name: {"input": images} for name in graphs}
+    if plan is None or input_meta is None:
+        raise ValueError("calibrating a staged form needs its plan and input metadata")
+    from slimdeploy.calibration.staged import piece_feeds
+
+    return piece_feeds({n: g.SerializeToString() for n, g in graphs.items()}, plan, input_meta, images, gate_threshold=gate_threshold)
+
+
+def _rounded_feed(name: str, feed: Mapping[str, np.ndarray], done: Mapping[str, onnx.ModelProto],
+                  form: str | None, plan: Mapping[str, Any] | None) -> dict[str, np.ndarray] | None:
+    """The feed of an early-exit stage as the INT8 bundle gives it: the features of the earlier
+    stages recomputed by their (corrected) INT8 graphs on the same images, so the stage's bias
+    correction also takes out the error those features bring. None where the rows cannot be
+    followed (not a staged early exit, or a stage that does not read the image)."""
+    if form != "staged" or not plan or plan.get("kind") != "early_exit" or "input" not in feed:
+        return None
+    from slimdeploy.engines.ort_runner import OrtRunner
+
+    order = list(plan["graphs"])
+    values = {"input": feed["input"]}
+    for earlier in order[:order.index(name)]:
+        if earlier not in done:
+            return None
+        with OrtRunner(done[earlier].SerializeToString(), spinning=False, name=earlier) as runner:
+            wanted = list(runner.input_metadata())
+            if any(key not in values for key in wanted):
+                return None
+            values.update(runner.infer({key: values[key] for key in wanted}, check_inputs=False))
+    return {key: values.get(key, value) for key, value in feed.items()}
+
+
+def _correction_info(corrections: Mapping[str, BiasCorrection]) -> dict[str, Any]:
+    """The manifest's summary of the bias correction: layers corrected, mean output error
+    per channel (mean over layers) before and after."""
+    before = [v for c in corrections.values() for v in c.error_before.values()]
+    after = [v for c in corrections.values() for v in c.error_after.values()]
+    return {
+        "applied": True,
+        "layers": len(before),
+        "skipped": sum(len(c.skipped) for c in corrections.values()),
+        "mean_channel_error_before": float(f"{np.mean(before):.3g}") if before else 0.0,
+        "mean_channel_error_after": float(f"{np.mean(after):.3g}") if after else 0.0,
+    }
 
 
 def _natural(name: str) -> tuple[str, int]:

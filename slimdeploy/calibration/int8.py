@@ -10,7 +10,8 @@ ranges give both forms without running the model again (``ranges.CalibrationReco
 - ``ort``: QUInt8 activations (asymmetric), QInt8 symmetric per-channel weights, INT32 biases;
 - ``trt``: QInt8 activations and weights, both symmetric (``ActivationSymmetric``,
   ``WeightSymmetric``), so every zero point is 0; biases stay FP32, since the TensorRT parser
-  dequantizes only INT8 (``trt_ops.json``: DequantizeLinear types INT8/FP8/FP4/INT4).
+  dequantizes only INT8 (``trt_ops.json``: DequantizeLinear types INT8/FP8/FP4/INT4). With
+  ``op_types`` (Conv/Gemm/MatMul), Q/DQ sits only on those layers' inputs, as TensorRT places it.
 
 Decision nodes (``decisions.DecisionScope``) are left out of quantization and then fed the FP32
 tensors they read before quantization: ONNX Runtime's quantizer rewires every consumer of a
@@ -49,7 +50,9 @@ def quantize_int8(
         ranges: tensor name → (min, max), from ``collect_ranges`` or a stored record.
         target: ``"ort"`` (U8S8) or ``"trt"`` (S8S8 symmetric). Defaults to ``"ort"``.
         exclude: node names kept FP32 (decision heads). Defaults to none.
-        op_types: operator types to quantize. Defaults to every type ONNX Runtime's QDQ
+        op_types: operator types to quantize. In the ``trt`` form only their inputs get
+            Q/DQ (TensorRT's placement), in the ``ort`` form their outputs too (what ONNX
+            Runtime fuses into QLinearConv). Defaults to every type ONNX Runtime's QDQ
             quantizer handles.
     """
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
@@ -76,6 +79,12 @@ def quantize_int8(
         activation, extra = QuantType.QUInt8, {}
     else:
         activation, extra = QuantType.QInt8, {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False}
+        if op_types:
+            # TensorRT's placement: Q/DQ where a weighted layer reads, never after it. TensorRT
+            # fuses the next layer's input quantization into this layer's epilogue, so a Q/DQ
+            # on the output only adds a rounding (before the ReLU, where half the codes are
+            # spent on negatives the ReLU drops).
+            extra["OpTypesToExcludeOutputQuantization"] = list(op_types)
     # Spatial means and whole-map pools as GlobalAveragePool (same tensor names, so the ranges
     # still apply): ONNX Runtime has no quantized ReduceMean and would run it in float on a full
     # feature map, and its quantized global pool is faster than a whole-map AveragePool.
