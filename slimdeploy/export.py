@@ -256,7 +256,7 @@ def export(
         # of the original graph (more MACs; benchmarks/README.md), but they remove the float
         # islands that break a quantized graph apart.
         say("folding BatchNorm, pooling and attention into the SPConv layers")
-        deploy_module, folds = _fold_spconv(deploy_module, target)
+        deploy_module, folds = _fold_spconv(deploy_module)
         transforms.append("fold")
     input_meta = TensorMeta("input", np.dtype(np.float32), ("batch", *prep.input_size))
     output_names = list(GATED_OUTPUTS) if gated else list(EXIT_OUTPUTS) if early_exit else ["logits"]
@@ -581,28 +581,30 @@ def _best_calibration(convert: Callable[..., Any], runner_of: Callable[[dict[str
 def _fold(module: Any, target: str, precision: str) -> tuple[Any, dict[str, int]]:
     """A folded copy of a condensed CondenseNet (the original stays the parity reference) and
     the count of each fold. The 3x3 convolutions are stored dense (shuffle folded in) for ONNX
-    Runtime, whose CPU kernels run them faster that way; other targets keep them grouped.
-    INT8 for ONNX Runtime also turns the channel Gathers and the BNs before a ReLU into
-    convolutions, so the quantized graph needs no layout Transposes."""
+    Runtime, whose CPU kernels run them faster that way; other targets keep them grouped in FP32
+    and FP16. INT8 also turns the channel Gathers and the BNs before a ReLU into convolutions,
+    so the quantized graph needs no layout Transposes; an INT8 graph is the same for every
+    target, so that its stored calibration ranges carry over to the other target."""
     import copy
 
     from slimdeploy.transforms.fold import fold_condensed
 
-    dense = target in EXPAND_GROUPED_3X3
+    dense = target in EXPAND_GROUPED_3X3 or precision == "int8"
     folded, report = fold_condensed(copy.deepcopy(module), expand_3x3=dense,
-                                    gather_into_conv=dense and precision == "int8")
+                                    gather_into_conv=precision == "int8")
     return folded, report.to_dict()
 
 
-def _fold_spconv(module: Any, target: str) -> tuple[Any, dict[str, int]]:
+def _fold_spconv(module: Any) -> tuple[Any, dict[str, int]]:
     """A folded copy of an SPConv ResNet (the original stays the parity reference) and the
-    count of each fold. ONNX Runtime gets the dense form (no channel split, every convolution
-    dense: more MACs, fewer and faster quantized ops); other targets keep gwc grouped."""
+    count of each fold: the dense form (no channel split, every convolution dense: more MACs,
+    fewer and faster quantized ops). Used for INT8 only, the same graph for every target, so
+    that its stored calibration ranges carry over to the other target."""
     import copy
 
     from slimdeploy.transforms.fold_spconv import fold_spconv
 
-    folded, report = fold_spconv(copy.deepcopy(module), dense=target in EXPAND_GROUPED_3X3)
+    folded, report = fold_spconv(copy.deepcopy(module), dense=True)
     return folded, report.to_dict()
 
 

@@ -113,3 +113,22 @@ def test_unknown_method_and_bad_record(tmp_path: Path) -> None:
     (tmp_path / "calibration.json").write_text('{"format": 99}')
     with pytest.raises(BadInputError, match="not a slimdeploy calibration record"):
         CalibrationRecord.load(tmp_path / "calibration.json")
+
+
+def test_stored_ranges_fit_only_the_graph_they_were_collected_on() -> None:
+    from slimdeploy.calibration import CalibrationSet, apply_precision
+
+    x = np.random.default_rng(0).standard_normal((40, 2)).astype(np.float32)
+    calibrated = apply_precision({"model": _tiny_model()}, "int8", calibration=CalibrationSet(x, "test"),
+                                 method="MinMax", bias_correction=False)
+    record = calibrated.record
+    assert set(record.data["signatures"]) == {"model"}
+    # The same graph takes the ranges back and gives the same Q/DQ graph.
+    again = apply_precision({"model": _tiny_model()}, "int8", calibration=record, bias_correction=False)
+    assert again.graphs["model"].SerializeToString() == calibrated.graphs["model"].SerializeToString()
+    # A graph whose tensors differ (here one more op, as a target-specific fold would make) is refused.
+    other = _tiny_model()
+    other.graph.node[1].output[0] = "r"
+    other.graph.node.append(helper.make_node("Neg", ["r"], ["logits"], name="neg"))
+    with pytest.raises(BadInputError, match="collected on another graph"):
+        apply_precision({"model": other}, "int8", calibration=record, bias_correction=False)

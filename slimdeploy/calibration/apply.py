@@ -26,7 +26,7 @@ import onnx
 from slimdeploy.calibration.bias_correction import BiasCorrection, correct_biases
 from slimdeploy.calibration.decisions import NO_DECISIONS, DecisionScope
 from slimdeploy.calibration.fp16 import convert_fp16
-from slimdeploy.calibration.int8 import quantize_int8, unranged_nodes
+from slimdeploy.calibration.int8 import graph_signature, quantize_int8, unranged_nodes
 from slimdeploy.calibration.ranges import (
     DEFAULT_METHOD,
     CalibrationRecord,
@@ -146,6 +146,14 @@ def apply_precision(
                 f"the stored calibration ranges are for graphs {sorted(record.graphs)}, this export makes "
                 f"{sorted(graphs)} | Fix: reuse ranges from a bundle of the same model and dynamic form, or recalibrate"
             )
+        stored = record.data.get("signatures", {})
+        changed = sorted(name for name in graphs if name in stored and stored[name] != graph_signature(graphs[name]))
+        if changed:
+            raise BadInputError(
+                f"the stored calibration ranges were collected on another graph than this export's {changed} (the "
+                "tensors differ: INT8 folds of SPConv and CondenseNet depend on --target) | Fix: recalibrate "
+                "(--calib digits|PATH), or reuse ranges from an export with the same --target and --dynamic"
+            )
         say(f"reusing stored calibration ranges ({record.method}, {record.data.get('source')})")
         if op_types is None and record.data.get("op_types"):
             op_types = record.data["op_types"]
@@ -153,7 +161,11 @@ def apply_precision(
         say(f"calibrating on {len(calibration)} samples from {calibration.source} ({method})")
         feeds = _graph_feeds(graphs, form, plan, input_meta, calibration.inputs, gate_threshold)
         ranges = {name: collect_ranges(graphs[name], [feed], method) for name, feed in feeds.items()}
-        record = CalibrationRecord(method, ranges, {**calibration.describe(), "op_types": list(op_types) if op_types else None})
+        record = CalibrationRecord(method, ranges, {
+            **calibration.describe(), "op_types": list(op_types) if op_types else None,
+            # Which graphs the ranges fit (their float tensors): a reuse on another graph is refused.
+            "signatures": {name: graph_signature(graph) for name, graph in graphs.items()},
+        })
     else:
         raise BadInputError("--precision int8 needs calibration data | Fix: pass --calib digits, --calib PATH (images, .npy/.npz) or --calib synthetic")
     images = calibration.inputs if isinstance(calibration, CalibrationSet) else correction_data.inputs if correction_data else None

@@ -21,6 +21,7 @@ features.
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -125,15 +126,24 @@ def unranged_nodes(model: onnx.ModelProto, ranges: Mapping[str, tuple[float, flo
     """Nodes that read or write a float tensor without a finite calibration range: the blocks
     of a compacted graph that no calibration sample executed (ONNX Runtime's calibrator reports
     (inf, -inf) for a tensor it only saw empty)."""
-    inferred = onnx.shape_inference.infer_shapes(model)
-    graph = inferred.graph
-    types = {value.name: value.type.tensor_type.elem_type for value in [*graph.value_info, *graph.input, *graph.output]}
-    constants = {init.name for init in graph.initializer}
-    missing = {
-        name for name, elem in types.items()
-        if elem == TensorProto.FLOAT and name not in constants and not _finite(*ranges.get(name, (np.inf, -np.inf)))
-    }
+    missing = {name for name in float_tensors(model) if not _finite(*ranges.get(name, (np.inf, -np.inf)))}
     return [node.name for node in model.graph.node if missing & {*node.input, *node.output}]
+
+
+def float_tensors(model: onnx.ModelProto) -> list[str]:
+    """Names of the FP32 tensors ``model`` computes or takes as input (not its weights), sorted."""
+    graph = onnx.shape_inference.infer_shapes(model).graph
+    constants = {init.name for init in graph.initializer}
+    return sorted(
+        value.name for value in [*graph.value_info, *graph.input, *graph.output]
+        if value.type.tensor_type.elem_type == TensorProto.FLOAT and value.name not in constants
+    )
+
+
+def graph_signature(model: onnx.ModelProto) -> str:
+    """SHA-256 of ``float_tensors(model)``: stored ranges fit a graph only if its signature is
+    the one they were collected on (an export's folds may differ by target and precision)."""
+    return hashlib.sha256("\n".join(float_tensors(model)).encode()).hexdigest()
 
 
 def _finite(low: float, high: float) -> bool:
