@@ -128,3 +128,33 @@ def test_parity_workflow_runs_existing_commands() -> None:
         assert command in commands and set(options) <= commands[command], (command, options)
     upload = text[text.index("actions/upload-artifact") - 200:]
     assert "if: always()" in upload
+
+
+def option_help(command: str, option: str) -> str:
+    root = typer.main.get_command(app)
+    for name in command.split():
+        root = root.commands[name]
+    (param,) = [p for p in root.params if option in p.opts]
+    return param.help or ""
+
+
+def test_help_states_the_library_defaults() -> None:
+    """The defaults that --help writes in words are the ones the library applies."""
+    from slimdeploy.bench import DEFAULT_SWEEP
+    from slimdeploy.calibration.readers import DEFAULT_SIZE
+    from slimdeploy.engines.trt_build import BuildSpec
+    from slimdeploy.export import DEFAULT_SAMPLES, DEFAULT_SAMPLES_REDUCED
+    from slimdeploy.exporters.onnx_export import DEFAULT_OPSET
+    from slimdeploy.parity import DEFAULT_TOLERANCES
+
+    assert f"default {DEFAULT_SAMPLES}; {DEFAULT_SAMPLES_REDUCED} for fp16/int8" in option_help("export", "--samples")
+    assert f"default {DEFAULT_OPSET}" in option_help("export", "--opset")
+    assert f"default {DEFAULT_SIZE}" in option_help("export", "--calib-size")
+    assert ",".join(f"{v:g}" for v in DEFAULT_SWEEP) in option_help("bench", "--sweep")
+    for option, index in (("--atol", 0), ("--rtol", 1)):
+        stated = dict(re.findall(r"(fp32|fp16|int8) ([0-9.e-]+)[,)]", option_help("export", option)))
+        assert {p: float(v) for p, v in stated.items()} == {p: t[""][index] for p, t in DEFAULT_TOLERANCES.items()}
+    spec = BuildSpec()
+    for option, value in (("--min-batch", spec.min_batch), ("--opt-batch", spec.opt_batch),
+                          ("--max-batch", spec.max_batch), ("--workspace", spec.workspace_mb)):
+        assert f"export: {value};" in option_help("export", option)
