@@ -13,8 +13,8 @@ from slimdeploy.cli import app
 from tests.conftest import REPO
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "docs" / "parity-workflow.yml"]
-# Options of other tools that the docs quote next to slimdeploy's (docker, pip, trtexec).
-FOREIGN_OPTIONS = {"--build-arg", "--gpus", "--runtime", "--rm", "--index-url", "--extra-index-url"}
+# Options of other tools that the docs quote next to slimdeploy's (docker, pip, the benchmark scripts).
+FOREIGN_OPTIONS = {"--build-arg", "--gpus", "--runtime", "--rm", "--index-url", "--extra-index-url", "--quick", "--models"}
 
 
 def cli_options() -> dict[str, set[str]]:
