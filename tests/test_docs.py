@@ -158,3 +158,20 @@ def test_help_states_the_library_defaults() -> None:
     for option, value in (("--min-batch", spec.min_batch), ("--opt-batch", spec.opt_batch),
                           ("--max-batch", spec.max_batch), ("--workspace", spec.workspace_mb)):
         assert f"export: {value};" in option_help("export", option)
+
+
+@pytest.mark.slow
+def test_readme_python_example_runs(tmp_path, monkeypatch) -> None:
+    """The README's Python block, on the shipped SPConv ResNet-20 checkpoint in place of
+    model.pt (a short parity run), exports, checks and runs a bundle."""
+    from slimdeploy.zoo import zoo_checkpoint_path
+
+    code = re.search(r"## Python\s*```python\n(.+?)```", (REPO / "README.md").read_text(), re.S).group(1)
+    checkpoint = zoo_checkpoint_path("spconv_resnet20_digits")
+    code = code.replace('"model.pt", "bundle/", arch=', f'"{checkpoint}", "bundle/", samples=8, arch=')
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert namespace["report"] and namespace["logits"].shape == (4, 10)
+    golden = namespace["np"].load(tmp_path / "bundle" / "golden.npz")
+    assert namespace["np"].array_equal(namespace["logits"].argmax(1), golden["ref_logits"][:4].argmax(1))
