@@ -350,7 +350,7 @@ def build(
 @app.command()
 def check(
     bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
-    data: Annotated[Path | None, typer.Option(help=".npz with input (and ref_<output>, labels); default: the bundle's golden file.")] = None,
+    data: Annotated[Path | None, typer.Option(help=".npz with input (and ref_<output>, labels; without ref_ arrays the bundle's PyTorch weights compute them, which needs torch), or an .npy of inputs; default: the bundle's golden file.")] = None,
     batch_sizes: Annotated[str | None, typer.Option("--batch-sizes", help="Comma-separated batch sizes (default: the manifest's).")] = None,
     atol: CheckAtolOpt = None,
     rtol: CheckRtolOpt = None,
@@ -383,7 +383,7 @@ def check(
 @app.command()
 def run(
     bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
-    inputs: Annotated[Path, typer.Option("--inputs", help=".npz keyed by graph input name.")],
+    inputs: Annotated[Path, typer.Option("--inputs", help=".npz keyed by graph input name (or an .npy holding the input array).")],
     out: Annotated[Path, typer.Option("--out", "-o", help=".npz to write, keyed by graph output name.")],
     batch: Annotated[int, typer.Option(help="Run at most this many rows per call; 0 = all at once.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
