@@ -204,7 +204,7 @@ def export(
     precision: Annotated[str, typer.Option(help="fp32, fp16 (decision heads, softmax, normalisations kept FP32) or int8 (explicit Q/DQ in the target's form).")] = "fp32",
     calib: Annotated[str | None, typer.Option(help="INT8 calibration data: digits, an image folder, an .npy/.npz of inputs, synthetic (random, flagged), or a calibration.json/bundle whose ranges are reused. Default: digits for digits-trained models.")] = None,
     calib_size: Annotated[int | None, typer.Option("--calib-size", help="Calibration samples (default 100, the digits calibration split).")] = None,
-    calib_method: Annotated[str, typer.Option("--calib-method", help="Calibration method: auto (MinMax and Percentile tried, the closer to FP32 on the calibration images kept), MinMax, Entropy or Percentile.")] = "auto",
+    calib_method: Annotated[str, typer.Option("--calib-method", help="Calibration method: auto (MinMax and Percentile tried, the closer to FP32 on the calibration images kept; if it misses the INT8 criteria, Q/DQ on Conv/Gemm/MatMul only is tried too), MinMax, Entropy or Percentile.")] = "auto",
     quantize_decisions: Annotated[bool, typer.Option("--quantize-decisions", help="Also reduce the precision of gate and exit heads (kept FP32 by default).")] = False,
     atol: AtolOpt = None,
     rtol: RtolOpt = None,
