@@ -12,9 +12,10 @@ import typer.main
 from slimdeploy.cli import app
 from tests.conftest import REPO
 
-DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "docs" / "parity-workflow.yml"]
+DOCS = [REPO / "README.md", REPO / "benchmarks" / "README.md", *sorted((REPO / "docs").glob("*.md")),
+        REPO / "docs" / "parity-workflow.yml"]
 # Options of other tools that the docs quote next to slimdeploy's (docker, pip, the benchmark scripts).
-FOREIGN_OPTIONS = {"--build-arg", "--gpus", "--runtime", "--rm", "--index-url", "--extra-index-url", "--quick", "--models"}
+FOREIGN_OPTIONS = {"--build-arg", "--gpus", "--runtime", "--rm", "--index-url", "--extra-index-url", "--quick", "--models", "--checkpoint"}
 
 
 def cli_options() -> dict[str, set[str]]:
@@ -67,7 +68,7 @@ def slimdeploy_invocations(text: str) -> list[tuple[str, list[str]]]:
     return calls
 
 
-@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(REPO)))
 def test_documented_commands_and_options_exist(doc) -> None:
     commands = cli_options()
     text = doc.read_text()
