@@ -309,6 +309,7 @@ class DecisionSpec:
         return self
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as the manifest's ``decisions.outputs`` records them."""
         return asdict(self)
 
 

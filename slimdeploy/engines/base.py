@@ -34,6 +34,7 @@ class TensorMeta:
     optional: bool = False
 
     def describe(self) -> str:
+        """``name: dtype[dims]``, as error messages list the expected inputs."""
         dims = ", ".join(str(d) for d in self.shape)
         return f"{self.name}: {np.dtype(self.dtype).name}[{dims}]"
 
