@@ -434,6 +434,8 @@ def bench_bundle(
     )
     if want_torch:
         runners.append(reference_runner(bundle, threads=threads))
+    elif torch_reference is False:
+        report.notes.append("PyTorch reference not timed (not asked for)")
     else:
         report.notes.append("PyTorch reference not timed (torch not installed or no reference weights in the bundle)")
     for runner in runners:
