@@ -45,6 +45,7 @@ MinBatchOpt = Annotated[int | None, typer.Option("--min-batch", help="TensorRT: 
 OptBatchOpt = Annotated[int | None, typer.Option("--opt-batch", help="TensorRT: batch the kernels are tuned for (export: 8; build: the bundle's).")]
 MaxBatchOpt = Annotated[int | None, typer.Option("--max-batch", help="TensorRT: largest batch the engines accept (export: 32; build: the bundle's).")]
 WorkspaceOpt = Annotated[int | None, typer.Option("--workspace", help="TensorRT: workspace memory limit in MiB (export: 1024; build: the bundle's).")]
+ArchArgsOpt = Annotated[str | None, typer.Option("--arch-args", help="Constructor arguments as a JSON object (default: the checkpoint's, and what its keys and shapes determine).")]
 AtolOpt = Annotated[float | None, typer.Option(help="Absolute tolerance for every output (default by precision: fp32 1e-4, fp16 5e-2, int8 0.25).")]
 RtolOpt = Annotated[float | None, typer.Option(help="Relative tolerance for every output (default by precision: fp32 1e-3, fp16 1e-2, int8 0.1).")]
 # check: the bundle's stored tolerances unless overridden; one given alone pairs with the precision's default.
@@ -188,7 +189,7 @@ def export(
     checkpoint: Annotated[str, typer.Argument(help="Checkpoint file, or zoo:NAME for a shipped demo model.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Bundle directory to create.")] = Path("bundle"),
     arch: Annotated[str | None, typer.Option(help="Architecture (needed when the checkpoint does not name one).")] = None,
-    arch_args: Annotated[str | None, typer.Option("--arch-args", help="Constructor arguments as a JSON object (default: the checkpoint's, and what its keys and shapes determine).")] = None,
+    arch_args: ArchArgsOpt = None,
     target: Annotated[str, typer.Option(help="Deployment target: ort (ONNX Runtime) or trt (TensorRT: engines built on the target with slimdeploy build).")] = "ort",
     dynamic: Annotated[str | None, typer.Option(help="Form of a gated model: mask, if, compact or staged (default for ort: compact; for trt: staged); of an early-exit model: mask, if or staged (default: staged).")] = None,
     condense_classifier: Annotated[bool, typer.Option("--condense-classifier", help="CondenseNet: prune the classifier as the official converter does (lossy).")] = False,
@@ -502,7 +503,7 @@ def bench(
 def inspect(
     target: Annotated[str, typer.Argument(help="Bundle directory, checkpoint file, or zoo:NAME.")],
     arch: Annotated[str | None, typer.Option(help="Architecture, for checkpoints that do not name one.")] = None,
-    arch_args: Annotated[str | None, typer.Option("--arch-args", help="Constructor arguments as a JSON object.")] = None,
+    arch_args: ArchArgsOpt = None,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow a pickled nn.Module checkpoint.")] = False,
     json_out: JsonOpt = None,
 ) -> None:
