@@ -113,9 +113,11 @@ class BenchReport:
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
+        """The report as plain data (what ``bench --json`` writes)."""
         return asdict(self)
 
     def write_json(self, path: str | Path) -> None:
+        """Write ``to_dict()`` as JSON to ``path``, or to stdout for ``"-"``."""
         write_json(self.to_dict(), path)
 
 
@@ -407,7 +409,7 @@ def bench_bundle(
             weights are present. Defaults to None.
         baseline: another bundle of the same model (e.g. its ``mask`` form) timed side by side;
             the report gives this bundle's speed-up over it. Defaults to none.
-        progress: optional callable told each step.
+        progress: optional callable told each step. Defaults to silence.
         device: where the bundle (and the baseline) run: ``"cpu"``/``"cuda"`` (ONNX Runtime) or
             ``"tensorrt"`` (the engines ``slimdeploy build`` made). Defaults to ``"cpu"``.
         sweep: early-exit bundles: thresholds to sweep (``sweep_exits``, at the first batch
@@ -432,6 +434,8 @@ def bench_bundle(
     )
     if want_torch:
         runners.append(reference_runner(bundle, threads=threads))
+    elif torch_reference is False:
+        report.notes.append("PyTorch reference not timed (not asked for)")
     else:
         report.notes.append("PyTorch reference not timed (torch not installed or no reference weights in the bundle)")
     for runner in runners:

@@ -52,6 +52,7 @@ class BuildResult:
 
     @property
     def passed(self) -> bool:
+        """True when the engines passed their check, or when no check ran."""
         return self.report is None or self.report.passed
 
 

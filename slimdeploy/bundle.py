@@ -42,6 +42,7 @@ TENSORRT = "tensorrt"
 
 
 def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks (the digests in the manifest's ``files``)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
@@ -183,13 +184,17 @@ class Bundle:
     manifest: dict[str, Any]
 
     def file(self, relative: str) -> Path:
+        """Absolute path of a bundle-relative file name (as the manifest writes them)."""
         return self.path / relative
 
     @property
     def graphs(self) -> list[dict[str, Any]]:
+        """The manifest's ``graphs``: ``{"name", "file"}`` per ONNX graph (one, or one per stage)."""
         return list(self.manifest.get("graphs", []))
 
     def graph_path(self, name: str = "model") -> Path:
+        """Path of one graph's .onnx file; ``BundleError`` when the bundle has no such graph.
+        ``name`` defaults to ``"model"`` (the one graph of a single-graph bundle)."""
         for graph in self.graphs:
             if graph["name"] == name:
                 return self.file(graph["file"])
@@ -202,10 +207,12 @@ class Bundle:
 
     @property
     def input_names(self) -> list[str]:
+        """Graph input names from the manifest (``input``, then thresholds)."""
         return [spec["name"] for spec in self.manifest["inputs"]]
 
     @property
     def output_names(self) -> list[str]:
+        """Graph output names from the manifest (``logits``, then decision outputs)."""
         return [spec["name"] for spec in self.manifest["outputs"]]
 
     @property

@@ -45,8 +45,12 @@ MinBatchOpt = Annotated[int | None, typer.Option("--min-batch", help="TensorRT: 
 OptBatchOpt = Annotated[int | None, typer.Option("--opt-batch", help="TensorRT: batch the kernels are tuned for (export: 8; build: the bundle's).")]
 MaxBatchOpt = Annotated[int | None, typer.Option("--max-batch", help="TensorRT: largest batch the engines accept (export: 32; build: the bundle's).")]
 WorkspaceOpt = Annotated[int | None, typer.Option("--workspace", help="TensorRT: workspace memory limit in MiB (export: 1024; build: the bundle's).")]
-AtolOpt = Annotated[float | None, typer.Option(help="Absolute tolerance for every output (default by precision: fp32 1e-4).")]
-RtolOpt = Annotated[float | None, typer.Option(help="Relative tolerance for every output (default by precision: fp32 1e-3).")]
+ArchArgsOpt = Annotated[str | None, typer.Option("--arch-args", help="Constructor arguments as a JSON object (default: the checkpoint's, and what its keys and shapes determine).")]
+AtolOpt = Annotated[float | None, typer.Option(help="Absolute tolerance for every output (default by precision: fp32 1e-4, fp16 5e-2, int8 0.25).")]
+RtolOpt = Annotated[float | None, typer.Option(help="Relative tolerance for every output (default by precision: fp32 1e-3, fp16 1e-2, int8 0.1).")]
+# check: the bundle's stored tolerances unless overridden; one given alone pairs with the precision's default.
+CheckAtolOpt = Annotated[float | None, typer.Option(help="Absolute tolerance for every output (default: the bundle's; given without --rtol, rtol is the precision's default).")]
+CheckRtolOpt = Annotated[float | None, typer.Option(help="Relative tolerance for every output (default: the bundle's; given without --atol, atol is the precision's default).")]
 
 
 def _tolerances(atol: float | None, rtol: float | None, precision: str = "fp32") -> dict[str, tuple[float, float]] | None:
@@ -188,7 +192,7 @@ def export(
     checkpoint: Annotated[str, typer.Argument(help="Checkpoint file, or zoo:NAME for a shipped demo model.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Bundle directory to create.")] = Path("bundle"),
     arch: Annotated[str | None, typer.Option(help="Architecture (needed when the checkpoint does not name one).")] = None,
-    arch_args: Annotated[str | None, typer.Option("--arch-args", help="Constructor arguments as a JSON object.")] = None,
+    arch_args: ArchArgsOpt = None,
     target: Annotated[str, typer.Option(help="Deployment target: ort (ONNX Runtime) or trt (TensorRT: engines built on the target with slimdeploy build).")] = "ort",
     dynamic: Annotated[str | None, typer.Option(help="Form of a gated model: mask, if, compact or staged (default for ort: compact; for trt: staged); of an early-exit model: mask, if or staged (default: staged).")] = None,
     condense_classifier: Annotated[bool, typer.Option("--condense-classifier", help="CondenseNet: prune the classifier as the official converter does (lossy).")] = False,
@@ -204,7 +208,7 @@ def export(
     precision: Annotated[str, typer.Option(help="fp32, fp16 (decision heads, softmax, normalisations kept FP32) or int8 (explicit Q/DQ in the target's form).")] = "fp32",
     calib: Annotated[str | None, typer.Option(help="INT8 calibration data: digits, an image folder, an .npy/.npz of inputs, synthetic (random, flagged), or a calibration.json/bundle whose ranges are reused. Default: digits for digits-trained models.")] = None,
     calib_size: Annotated[int | None, typer.Option("--calib-size", help="Calibration samples (default 100, the digits calibration split).")] = None,
-    calib_method: Annotated[str, typer.Option("--calib-method", help="Calibration method: auto (MinMax and Percentile tried, the closer to FP32 on the calibration images kept), MinMax, Entropy or Percentile.")] = "auto",
+    calib_method: Annotated[str, typer.Option("--calib-method", help="Calibration method: auto (MinMax and Percentile tried, the closer to FP32 on the calibration images kept; if it misses the INT8 criteria, Q/DQ on Conv/Gemm/MatMul only is tried too), MinMax, Entropy or Percentile.")] = "auto",
     quantize_decisions: Annotated[bool, typer.Option("--quantize-decisions", help="Also reduce the precision of gate and exit heads (kept FP32 by default).")] = False,
     no_bias_correction: Annotated[bool, typer.Option("--no-bias-correction", help="INT8: keep the quantized layers' biases as trained (by default each is shifted by its mean output error against FP32 on the calibration images).")] = False,
     atol: AtolOpt = None,
@@ -335,7 +339,7 @@ def _build_and_report(bundle: Path, trt_version: str | None, overrides: dict[str
 @app.command()
 def build(
     bundle: Annotated[Path, typer.Argument(help="Bundle directory (exported with --target trt, or any non-compact bundle).")],
-    trt_version: Annotated[str | None, typer.Option("--trt-version", help="TensorRT version the engines are for (e.g. 10.3); refuse another installed one.")] = None,
+    trt_version: Annotated[str | None, typer.Option("--trt-version", help="TensorRT version the engines are for (e.g. 10.3, or 10.3.0.30 for one exact build); refuse another installed one (default: build with the installed one).")] = None,
     min_batch: MinBatchOpt = None,
     opt_batch: OptBatchOpt = None,
     max_batch: MaxBatchOpt = None,
@@ -352,10 +356,10 @@ def build(
 @app.command()
 def check(
     bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
-    data: Annotated[Path | None, typer.Option(help=".npz with input (and ref_<output>, labels); default: the bundle's golden file.")] = None,
+    data: Annotated[Path | None, typer.Option(help=".npz with input (and ref_<output>, labels; without ref_ arrays the bundle's PyTorch weights compute them, which needs torch), or an .npy of inputs; default: the bundle's golden file.")] = None,
     batch_sizes: Annotated[str | None, typer.Option("--batch-sizes", help="Comma-separated batch sizes (default: the manifest's).")] = None,
-    atol: AtolOpt = None,
-    rtol: RtolOpt = None,
+    atol: CheckAtolOpt = None,
+    rtol: CheckRtolOpt = None,
     device: DeviceOpt = "cpu",
     threads: ThreadsOpt = 0,
     json_out: JsonOpt = None,
@@ -385,7 +389,7 @@ def check(
 @app.command()
 def run(
     bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
-    inputs: Annotated[Path, typer.Option("--inputs", help=".npz keyed by graph input name.")],
+    inputs: Annotated[Path, typer.Option("--inputs", help=".npz keyed by graph input name (or an .npy holding the input array).")],
     out: Annotated[Path, typer.Option("--out", "-o", help=".npz to write, keyed by graph output name.")],
     batch: Annotated[int, typer.Option(help="Run at most this many rows per call; 0 = all at once.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
@@ -423,10 +427,10 @@ def bench(
     warmup: Annotated[int, typer.Option(help="Untimed calls before timing.")] = 10,
     iterations: Annotated[int, typer.Option(help="Timed calls per batch size.")] = 50,
     threads: Annotated[int, typer.Option(help="Threads for every runner; 0 = one per CPU core.")] = 0,
-    no_torch: Annotated[bool, typer.Option("--no-torch", help="Do not time the PyTorch reference.")] = False,
-    baseline: Annotated[Path | None, typer.Option(help="Another bundle of the same model (e.g. its mask form) to time side by side.")] = None,
+    no_torch: Annotated[bool, typer.Option("--no-torch", help="Do not time the PyTorch reference (timed by default where torch and the bundle's reference weights are).")] = False,
+    baseline: Annotated[Path | None, typer.Option(help="Another bundle of the same model (e.g. its mask form) to time side by side (default: none).")] = None,
     device: DeviceOpt = "cpu",
-    sweep: Annotated[str | None, typer.Option(help="Early-exit bundles: exit thresholds to sweep, comma-separated, or 'default'.")] = None,
+    sweep: Annotated[str | None, typer.Option(help="Early-exit bundles: exit thresholds to sweep, comma-separated, or 'default' (0,0.5,0.8,0.9,0.95,0.98,0.99,0.995,0.999,1.01). Default: no sweep.")] = None,
     plot: Annotated[Path | None, typer.Option(help="With --sweep: draw the sweep to this PNG (needs matplotlib).")] = None,
     json_out: JsonOpt = None,
 ) -> None:
@@ -504,7 +508,7 @@ def bench(
 def inspect(
     target: Annotated[str, typer.Argument(help="Bundle directory, checkpoint file, or zoo:NAME.")],
     arch: Annotated[str | None, typer.Option(help="Architecture, for checkpoints that do not name one.")] = None,
-    arch_args: Annotated[str | None, typer.Option("--arch-args", help="Constructor arguments as a JSON object.")] = None,
+    arch_args: ArchArgsOpt = None,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow a pickled nn.Module checkpoint.")] = False,
     json_out: JsonOpt = None,
 ) -> None:

@@ -18,7 +18,8 @@ than on every element and every decision (``DEFAULT_CRITERIA``, stored in the ma
     fp16  top-1 agreement >= 0.99, decision agreement >= 0.99, <= 1 % of elements outside tolerance
     int8  top-1 agreement >= 0.97, decision agreement >= 0.98, <= 10 % of elements outside tolerance
 
-(FP32 has no criteria: every element within tolerance, every decision exact but near-threshold.)
+(FP32 has no criteria: every element within tolerance, every decision exact; only near-threshold
+flips are tolerated, and reported.)
 
 The report also carries task agreement (top-1/top-5 agreement with the reference, accuracy when
 labels are given) and a ``decisions`` section that the dynamic families (gates, exits) fill.
@@ -112,12 +113,14 @@ class ParityReport:
 
     @property
     def passed(self) -> bool:
+        """No collected failure (names, criteria), every output passed, every decision agreed."""
         return not self.failures and all(self.outputs) and all(all(r) for r in self.decisions.values())
 
     def __bool__(self) -> bool:
         return self.passed
 
     def to_dict(self) -> dict[str, Any]:
+        """The full report as plain data, with ``passed`` (what report.json and ``--json`` hold)."""
         data = asdict(self)
         data["passed"] = self.passed
         for results in data["decisions"].values():
@@ -149,10 +152,13 @@ class ParityReport:
         return summary
 
     def write_json(self, path: str | Path) -> None:
+        """Write ``to_dict()`` as JSON to ``path``, or to stdout for ``"-"``."""
         write_json(self.to_dict(), path)
 
     def write_junit(self, path: str | Path) -> None:
-        """JUnit XML: one test case per output and batch size, plus task agreement."""
+        """JUnit XML: one test case per decision output and batch size (``gates[batch=1]``), per
+        output and batch size (``logits[batch=16]``), per other failure (missing outputs, an
+        agreement criterion), and one for top-1 agreement."""
         cases: list[tuple[str, str | None]] = []
         for results in self.decisions.values():
             for decision in results:
@@ -229,7 +235,10 @@ def compare_outputs(
     batch_size: int,
     names: Iterable[str] | None = None,
 ) -> tuple[list[OutputResult], list[str]]:
-    """Compare every output by name; returns per-output results and name-level failures."""
+    """Compare every output by name; returns per-output results and name-level failures.
+
+    ``names`` are the outputs to compare. Defaults to every output of ``reference``.
+    """
     failures: list[str] = []
     wanted = list(names) if names is not None else list(reference)
     missing = [n for n in wanted if n not in candidate]
@@ -248,7 +257,8 @@ def task_agreement(
     candidate_logits: np.ndarray,
     labels: np.ndarray | None = None,
 ) -> TaskResult:
-    """Top-1 and top-5 agreement of the candidate with the reference's top-1 class."""
+    """Top-1 and top-5 agreement of the candidate with the reference's top-1 class, and the
+    accuracy of both when ``labels`` are given (defaults to none)."""
     ref_top1 = reference_logits.argmax(axis=1)
     cand_top1 = candidate_logits.argmax(axis=1)
     k = min(5, candidate_logits.shape[1])
@@ -299,6 +309,7 @@ class DecisionSpec:
         return self
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as the manifest's ``decisions.outputs`` records them."""
         return asdict(self)
 
 
@@ -437,7 +448,11 @@ def run_batches(
     batch_size: int,
     batch_inputs: Sequence[str] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Run ``feed`` through an active runner ``batch_size`` rows at a time; concatenate."""
+    """Run ``feed`` through an active runner ``batch_size`` rows at a time; concatenate.
+
+    ``batch_inputs`` are the arrays split by rows; the others (thresholds) go whole to every
+    call. Defaults to every array.
+    """
     pieces = [runner.infer(part) for part in batched(feed, batch_size, batch_inputs)]
     return {name: np.concatenate([p[name] for p in pieces], axis=0) for name in pieces[0]}
 
@@ -475,6 +490,7 @@ def check_parity(
         batch_inputs: inputs split into batches; others (thresholds) are fed whole. Defaults to
             every input.
         progress: optional callable ``(description: str) -> None`` told before each batch size.
+            Defaults to silence.
         criteria: agreement rates that pass a reduced-precision candidate: ``top1_agreement``,
             ``decision_agreement``, ``mismatch_fraction`` (of elements outside tolerance).
             Defaults to the precision's (``DEFAULT_CRITERIA``; none for fp32).
@@ -574,7 +590,7 @@ def check_bundle(
         device: ONNX Runtime device (``"cpu"``, ``"cuda"``), or ``"tensorrt"`` for the engines
             ``slimdeploy build`` recorded. Defaults to ``"cpu"``.
         threads: intra-op threads. Defaults to 0 (ONNX Runtime's choice).
-        progress: optional callable told each step.
+        progress: optional callable told each step. Defaults to silence.
     """
     from slimdeploy.bundle import bundle_runner, load_bundle
 

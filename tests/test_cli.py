@@ -222,6 +222,15 @@ def test_bench_reports_both_runners(exported_bundle: Path) -> None:
     assert set(report["speedups"]) == {"onnxruntime_vs_torch_batch1", "onnxruntime_vs_torch_batch4"}
 
 
+def test_bench_no_torch_says_why_torch_is_left_out(exported_bundle: Path) -> None:
+    """--no-torch times ONNX Runtime alone, and the note gives that reason, not a missing torch."""
+    result = run_cli("bench", str(exported_bundle), "--batch", "1", "--warmup", "1", "--iterations", "2", "--no-torch", "--json", "-")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert {r["runner"] for r in report["results"]} == {"onnxruntime"} and report["speedups"] == {}
+    assert "PyTorch reference not timed (not asked for)" in report["notes"]
+
+
 def test_inspect_bundle_and_checkpoint(exported_bundle: Path, zoo_resnet_checkpoint: Path) -> None:
     bundle_info = json.loads(run_cli("inspect", str(exported_bundle), "--json", "-").stdout)
     ckpt_info = json.loads(run_cli("inspect", str(zoo_resnet_checkpoint), "--json", "-").stdout)

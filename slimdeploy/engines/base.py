@@ -34,6 +34,7 @@ class TensorMeta:
     optional: bool = False
 
     def describe(self) -> str:
+        """``name: dtype[dims]``, as error messages list the expected inputs."""
         dims = ", ".join(str(d) for d in self.shape)
         return f"{self.name}: {np.dtype(self.dtype).name}[{dims}]"
 
@@ -78,7 +79,8 @@ class Runner:
     """Base runner: state checks and feed validation around the backend's ``_infer``.
 
     Args:
-        name: label used in reports (e.g. ``"onnxruntime"``). Defaults to the class name.
+        name: label used in reports. Defaults to the class's ``backend`` (``"onnxruntime"``,
+            ``"torch"``, ``"tensorrt"``, ``"staged"``).
     """
 
     backend: str = "base"
@@ -89,6 +91,7 @@ class Runner:
 
     # -- lifecycle --------------------------------------------------------------------------
     def activate(self) -> Runner:
+        """Load the backend (session, module, engine); raises if already active. Returns self."""
         if self.is_active:
             raise SlimDeployError(f"runner '{self.name}' is already active")
         self._activate()
@@ -96,6 +99,7 @@ class Runner:
         return self
 
     def deactivate(self) -> None:
+        """Release the backend; does nothing when not active."""
         if self.is_active:
             self._deactivate()
             self.is_active = False
@@ -127,9 +131,11 @@ class Runner:
 
     # -- to implement -----------------------------------------------------------------------
     def input_metadata(self) -> dict[str, TensorMeta]:
+        """Inputs by name, in the order the model takes them; optional ones (thresholds) last."""
         raise NotImplementedError
 
     def output_names(self) -> list[str]:
+        """Output names, in the order ``infer`` returns them."""
         raise NotImplementedError
 
     def _activate(self) -> None:

@@ -41,7 +41,8 @@ def make_runner(
         decision_defaults: default thresholds by input name (``gate_threshold``, ``exit_thresholds``).
         device: ONNX Runtime device. Defaults to ``"cpu"``.
         threads: intra-op threads per session; 0 lets ONNX Runtime choose. Defaults to 0.
-        replay: staged only: take decisions from the feed. Defaults to False.
+        replay: staged gated networks only (``ValueError`` for early exits): take the gate
+            decisions from the feed's ``gates``. Defaults to False.
         backend: ``"onnxruntime"``, or ``"tensorrt"`` when ``graphs`` are serialised engines
             (``device`` and ``threads`` are then unused). Defaults to ``"onnxruntime"``.
         batch_range: TensorRT only: the engines' (min, max) batch, for error messages.

@@ -113,12 +113,14 @@ class OrtRunner(Runner):
         return metadata
 
     def output_metadata(self) -> dict[str, TensorMeta]:
+        """Outputs by name with dtype and shape (dynamic dims as their names)."""
         return {
             arg.name: TensorMeta(arg.name, np.dtype(_ORT_DTYPES[arg.type]), _dims(arg.shape))
             for arg in self._session().get_outputs()
         }
 
     def output_names(self) -> list[str]:
+        """The graph's output names, in graph order."""
         return [arg.name for arg in self._session().get_outputs()]
 
     def _infer(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -40,6 +40,7 @@ class PieceController(Runner):
         self.runners: dict[str, Runner] = {}
 
     def piece_names(self) -> list[str]:
+        """The graphs this controller runs, by name, in the order a call runs them."""
         raise NotImplementedError
 
     def _activate(self) -> None:

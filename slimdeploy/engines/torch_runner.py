@@ -62,9 +62,11 @@ class TorchRunner(Runner):
             self._torch.set_num_threads(self.threads)
 
     def input_metadata(self) -> dict[str, TensorMeta]:
+        """The ``inputs`` given at construction."""
         return dict(self._inputs)
 
     def output_names(self) -> list[str]:
+        """The ``output_names`` given at construction."""
         return list(self._output_names)
 
     def _infer(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

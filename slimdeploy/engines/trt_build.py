@@ -77,10 +77,12 @@ class BuildSpec:
             raise BadInputError(f"--workspace must be a positive number of MiB, got {self.workspace_mb}")
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as the manifest records them (``trt.spec``)."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> BuildSpec:
+        """A spec from recorded fields; missing ones take the defaults, unknown keys are ignored."""
         return cls(**{key: data[key] for key in ("min_batch", "opt_batch", "max_batch", "workspace_mb", "tf32") if key in data})
 
     @classmethod

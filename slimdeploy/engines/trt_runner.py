@@ -141,7 +141,7 @@ class TrtRunner(Runner):
     # -- metadata -----------------------------------------------------------------------------
     def input_metadata(self) -> dict[str, TensorMeta]:
         """The engine's inputs; inputs with a default (thresholds) are optional, and a default the
-        parser folded into the engine is listed too (as a 0-D optional input)."""
+        parser folded into the engine is listed too (an optional input of the default's shape)."""
         self._require_active()
         metadata = dict(self._inputs)
         for name, value in self.defaults.items():
@@ -150,10 +150,12 @@ class TrtRunner(Runner):
         return metadata
 
     def output_metadata(self) -> dict[str, TensorMeta]:
+        """The engine's outputs by name (dynamic dims as ``"batch"``/``"dimN"``)."""
         self._require_active()
         return dict(self._outputs)
 
     def output_names(self) -> list[str]:
+        """The engine's output names, in the engine's I/O order."""
         self._require_active()
         return list(self._outputs)
 
