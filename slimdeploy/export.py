@@ -227,9 +227,12 @@ def export(
     reference_module, reference_arch, reference_args = loaded.module, loaded.arch, loaded.arch_args
     transforms: list[str] = []
     folds: dict[str, int] = {}
-    if loaded.arch == "condensenet":
+    if loaded.arch == "condensenetv2" and condense_classifier:
+        raise BadInputError("--condense-classifier: the official CondenseNetV2 converter keeps the classifier "
+                            "(and fc) as they are | Fix: drop --condense-classifier")
+    if loaded.arch in _CONDENSED_ARCH:
         say("condensing learned group convolutions")
-        deploy_module, deploy_arch, deploy_args = _condense(loaded.module, condense_classifier)
+        deploy_module, deploy_arch, deploy_args = _condense(loaded.arch, loaded.module, condense_classifier)
         transforms.append("condense" + ("+classifier" if condense_classifier else ""))
         if condense_classifier:
             # The official lossy classifier changes the logits by design: compare the graph
@@ -478,11 +481,22 @@ def _lint_for_trt(graphs: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _condense(module: Any, condense_classifier: bool) -> tuple[Any, str, dict[str, Any]]:
-    """The deploy form of a training-form CondenseNet, its architecture and arguments."""
+# Training-form architectures that export condenses, and the deploy architecture of each.
+_CONDENSED_ARCH = {"condensenet": "condensenet_converted", "condensenetv2": "condensenetv2_converted"}
+
+
+def _condense(arch: str, module: Any, condense_classifier: bool) -> tuple[Any, str, dict[str, Any]]:
+    """The deploy form of a training-form CondenseNet or CondenseNetV2, its architecture and
+    arguments."""
     from slimdeploy.models.condensenet import infer_condensenet_args
     from slimdeploy.transforms import condense
 
+    if arch == "condensenetv2":
+        from slimdeploy.transforms.condense_v2 import condense_v2
+
+        deployed_v2 = condense_v2(module)
+        # The learned model's own config: it also holds hs_start_block, which no key shows.
+        return deployed_v2, _CONDENSED_ARCH[arch], dict(deployed_v2.config)
     deployed = condense(module, condense_classifier=condense_classifier)
     return deployed, "condensenet_converted", infer_condensenet_args(deployed.state_dict())
 
