@@ -149,7 +149,8 @@ def export(
             the classifier stays exact and parity is against the learned model.
         fold: CondenseNet: fold BatchNorm, ReLU placement and the channel shuffle into the
             condensed convolutions before export (``transforms.fold``; the manifest's
-            ``model.folds`` says what). Defaults to True.
+            ``model.folds`` says what); CondenseNetV2: store each sparse feature reactivation
+            as one dense 1x1 convolution (``transforms.condense_v2.fold_sfr``). Defaults to True.
         trust_pickle: allow a pickled ``nn.Module`` checkpoint (runs code). Defaults to False.
         force: replace an existing ``out``. Defaults to False.
         data: .npz/.npy with parity inputs (and labels). Defaults to the digits held-out split.
@@ -245,6 +246,10 @@ def export(
     if deploy_arch == "condensenet_converted" and fold:
         say("folding BatchNorm and channel shuffles into the condensed convolutions")
         deploy_module, folds = _fold(deploy_module, target)
+        transforms.append("fold")
+    elif deploy_arch == "condensenetv2_converted" and fold:
+        say("storing the sparse feature reactivations as dense 1x1 convolutions")
+        deploy_module, folds = _fold_v2(deploy_module)
         transforms.append("fold")
     input_meta = TensorMeta("input", np.dtype(np.float32), ("batch", *prep.input_size))
     output_names = list(GATED_OUTPUTS) if gated else list(EXIT_OUTPUTS) if early_exit else ["logits"]
@@ -574,6 +579,18 @@ def _fold(module: Any, target: str) -> tuple[Any, dict[str, int]]:
 
     folded, report = fold_condensed(copy.deepcopy(module), expand_3x3=target in EXPAND_GROUPED_3X3)
     return folded, report.to_dict()
+
+
+def _fold_v2(module: Any) -> tuple[Any, dict[str, int]]:
+    """A copy of a condensed CondenseNetV2 whose sparse feature reactivations are dense 1x1
+    convolutions (``transforms.condense_v2.fold_sfr``: far fewer MACs than the official 0/1
+    index matrix); the original stays the parity reference."""
+    import copy
+
+    from slimdeploy.transforms.condense_v2 import fold_sfr
+
+    folded, count = fold_sfr(copy.deepcopy(module))
+    return folded, {"sfr_index_into_dense_conv": count}
 
 
 def _registered(name: str) -> Any:

@@ -23,7 +23,7 @@ from slimdeploy.loading import Preprocessing, load_checkpoint, save_checkpoint
 from slimdeploy.models import get_arch, list_models
 from slimdeploy.models.condensenetv2 import CondenseNetV2, infer_condensenetv2_args
 from slimdeploy.nn import CondensedSFR, LearnedGroupConv, SparseFeatureReactivation
-from slimdeploy.transforms.condense_v2 import condense_sfr, condense_v2
+from slimdeploy.transforms.condense_v2 import condense_sfr, condense_v2, dense_sfr_weight, fold_sfr
 from tests.conftest import assert_clean_error, run_cli
 
 # A small CIFAR-layout model (32x32 inputs) that still has every part: ReLU and hard-swish
@@ -234,6 +234,21 @@ def test_condense_official_configuration_a_keeps_the_logits() -> None:
         assert (model(x) - deploy(x)).abs().max().item() <= 1e-5
 
 
+def test_fold_sfr_stores_the_learned_masked_weight_and_keeps_the_logits(small: CondenseNetV2) -> None:
+    deploy = condense_v2(small)
+    learned = small.features.denseblock_2.denselayer_2.sfr
+    condensed = deploy.features.denseblock_2.denselayer_2.sfr
+    assert isinstance(condensed, CondensedSFR)
+    # Final masks: the grouped weights and index together are exactly the masked dense weight.
+    assert torch.equal(dense_sfr_weight(condensed), learned.conv.weight * learned._mask)
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        reference = small(x)
+        folded, count = fold_sfr(deploy)
+        assert count == 6 and not any(isinstance(m, CondensedSFR) for m in folded.modules())
+        assert (folded(x) - reference).abs().max().item() <= 1e-5
+
+
 def test_condense_refuses_a_converted_model() -> None:
     with pytest.raises(TypeError, match="training-form"):
         condense_v2(get_arch("condensenetv2_converted").build(**SMALL))
@@ -285,19 +300,27 @@ def test_export_refuses_condense_classifier(small: CondenseNetV2, tmp_path: Path
 
 
 @pytest.mark.slow
-def test_export_condenses_and_passes_parity_and_check(small: CondenseNetV2, tmp_path: Path) -> None:
+@pytest.mark.parametrize("no_fold", [False, True], ids=["folded", "index"])
+def test_export_condenses_and_passes_parity_and_check(small: CondenseNetV2, tmp_path: Path, no_fold: bool) -> None:
     path = tmp_path / "v2.pt"
     save_checkpoint(path, small, "condensenetv2", small.config, Preprocessing.default_for((3, 32, 32)))
     out = tmp_path / "bundle"
-    result = run_cli("export", str(path), "--out", str(out), "--samples", "16", "--batch-sizes", "1,4")
+    result = run_cli("export", str(path), "--out", str(out), "--samples", "16", "--batch-sizes", "1,4",
+                     *(["--no-fold"] if no_fold else []))
     assert result.returncode == 0, result.stdout + result.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["model"]["arch"] == "condensenetv2"
     assert manifest["model"]["deployed_arch"] == "condensenetv2_converted"
-    assert manifest["model"]["transforms"] == ["condense"]
+    assert manifest["model"]["transforms"] == (["condense"] if no_fold else ["condense", "fold"])
+    assert manifest["model"]["folds"] == ({} if no_fold else {"sfr_index_into_dense_conv": 6})
     report = json.loads((out / "report.json").read_text())
     assert report["task"]["top1_agreement"] == 1.0
     onnx = pytest.importorskip("onnx")
-    ops = [node.op_type for node in onnx.load(out / "model.onnx").graph.node]
-    assert "Gather" in ops and "HardSwish" in ops and "Mul" in ops  # index, HS, SE scales
+    graph = onnx.load(out / "model.onnx").graph
+    ops = [node.op_type for node in graph.node]
+    assert "Gather" in ops and "HardSwish" in ops  # conv_1's index, the later blocks' activation
+    grouped = sum(1 for n in graph.node if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute))
+    # conv_1 and conv_2 of the 6 layers are grouped; the index form adds the 6 grouped sfr convolutions
+    # (and 6 1x1 index convolutions, so 24 + init_conv either way).
+    assert grouped == (18 if no_fold else 12) and ops.count("Conv") == (25 if no_fold else 19)
     assert run_cli("check", str(out)).returncode == 0
