@@ -249,6 +249,16 @@ def test_fold_sfr_stores_the_learned_masked_weight_and_keeps_the_logits(small: C
         assert (folded(x) - reference).abs().max().item() <= 1e-5
 
 
+def test_macs_count_the_reactivation_dense_learned_and_grouped_condensed(small: CondenseNetV2) -> None:
+    from slimdeploy.flops import count_macs
+
+    learned = count_macs(small, (3, 32, 32)).per_layer
+    condensed = count_macs(condense_v2(small), (3, 32, 32)).per_layer
+    name = "features.denseblock_1.denselayer_2.sfr"
+    assert learned[name] == 8 * 24 * 32 * 32  # growth 8 -> 24 inputs of the layer, 32x32
+    assert condensed[name + ".conv"] * 4 == learned[name]  # C = 4
+
+
 def test_condense_refuses_a_converted_model() -> None:
     with pytest.raises(TypeError, match="training-form"):
         condense_v2(get_arch("condensenetv2_converted").build(**SMALL))
