@@ -280,7 +280,8 @@ def test_args_are_inferred_from_learned_and_converted_state_dicts(small: Condens
     for name in "ABC":
         config = get_arch("condensenetv2_converted").build(config=name).config
         inferred = infer_condensenetv2_args(get_arch("condensenetv2_converted").build(config=name).state_dict())
-        assert {k: inferred[k] for k in inferred} == {k: config[k] for k in inferred}
+        assert inferred.pop("config") == name
+        assert inferred == {k: config[k] for k in inferred}
 
 
 def test_official_style_checkpoint_loads(small: CondenseNetV2, tmp_path: Path) -> None:
@@ -297,6 +298,19 @@ def test_official_style_checkpoint_loads(small: CondenseNetV2, tmp_path: Path) -
     loaded = load_checkpoint(converted, arch="condensenetv2_converted", arch_args={"hs_start_block": 1})
     with torch.no_grad():
         assert (loaded.module(x) - small(x)).abs().max().item() <= 1e-5
+    # A timm-style training checkpoint as upstream's train.py writes it: its factory name and
+    # the moving-average weights next to the raw ones (the official converter uses the average).
+    raw = get_arch("condensenetv2").build(config="B")
+    ema = _randomise(get_arch("condensenetv2").build(config="B"), seed=7)
+    timm_style = tmp_path / "checkpoint.pth.tar"
+    torch.save({"epoch": 350, "arch": "cdnv2_b", "state_dict": raw.state_dict(),
+                "state_dict_ema": {"module." + k: v for k, v in ema.state_dict().items()}}, timm_style)
+    loaded = load_checkpoint(timm_style)
+    assert loaded.arch == "condensenetv2" and loaded.module.config == ema.config
+    assert any("state_dict_ema" in note for note in loaded.notes)
+    assert all(torch.equal(v, ema.state_dict()[k]) for k, v in loaded.module.state_dict().items())
+    # Before condensation has started, the group counts come from the named configuration.
+    assert get_arch("cdnv2_b").build(**infer_condensenetv2_args(raw.state_dict())).config == raw.config
     shown = run_cli("inspect", str(path), "--arch", "condensenetv2", "--json", "-")
     assert shown.returncode == 0, shown.stderr
     assert json.loads(shown.stdout)["arch"] == "condensenetv2"

@@ -213,7 +213,8 @@ def infer_condensenetv2_args(state_dict: dict[str, Any]) -> dict[str, Any]:
     stages/growth: layers per block and conv_2 outputs; bottleneck: conv_2 inputs / growth;
     group_3x3: conv_2 inputs / its weight's inputs; se_start_block: the first block with ``se``
     keys; fc_channel, num_classes, last_se_reduction from ``fc``, ``classifier`` and ``se_last``;
-    data: ImageNet unless there are 3 blocks (as CondenseNet). Learned form: the group counts
+    data: ImageNet unless there are 3 blocks (as CondenseNet); config: the named configuration
+    with these stages and growth, if any (its defaults apply). Learned form: the group counts
     from the period of the mask rows (conv_1: outputs i, i+G, ... share a row) or columns (sfr:
     inputs g, g+G, ... share a column), the condense factors from ``_count`` and ``_stage``; each
     stays at its default while nothing is dropped. Converted form: from the index lengths and
@@ -245,6 +246,11 @@ def infer_condensenetv2_args(state_dict: dict[str, Any]) -> dict[str, Any]:
         "num_classes": int(state_dict["classifier.weight"].shape[0]),
     }
     args["data"] = ("cifar100" if args["num_classes"] == 100 else "cifar10") if len(stages) == 3 else "imagenet"
+    # A named configuration's layout also brings its group counts, which a checkpoint shows
+    # only once condensation has started.
+    for name, named in CONFIGS.items():
+        if (tuple(stages), tuple(growth)) == (named["stages"], named["growth"]):
+            args["config"] = name
 
     in_first = int(state_dict["features.init_conv.weight"].shape[0])
     if f"{first}.conv_1.index" in state_dict:  # converted form
@@ -277,8 +283,10 @@ def infer_condensenetv2_args(state_dict: dict[str, Any]) -> dict[str, Any]:
     return args
 
 
+# Upstream's factory names, which its training checkpoints record in their ``arch`` field: the
+# configuration itself is read from the keys and shapes (the defaults are those of "A").
 @register_model("condensenetv2", family="condensenet", input_size=(3, 224, 224),
-                infer_args=infer_condensenetv2_args,
+                infer_args=infer_condensenetv2_args, aliases=("cdnv2_a", "cdnv2_b", "cdnv2_c"),
                 description="CondenseNetV2 (A/B/C), training form (learned group convolutions and "
                             "sparse feature reactivation with masks)")
 def condensenetv2(
@@ -308,6 +316,7 @@ def condensenetv2(
 
 @register_model("condensenetv2_converted", family="condensenet", input_size=(3, 224, 224),
                 infer_args=infer_condensenetv2_args,
+                aliases=("converted_cdnv2_a", "converted_cdnv2_b", "converted_cdnv2_c"),
                 description="CondenseNetV2 (A/B/C), deploy form (index + group convolutions + "
                             "0/1 reactivation matrix)")
 def condensenetv2_converted(
