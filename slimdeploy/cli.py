@@ -196,7 +196,7 @@ def export(
     target: Annotated[str, typer.Option(help="Deployment target: ort (ONNX Runtime) or trt (TensorRT: engines built on the target with slimdeploy build).")] = "ort",
     dynamic: Annotated[str | None, typer.Option(help="Form of a gated model: mask, if, compact or staged (default for ort: compact; for trt: staged); of an early-exit model: mask, if or staged (default: staged).")] = None,
     condense_classifier: Annotated[bool, typer.Option("--condense-classifier", help="CondenseNet: prune the classifier as the official converter does (lossy).")] = False,
-    no_fold: Annotated[bool, typer.Option("--no-fold", help="Export the layers as they are: CondenseNet without BN/shuffle folding; SPConv ResNets (INT8) without folding BN, pooling, split and attention.")] = False,
+    no_fold: Annotated[bool, typer.Option("--no-fold", help="Export the layers as they are: CondenseNet without BN/shuffle folding; CondenseNetV2 keeping the 0/1 index matrices; SPConv ResNets (INT8) without folding BN, pooling, split and attention.")] = False,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow a pickled nn.Module checkpoint (runs code from the file).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
     data: Annotated[Path | None, typer.Option(help=".npz/.npy of parity inputs (keys: input, labels). Default: digits held-out split.")] = None,

@@ -152,9 +152,10 @@ def export(
         fold: fold what the constants allow before export (the manifest's ``model.folds``
             says what; parity is against the unfolded model). CondenseNet: BatchNorm, ReLU
             placement and the channel shuffle into the condensed convolutions
-            (``transforms.fold``). SPConv ResNets, INT8 only: BatchNorm, pooling, the channel
-            split and the attention into a form that is quantized end to end
-            (``transforms.fold_spconv``). Defaults to True.
+            (``transforms.fold``). CondenseNetV2: each sparse feature reactivation stored as one
+            dense 1x1 convolution (``transforms.condense_v2.fold_sfr``). SPConv ResNets, INT8
+            only: BatchNorm, pooling, the channel split and the attention into a form that is
+            quantized end to end (``transforms.fold_spconv``). Defaults to True.
         trust_pickle: allow a pickled ``nn.Module`` checkpoint (runs code). Defaults to False.
         force: replace an existing ``out``. Defaults to False.
         data: .npz/.npy with parity inputs (and labels). Defaults to the digits held-out split.
@@ -235,9 +236,12 @@ def export(
     reference_module, reference_arch, reference_args = loaded.module, loaded.arch, loaded.arch_args
     transforms: list[str] = []
     folds: dict[str, int] = {}
-    if loaded.arch == "condensenet":
+    if loaded.arch == "condensenetv2" and condense_classifier:
+        raise BadInputError("--condense-classifier: the official CondenseNetV2 converter keeps the classifier "
+                            "(and fc) as they are | Fix: drop --condense-classifier")
+    if loaded.arch in _CONDENSED_ARCH:
         say("condensing learned group convolutions")
-        deploy_module, deploy_arch, deploy_args = _condense(loaded.module, condense_classifier)
+        deploy_module, deploy_arch, deploy_args = _condense(loaded.arch, loaded.module, condense_classifier)
         transforms.append("condense" + ("+classifier" if condense_classifier else ""))
         if condense_classifier:
             # The official lossy classifier changes the logits by design: compare the graph
@@ -257,6 +261,10 @@ def export(
         # islands that break a quantized graph apart.
         say("folding BatchNorm, pooling and attention into the SPConv layers")
         deploy_module, folds = _fold_spconv(deploy_module)
+        transforms.append("fold")
+    elif deploy_arch == "condensenetv2_converted" and fold:
+        say("storing the sparse feature reactivations as dense 1x1 convolutions")
+        deploy_module, folds = _fold_v2(deploy_module)
         transforms.append("fold")
     input_meta = TensorMeta("input", np.dtype(np.float32), ("batch", *prep.input_size))
     output_names = list(GATED_OUTPUTS) if gated else list(EXIT_OUTPUTS) if early_exit else ["logits"]
@@ -495,11 +503,22 @@ def _lint_for_trt(graphs: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _condense(module: Any, condense_classifier: bool) -> tuple[Any, str, dict[str, Any]]:
-    """The deploy form of a training-form CondenseNet, its architecture and arguments."""
+# Training-form architectures that export condenses, and the deploy architecture of each.
+_CONDENSED_ARCH = {"condensenet": "condensenet_converted", "condensenetv2": "condensenetv2_converted"}
+
+
+def _condense(arch: str, module: Any, condense_classifier: bool) -> tuple[Any, str, dict[str, Any]]:
+    """The deploy form of a training-form CondenseNet or CondenseNetV2, its architecture and
+    arguments."""
     from slimdeploy.models.condensenet import infer_condensenet_args
     from slimdeploy.transforms import condense
 
+    if arch == "condensenetv2":
+        from slimdeploy.transforms.condense_v2 import condense_v2
+
+        deployed_v2 = condense_v2(module)
+        # The learned model's own config: it also holds hs_start_block, which no key shows.
+        return deployed_v2, _CONDENSED_ARCH[arch], dict(deployed_v2.config)
     deployed = condense(module, condense_classifier=condense_classifier)
     return deployed, "condensenet_converted", infer_condensenet_args(deployed.state_dict())
 
@@ -606,6 +625,18 @@ def _fold_spconv(module: Any) -> tuple[Any, dict[str, int]]:
 
     folded, report = fold_spconv(copy.deepcopy(module), dense=True)
     return folded, report.to_dict()
+
+
+def _fold_v2(module: Any) -> tuple[Any, dict[str, int]]:
+    """A copy of a condensed CondenseNetV2 whose sparse feature reactivations are dense 1x1
+    convolutions (``transforms.condense_v2.fold_sfr``: far fewer MACs than the official 0/1
+    index matrix); the original stays the parity reference."""
+    import copy
+
+    from slimdeploy.transforms.condense_v2 import fold_sfr
+
+    folded, count = fold_sfr(copy.deepcopy(module))
+    return folded, {"sfr_index_into_dense_conv": count}
 
 
 def _registered(name: str) -> Any:

@@ -50,13 +50,17 @@ def count_macs_of(module: Any, compute: Any, *inputs: Any) -> MacsReport:
     handles = []
 
     from slimdeploy.nn.learned_group_conv import LearnedGroupConv
+    from slimdeploy.nn.sfr import SparseFeatureReactivation
+
+    masked = (LearnedGroupConv, SparseFeatureReactivation)
 
     def hook(name: str):
         def record(layer: Any, args: Any, output: Any) -> None:
-            if isinstance(layer, (nn.Conv2d, LearnedGroupConv)):
-                # A LearnedGroupConv runs functional.conv2d on its (masked, dense) weight, so its
-                # inner Conv2d never fires a hook: count the dense convolution it computes.
-                weight = layer.conv.weight if isinstance(layer, LearnedGroupConv) else layer.weight
+            if isinstance(layer, (nn.Conv2d, *masked)):
+                # A LearnedGroupConv (or CondenseNetV2's SFR) runs functional.conv2d on its
+                # (masked, dense) weight, so its inner Conv2d never fires a hook: count the
+                # dense convolution it computes.
+                weight = layer.conv.weight if isinstance(layer, masked) else layer.weight
                 kernel = weight.shape[1] * weight.shape[2] * weight.shape[3]
                 macs = output.numel() // max(output.shape[0], 1) * kernel
             else:  # nn.Linear
@@ -67,7 +71,7 @@ def count_macs_of(module: Any, compute: Any, *inputs: Any) -> MacsReport:
         return record
 
     for name, layer in module.named_modules():
-        if isinstance(layer, (nn.Conv2d, nn.Linear, LearnedGroupConv)):
+        if isinstance(layer, (nn.Conv2d, nn.Linear, *masked)):
             handles.append(layer.register_forward_hook(hook(name)))
     was_training = module.training
     try:

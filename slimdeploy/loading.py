@@ -15,9 +15,10 @@ slimdeploy's format (written by ``save_checkpoint``)::
 
 Foreign checkpoints (official SkipNet, CondenseNet, SPConv training scripts, plain state_dicts)
 need ``arch`` unless they name a registered architecture themselves (SkipNet's ``arch`` field,
-CondenseNet's ``model`` field). ``state_dict``/``model`` entries are unwrapped, a DataParallel
-``module.`` prefix is stripped, missing ``num_batches_tracked`` buffers are tolerated (PyTorch
-< 0.4 did not save them) and the legacy non-zip container is read.
+CondenseNet's ``model`` field, CondenseNetV2's ``arch``: ``cdnv2_a``...). ``state_dict_ema``
+(the moving average, preferred as upstream evaluates it), ``state_dict`` and ``model`` entries
+are unwrapped, a DataParallel ``module.`` prefix is stripped, missing ``num_batches_tracked``
+buffers are tolerated (PyTorch < 0.4 did not save them) and the legacy non-zip container is read.
 """
 
 from __future__ import annotations
@@ -211,6 +212,8 @@ def load_checkpoint(
         )
     info = get_arch(name)
     notes: list[str] = []
+    if not own_format and isinstance(obj.get("state_dict_ema"), Mapping) and obj["state_dict_ema"]:
+        notes.append("loaded the moving-average weights (state_dict_ema), as the official evaluation does")
     state_dict, stripped = _strip_prefix(state_dict)
     if stripped:
         notes.append(f"stripped the '{stripped}' key prefix")
@@ -237,8 +240,11 @@ def load_checkpoint(
 
 
 def _find_state_dict(obj: Mapping[str, Any], path: str | Path, torch: Any) -> dict[str, Any]:
-    """The mapping of tensors inside a checkpoint: ``state_dict``, ``model``, or the dict itself."""
-    for key in ("state_dict", "model"):
+    """The mapping of tensors inside a checkpoint: ``state_dict_ema``, ``state_dict``, ``model``,
+    or the dict itself."""
+    # timm-style training checkpoints (CondenseNetV2's train.py) hold the weights' moving
+    # average next to the raw ones; the official evaluation and converter use the average.
+    for key in ("state_dict_ema", "state_dict", "model"):
         inner = obj.get(key)
         if isinstance(inner, Mapping) and inner and _all_tensors(inner, torch):
             return dict(inner)

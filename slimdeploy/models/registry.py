@@ -134,6 +134,7 @@ ARCHITECTURE_MODULES = (
     "slimdeploy.models.spconv_resnet",
     "slimdeploy.models.skipnet",
     "slimdeploy.models.condensenet",
+    "slimdeploy.models.condensenetv2",
     "slimdeploy.models.s2d",
     "slimdeploy.models.branchy",
 )

@@ -18,11 +18,14 @@ from slimdeploy.nn.gates import (
     RecurrentGateEmbedding,
 )
 from slimdeploy.nn.learned_group_conv import LearnedGroupConv
+from slimdeploy.nn.sfr import CondensedSFR, SparseFeatureReactivation
 from slimdeploy.nn.spconv import SPConv3x3
+from slimdeploy.nn.squeeze_excite import SqueezeExcite
 
 __all__ = [
     "CondensedConv",
     "CondensedLinear",
+    "CondensedSFR",
     "DepthwiseSeparable",
     "FeedforwardGateI",
     "FeedforwardGateII",
@@ -33,5 +36,7 @@ __all__ = [
     "RecurrentGate",
     "RecurrentGateEmbedding",
     "SPConv3x3",
+    "SparseFeatureReactivation",
+    "SqueezeExcite",
     "projection_shortcut",
 ]

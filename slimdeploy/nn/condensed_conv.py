@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from slimdeploy.nn.activation import make_activation
+
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
     """[B, G*d, H, W] -> the same with channel ``k + i*d`` moved to ``i + k*G``."""
@@ -30,7 +32,7 @@ class CondensedConv(nn.Module):
     """Index -> BN -> ReLU -> grouped conv (``groups``) -> shuffle.
 
     ``in_channels`` is the length of the index (the channels after the Gather); stride 1,
-    padding 0, groups 1 by default. ``index`` starts as zeros and is filled by the condense
+    padding 0, groups 1, ``activation`` ``"relu"`` by default. ``index`` starts as zeros and is filled by the condense
     transform or a checkpoint.
     """
 
@@ -42,13 +44,14 @@ class CondensedConv(nn.Module):
         stride: int = 1,
         padding: int = 0,
         groups: int = 1,
+        activation: str = "relu",
     ) -> None:
         super().__init__()
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.groups = groups
         self.norm = nn.BatchNorm2d(in_channels)
-        self.relu = nn.ReLU(inplace=True)
+        self.relu = make_activation(activation)  # stateless, named as in V1 whatever it is
         self.conv = nn.Conv2d(
             in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=False
         )

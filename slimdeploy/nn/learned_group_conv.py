@@ -19,12 +19,15 @@ import torch
 from torch import nn
 from torch.nn import functional
 
+from slimdeploy.nn.activation import make_activation
+
 
 class LearnedGroupConv(nn.Module):
     """Masked dense convolution with ``groups`` learned groups and condense factor ``condense_factor``.
 
     ``condense_factor`` defaults to ``groups`` (as upstream); ``dropout_rate`` defaults to 0 (no
-    ``drop`` submodule, so no extra keys); stride 1, padding 0.
+    ``drop`` submodule, so no extra keys); stride 1, padding 0; ``activation`` defaults to
+    ``"relu"`` (``"hardswish"``: CondenseNetV2's ``HS``).
     """
 
     def __init__(
@@ -37,6 +40,7 @@ class LearnedGroupConv(nn.Module):
         groups: int = 1,
         condense_factor: int | None = None,
         dropout_rate: float = 0.0,
+        activation: str = "relu",
     ) -> None:
         super().__init__()
         condense_factor = groups if condense_factor is None else condense_factor
@@ -51,7 +55,9 @@ class LearnedGroupConv(nn.Module):
         self.condense_factor = condense_factor
         self.dropout_rate = dropout_rate
         self.norm = nn.BatchNorm2d(in_channels)
-        self.relu = nn.ReLU(inplace=True)
+        # Named `relu` whatever it is (stateless, so no key depends on it): CondenseNetV2 uses
+        # hard-swish in its later blocks.
+        self.relu = make_activation(activation)
         if dropout_rate > 0:
             self.drop = nn.Dropout(dropout_rate)
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=False)
