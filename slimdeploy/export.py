@@ -292,6 +292,7 @@ def export(
         rows = np.arange(len(pool))
     inputs = pool[rows]
     labels = pool_labels[rows] if pool_labels is not None else None
+    notes.extend(_few_samples_note(precision, len(inputs)))
     reference = {name: value[rows] for name, value in pool_reference.items()}
     feed = {"input": inputs}
     if early_exit:
@@ -637,6 +638,19 @@ def _fold_v2(module: Any) -> tuple[Any, dict[str, int]]:
 
     folded, count = fold_sfr(copy.deepcopy(module))
     return folded, {"sfr_index_into_dense_conv": count}
+
+
+def _few_samples_note(precision: str, samples: int) -> list[str]:
+    """A note when one flipped answer among ``samples`` parity samples already breaks the
+    precision's top-1 agreement criterion (fewer than 34 samples for INT8's 97 %)."""
+    from slimdeploy.parity import DEFAULT_CRITERIA
+
+    floor = DEFAULT_CRITERIA.get(precision, {}).get("top1_agreement")
+    if floor is None or samples * (1.0 - floor) >= 1.0:
+        return []
+    enough = int(np.floor(1.0 / (1.0 - floor))) + 1
+    return [f"{samples} parity samples: one flipped answer ({100 / samples:.1f} %) already fails the {precision} "
+            f"top-1 agreement criterion ({100 * floor:.0f} %) | Fix: pass --samples {enough} or more"]
 
 
 def _registered(name: str) -> Any:

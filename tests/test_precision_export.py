@@ -206,3 +206,12 @@ def test_early_exit_int8_falls_back_to_conv_only_placement_and_passes(tmp_path: 
     quantized = {producer.get(n.input[0], "input") for n in stage0.graph.node if n.op_type == "QuantizeLinear"}
     assert "Conv" in quantized and not quantized & {"Add", "Concat", "AveragePool", "ReduceMean"}
     assert run_cli("check", str(bundle)).returncode == 0
+
+
+def test_too_few_parity_samples_for_the_criteria_is_noted() -> None:
+    from slimdeploy.export import _few_samples_note
+
+    # INT8 top-1 criterion 97 %: one flip in 33 samples is 96.97 % (fails), in 34 is 97.06 %.
+    assert "--samples 34" in _few_samples_note("int8", 33)[0]
+    assert _few_samples_note("int8", 34) == [] and _few_samples_note("fp32", 1) == []
+    assert "--samples 100" in _few_samples_note("fp16", 99)[0]
