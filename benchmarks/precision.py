@@ -5,21 +5,23 @@
     python benchmarks/precision.py --models spconv_resnet20_digits --out /tmp/p.json
 
 In one run, for each zoo model (``mobilenet_v1_digits``, ``spconv_resnet20_digits``,
-``skipnet38_digits`` in the ``compact`` form, ``condensenet_digits``):
+``skipnet38_digits`` in the ``compact`` form, ``condensenet_digits``, ``s2d_resnet20_digits`` in
+the ``staged`` form):
 
-1. export an FP32 bundle and an INT8 bundle (``--precision int8 --calib digits``: the 100-image
-   calibration split, Percentile (the default), ONNX Runtime's U8S8 form, gate heads FP32) with ``export()``;
-2. make the TensorRT form (S8S8 symmetric, zero points 0) from the INT8 bundle's stored
-   ``calibration.json`` and the FP32 graph, without recalibrating (``quantize_int8``);
-3. on the digits held-out split: top-1 agreement of each INT8 form with FP32, gate agreement
-   (gated models), accuracy of each against the labels;
-4. time FP32 and U8S8 INT8 (``OrtRunner``, intra-op threads ``--threads``) at batch 1 and 32,
+1. export three bundles with ``export()``, as a user would: FP32, INT8 for ONNX Runtime
+   (``--precision int8 --calib digits``: the 100-image calibration split, ``--calib-method
+   auto``, U8S8, bias correction, gate and exit heads FP32) and INT8 for TensorRT (the same with
+   ``--target trt``: S8S8 symmetric, zero points 0, TensorRT's Q/DQ placement; run here in ONNX
+   Runtime, as ``check`` does);
+2. on the digits held-out split: top-1 agreement of each INT8 form with FP32, gate agreement
+   (gated models) or exit agreement (early-exit models), accuracy of each against the labels;
+3. time FP32 and U8S8 INT8 (``OrtRunner``, intra-op threads ``--threads``) at batch 1 and 32,
    both sessions loaded, taking turns in rounds (``runtime.py``'s schedule); the ratio of p50s
    is the figure. The S8S8 form's speed belongs to TensorRT on a GPU: not timed here.
 
 Targets (issue 6): INT8 >= 1.8x faster than FP32 at batch 32 on the ResNet-class models
-(``spconv_resnet20_digits``, ``skipnet38_digits``), top-1 agreement with FP32 >= 99 %, gate
-agreement >= 98 %. Results go to ``benchmarks/results/precision.json``; a table is printed.
+(``spconv_resnet20_digits``, ``skipnet38_digits``, ``s2d_resnet20_digits``), top-1 agreement
+with FP32 >= 99 %, gate and exit agreement >= 98 %. Results go to ``benchmarks/results/precision.json``; a table is printed.
 """
 
 from __future__ import annotations
@@ -44,11 +46,13 @@ from common import OtherLoad, machine_facts  # noqa: E402
 from runtime import summarise, timed_calls  # noqa: E402
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "precision.json"
-DEMO_MODELS = ("mobilenet_v1_digits", "spconv_resnet20_digits", "skipnet38_digits", "condensenet_digits")
-RESNET_CLASS = ("spconv_resnet20_digits", "skipnet38_digits")
+DEMO_MODELS = ("mobilenet_v1_digits", "spconv_resnet20_digits", "skipnet38_digits", "condensenet_digits", "s2d_resnet20_digits")
+RESNET_CLASS = ("spconv_resnet20_digits", "skipnet38_digits", "s2d_resnet20_digits")
 BATCH_SIZES = (1, 32)
 NOISY_CORES = 0.2
-TARGETS = {"int8_speedup_batch32": 1.8, "top1_agreement": 0.99, "gate_agreement": 0.98}
+TARGETS = {"int8_speedup_batch32": 1.8, "top1_agreement": 0.99, "gate_agreement": 0.98, "exit_agreement": 0.98}
+# Per-sample decisions each kind of model outputs, and the name of its agreement figure.
+DECISIONS = {"gates": "gate_agreement", "exit_stage": "exit_agreement"}
 FULL = {"rounds": 5, "first_warmup": 10, "settle_s": 0.2, "round_warmup": 3,
         "iterations": {1: 60, 32: 10}, "heldout": None}
 QUICK = {"rounds": 2, "first_warmup": 2, "settle_s": 0.02, "round_warmup": 1,
@@ -60,59 +64,34 @@ def say(message: str) -> None:
 
 
 def make_bundles(name: str, tmp: Path, quick: bool) -> dict[str, Path]:
-    """FP32 and INT8 (ORT form) bundles of a zoo model, exported in this process."""
+    """FP32, INT8 (ONNX Runtime form) and INT8 (TensorRT form) bundles of a zoo model, exported
+    in this process with the CLI's defaults."""
     from slimdeploy.export import export
     from slimdeploy.zoo import zoo_checkpoint_path
 
     checkpoint = zoo_checkpoint_path(name)
-    fast = {"samples": 32, "batch_sizes": (16,)} if quick else {}
+    fast = {"samples": 40, "batch_sizes": (16,)} if quick else {}
     bundles = {}
-    for precision in ("fp32", "int8"):
-        out = tmp / f"{name}-{precision}"
+    for label, precision, target in (("fp32", "fp32", "ort"), ("int8", "int8", "ort"), ("int8_trt", "int8", "trt")):
+        out = tmp / f"{name}-{label}"
         extra = {"calib": "digits"} if precision == "int8" else {}
-        result = export(checkpoint, out, precision=precision, **extra, **fast)
+        result = export(checkpoint, out, precision=precision, target=target, **extra, **fast)
         if not result.passed:
-            say(f"[{name}] note: the {precision} bundle failed its parity check: {result.report.failures[:2]}")
-        bundles[precision] = out
+            say(f"[{name}] note: the {label} bundle failed its parity check: {result.report.failures[:2]}")
+        bundles[label] = out
     return bundles
 
 
-def trt_form(bundles: dict[str, Path]) -> dict[str, bytes]:
-    """The S8S8 (TensorRT) form of every graph, from the INT8 bundle's stored ranges."""
-    import onnx
-
-    from slimdeploy.bundle import load_bundle
-    from slimdeploy.calibration import CalibrationRecord, DecisionScope, quantize_int8
-
-    fp32 = load_bundle(bundles["fp32"])
-    record = CalibrationRecord.load(bundles["int8"])
-    scope = DecisionScope()
-    graphs = {}
-    for entry in fp32.manifest["graphs"]:
-        graph = onnx.load(bundles["fp32"] / entry["file"])
-        name = entry["name"]
-        if scope.is_decision_piece(name) or name not in record.graphs:
-            graphs[name] = graph.SerializeToString()
-        else:
-            graphs[name] = quantize_int8(graph, record.graphs[name], target="trt", exclude=scope.nodes(graph)).SerializeToString()
-    return graphs
-
-
-def agreement_rows(bundles: dict[str, Path], trt_graphs: dict[str, bytes], heldout: np.ndarray, labels: np.ndarray, threads: int) -> dict[str, Any]:
-    """Top-1 and gate agreement of each INT8 form with FP32, and accuracies, on ``heldout``."""
+def agreement_rows(bundles: dict[str, Path], heldout: np.ndarray, labels: np.ndarray, threads: int) -> dict[str, Any]:
+    """Top-1 and decision (gate or exit) agreement of each INT8 form with FP32, and accuracies,
+    on ``heldout``."""
     from slimdeploy.bundle import bundle_runner, load_bundle
-    from slimdeploy.engines.base import TensorMeta
-    from slimdeploy.engines.factory import make_runner
     from slimdeploy.parity import run_batches
 
-    fp32 = load_bundle(bundles["fp32"])
-    manifest = fp32.manifest
-    meta = TensorMeta("input", np.dtype(np.float32), ("batch", *manifest["preprocessing"]["input_size"]))
     runners = {
-        "fp32": bundle_runner(fp32, threads=threads),
+        "fp32": bundle_runner(load_bundle(bundles["fp32"]), threads=threads),
         "int8_ort": bundle_runner(load_bundle(bundles["int8"]), threads=threads),
-        "int8_trt_form": make_runner(trt_graphs, manifest["dynamic"], meta, plan=manifest.get("gating") or None,
-                                     decision_defaults=manifest["decisions"]["thresholds"], threads=threads),
+        "int8_trt_form": bundle_runner(load_bundle(bundles["int8_trt"]), threads=threads),
     }
     outputs = {}
     for label, runner in runners.items():
@@ -127,8 +106,9 @@ def agreement_rows(bundles: dict[str, Path], trt_graphs: dict[str, bytes], heldo
             "accuracy": float((out["logits"].argmax(1) == labels).mean()),
             "max_abs_logits_vs_fp32": float(np.abs(out["logits"] - reference["logits"]).max()),
         }
-        if "gates" in reference and reference["gates"].size:
-            row["gate_agreement"] = float((out["gates"] == reference["gates"]).mean())
+        for output, figure in DECISIONS.items():
+            if output in reference and reference[output].size:
+                row[figure] = float((out[output] == reference[output]).mean())
         rows[label] = row
     return rows
 
@@ -137,7 +117,7 @@ def time_pair(bundles: dict[str, Path], heldout: np.ndarray, threads: int, plan:
     """FP32 against INT8 (ORT form), both sessions loaded, taking turns."""
     from slimdeploy.bundle import bundle_runner, load_bundle
 
-    runners = {label: bundle_runner(load_bundle(path), threads=threads) for label, path in bundles.items()}
+    runners = {label: bundle_runner(load_bundle(bundles[label]), threads=threads) for label in ("fp32", "int8")}
     for runner in runners.values():
         runner.activate()
     results = []
@@ -178,10 +158,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "machine": machine_facts(),
         "settings": {
             "threads": args.threads,
-            "calibration": "digits calibration split (100 images), Percentile, per-channel weights, gate heads FP32",
-            "int8_ort": "U8S8 QDQ (QUInt8 activations, QInt8 symmetric per-channel weights), the bundle's model.onnx",
-            "int8_trt_form": "S8S8 QDQ (symmetric, zero points 0, FP32 biases) from the INT8 bundle's calibration.json",
-            "gated_form": "compact (the ort default)",
+            "calibration": "digits calibration split (100 images), --calib-method auto, bias correction, per-channel weights, gate and exit heads FP32",
+            "int8_ort": "export --precision int8 --calib digits: U8S8 QDQ (QUInt8 activations, QInt8 symmetric per-channel weights)",
+            "int8_trt_form": "export --target trt --precision int8 --calib digits: S8S8 QDQ (symmetric, zero points 0, FP32 biases), run in ONNX Runtime",
+            "dynamic_forms": "SkipNet compact, S2D staged (the ort defaults)",
             "batch_sizes": list(BATCH_SIZES),
             "rounds": plan["rounds"],
             "timed_calls_per_round": {str(k): v for k, v in plan["iterations"].items()},
@@ -199,7 +179,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             prep = manifest["preprocessing"]
             heldout, labels = digits_inputs("heldout", tuple(prep["input_size"]), tuple(prep["mean"]), tuple(prep["std"]), count=plan["heldout"])
             say(f"[{name}] agreement of the INT8 forms with FP32 ...")
-            agreement = agreement_rows(bundles, trt_form(bundles), heldout, labels, args.threads)
+            agreement = agreement_rows(bundles, heldout, labels, args.threads)
             say(f"[{name}] timing FP32 against INT8 ...")
             result["models"].append({
                 "name": name,
@@ -231,9 +211,10 @@ def checks(result: dict[str, Any]) -> list[dict[str, Any]]:
         ort_row = model["agreement"]["int8_ort"]
         found.append({"check": f"{model['name']} top1_agreement", "target": f">= {TARGETS['top1_agreement']}",
                       "measured": ort_row["top1_agreement"], "passed": ort_row["top1_agreement"] >= TARGETS["top1_agreement"]})
-        if "gate_agreement" in ort_row:
-            found.append({"check": f"{model['name']} gate_agreement", "target": f">= {TARGETS['gate_agreement']}",
-                          "measured": ort_row["gate_agreement"], "passed": ort_row["gate_agreement"] >= TARGETS["gate_agreement"]})
+        for figure in DECISIONS.values():
+            if figure in ort_row:
+                found.append({"check": f"{model['name']} {figure}", "target": f">= {TARGETS[figure]}",
+                              "measured": ort_row[figure], "passed": ort_row[figure] >= TARGETS[figure]})
     return found
 
 
@@ -243,14 +224,15 @@ def markdown(result: dict[str, Any]) -> str:
         f"{machine['cpu_model']}, {machine['cores']} cores, {result['settings']['threads']} threads, "
         f"onnxruntime {machine['versions'].get('onnxruntime')}" + (" (--quick: smoke figures, not to quote)" if result["quick"] else ""),
         "",
-        "| model | FP32 p50 ms b1 / b32 | INT8 p50 ms b1 / b32 | INT8 speed-up b1 / b32 | top-1 vs FP32 U8S8 / S8S8 | gates vs FP32 U8S8 / S8S8 | accuracy FP32 / U8S8 / S8S8 |",
+        "| model | FP32 p50 ms b1 / b32 | INT8 p50 ms b1 / b32 | INT8 speed-up b1 / b32 | top-1 vs FP32 U8S8 / S8S8 | gates or exits vs FP32 U8S8 / S8S8 | accuracy FP32 / U8S8 / S8S8 |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for model in result["models"]:
         rows = {r["batch"]: r for r in model["latency"]}
         a = model["agreement"]
         ort_row, trt_row = a["int8_ort"], a["int8_trt_form"]
-        gates = (f"{ort_row['gate_agreement']:.1%} / {trt_row['gate_agreement']:.1%}" if "gate_agreement" in ort_row else "")
+        figure = next((f for f in DECISIONS.values() if f in ort_row), None)
+        gates = f"{ort_row[figure]:.1%} / {trt_row[figure]:.1%}" if figure else ""
         lines.append(
             f"| {model['name']} | {rows[1]['fp32']['p50_ms']:.3f} / {rows[32]['fp32']['p50_ms']:.2f} "
             f"| {rows[1]['int8']['p50_ms']:.3f} / {rows[32]['int8']['p50_ms']:.2f} "
@@ -269,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="few calls and images: a smoke test, not figures to quote")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file (default benchmarks/results/precision.json)")
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads of both sessions (default 2)")
-    parser.add_argument("--models", nargs="+", default=list(DEMO_MODELS), choices=DEMO_MODELS, help="zoo models (default all four)")
+    parser.add_argument("--models", nargs="+", default=list(DEMO_MODELS), choices=DEMO_MODELS, help="zoo models (default all five)")
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error("--threads must be at least 1")

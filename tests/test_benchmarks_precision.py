@@ -18,15 +18,15 @@ from tests.conftest import REPO
 def test_precision_benchmark_quick_writes_complete_results(tmp_path: Path) -> None:
     out = tmp_path / "p.json"
     done = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "precision.py"), "--quick", "--models", "mobilenet_v1_digits",
+        [sys.executable, str(REPO / "benchmarks" / "precision.py"), "--quick", "--models", "mobilenet_v1_digits", "s2d_resnet20_digits",
          "--out", str(out)],
-        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+        capture_output=True, text=True, cwd=tmp_path, timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| model | FP32 p50 ms" in done.stdout
     result = json.loads(out.read_text())
     assert result["quick"] is True and result["machine"]["versions"]["onnxruntime"]
-    (model,) = result["models"]
+    model, early_exit = result["models"]
     assert model["name"] == "mobilenet_v1_digits" and model["int8_parity_passed"] is True
     agreement = model["agreement"]
     assert agreement["samples"] == 64
@@ -36,5 +36,11 @@ def test_precision_benchmark_quick_writes_complete_results(tmp_path: Path) -> No
     assert [row["batch"] for row in model["latency"]] == [1, 32]
     for row in model["latency"]:
         assert row["fp32"]["p50_ms"] > 0 and row["int8"]["p50_ms"] > 0 and row["speedup_int8_over_fp32_p50"] > 0
+    # The early-exit model (staged bundles) reports exit agreement for both INT8 forms.
+    assert early_exit["name"] == "s2d_resnet20_digits" and early_exit["dynamic"] == "staged"
+    for form in ("int8_ort", "int8_trt_form"):
+        assert 0.9 <= early_exit["agreement"][form]["exit_agreement"] <= 1.0, form
     checks = {c["check"] for c in result["checks"]}
-    assert checks == {"mobilenet_v1_digits top1_agreement"}  # speed targets only on the ResNet-class models
+    # Speed targets only on the ResNet-class models.
+    assert checks == {"mobilenet_v1_digits top1_agreement", "s2d_resnet20_digits int8_speedup_batch32",
+                      "s2d_resnet20_digits top1_agreement", "s2d_resnet20_digits exit_agreement"}
