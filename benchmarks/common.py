@@ -79,19 +79,31 @@ class OtherLoad:
 
 def benchmark_arguments(description: str, default_out: Path) -> argparse.ArgumentParser:
     """The options every side-by-side benchmark takes: ``--quick``, ``--out`` (default
-    ``default_out``) and ``--threads`` (default 2)."""
+    ``default_out``) and ``--threads`` (default 2, at least 1)."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--quick", action="store_true", help="few samples and rounds (smoke test)")
-    parser.add_argument("--out", type=Path, default=default_out, help="JSON results file")
-    parser.add_argument("--threads", type=int, default=2, help="intra-op threads for every runner")
+    parser.add_argument("--quick", action="store_true", help="few samples and rounds: a smoke test, not figures to quote")
+    parser.add_argument("--out", type=Path, default=default_out, help=f"JSON results file (default {default_out.name} in benchmarks/results)")
+    parser.add_argument("--threads", type=_positive, default=2, help="intra-op threads for every runner (default 2)")
     return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def save_json(result: dict[str, Any], out: Path) -> None:
+    """Write ``result`` as indented JSON to ``out`` (its folder created)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 def write_results(result: dict[str, Any], out: Path, table: str) -> None:
     """Write ``result`` as JSON to ``out``, then print ``table`` and each of ``result["checks"]``
     against its target."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    save_json(result, out)
     print(table)
     for check in result["checks"]:
         print(f"{check['name']}: {check['value']:.2f} (target {check['target']}: {'met' if check['met'] else 'NOT met'})")

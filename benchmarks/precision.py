@@ -42,7 +42,7 @@ if str(REPO) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import OtherLoad, machine_facts  # noqa: E402
+from common import OtherLoad, benchmark_arguments, machine_facts, save_json  # noqa: E402
 from runtime import summarise, timed_calls  # noqa: E402
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "precision.json"
@@ -247,17 +247,11 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="few calls and images: a smoke test, not figures to quote")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file (default benchmarks/results/precision.json)")
-    parser.add_argument("--threads", type=int, default=2, help="intra-op threads of both sessions (default 2)")
+    parser = benchmark_arguments(__doc__.split("\n\n")[0], DEFAULT_OUT)
     parser.add_argument("--models", nargs="+", default=list(DEMO_MODELS), choices=DEMO_MODELS, help="zoo models (default all five)")
     args = parser.parse_args(argv)
-    if args.threads < 1:
-        parser.error("--threads must be at least 1")
     result = run(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    save_json(result, args.out)
     print(markdown(result))
     say(f"wrote {args.out}")
     return 0
