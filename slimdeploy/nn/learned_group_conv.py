@@ -22,6 +22,20 @@ from torch.nn import functional
 from slimdeploy.nn.activation import make_activation
 
 
+@torch.no_grad()
+def drop_weakest(weight: torch.Tensor, mask: torch.Tensor, groups: int, count: int, delta: int) -> None:
+    """For each group of rows ``i::groups`` of ``mask`` (the layout of ``weight``,
+    [rows, columns, kh, kw]), zero the columns ranked ``count .. count + delta`` by importance,
+    the sum over the group's rows of |weight * mask|. Columns already dropped sum to 0 and sort
+    first, so these are the ``delta`` weakest still kept (upstream's ascending sort).
+    ``LearnedGroupConv`` drops inputs per output group; the sparse feature reactivation passes
+    transposed views to drop outputs per input group."""
+    importance = (weight * mask).abs().sum(dim=(2, 3))  # [rows, columns]
+    for i in range(groups):
+        order = importance[i::groups].sum(0).sort()[1]
+        mask[i::groups, order[count : count + delta]] = 0
+
+
 class LearnedGroupConv(nn.Module):
     """Masked dense convolution with ``groups`` learned groups and condense factor ``condense_factor``.
 
@@ -99,13 +113,8 @@ class LearnedGroupConv(nn.Module):
         delta = self.in_channels // self.condense_factor
         if delta == 0:
             return False
-        weight = (self.conv.weight * self._mask).abs().sum(dim=(2, 3))  # [out, in]
         count = int(self._count[0])
-        for i in range(self.groups):
-            # Group i's importance per input; already dropped inputs sum to 0 and sort first,
-            # so the next `delta` in ascending order are the new drops (as upstream).
-            order = weight[i :: self.groups].sum(0).sort()[1]
-            self._mask[i :: self.groups, order[count : count + delta]] = 0
+        drop_weakest(self.conv.weight, self._mask, self.groups, count, delta)
         self._count.fill_(count + delta)
         return True
 

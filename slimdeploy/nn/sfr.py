@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn import functional
 
 from slimdeploy.nn.activation import make_activation
-from slimdeploy.nn.learned_group_conv import LearnedGroupConv
+from slimdeploy.nn.learned_group_conv import LearnedGroupConv, drop_weakest
 
 
 def channel_shuffle_transposed(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -90,12 +90,9 @@ class SparseFeatureReactivation(nn.Module):
             return False
         self._stage.fill_(stage)
         delta = self.out_channels // self.condense_factor
-        weight = (self.conv.weight * self._mask).abs().sum(dim=(2, 3))  # [out, in]
         count = int(self._count[0])
-        for g in range(self.groups):
-            # Dropped outputs sum to 0 and sort first, so the next `delta` are the new drops.
-            order = weight[:, g :: self.groups].sum(1).sort()[1]
-            self._mask[order[count : count + delta], g :: self.groups] = 0
+        # Input groups over outputs: LearnedGroupConv's drop on the transposed [in, out] views.
+        drop_weakest(self.conv.weight.transpose(0, 1), self._mask.transpose(0, 1), self.groups, count, delta)
         self._count.fill_(count + delta)
         return True
 
