@@ -291,6 +291,17 @@ def _build_options(min_batch: int | None, opt_batch: int | None, max_batch: int 
     return {key: value for key, value in given.items() if value is not None}
 
 
+def _print_macs(stats: Any, every: str, alone: str) -> None:
+    """The MACs per sample of a gated or early-exit bench (computing ``every`` block or stage,
+    the decisions ``alone``, the form at each batch) and the speed-up they predict over mask."""
+    out_console.print(
+        f"MACs per sample: {every} {stats.macs_mask / 1e6:.2f} M, {alone} {stats.macs_ideal / 1e6:.2f} M, "
+        + ", ".join(f"{stats.form} at batch {b} {v / 1e6:.2f} M" for b, v in stats.macs_form.items())
+    )
+    out_console.print("predicted speed-up over mask: " + ", ".join(
+        f"batch {b} {v:.2f}x" for b, v in stats.predicted_speedup.items()))
+
+
 def _after_trt_export(result: Any, out: Path, prepare_only: bool, json_out: str | None) -> None:
     """A TensorRT bundle: report the lint, then build here, or say how to build on the target."""
     from slimdeploy.engines.trt_build import is_available
@@ -473,22 +484,12 @@ def bench(
         if stats is not None:
             rates = " ".join(f"{rate:.0%}" for rate in stats.skip_rate_per_block)
             out_console.print(f"skip rate per gated block ({stats.samples} samples): {rates}; overall {stats.skip_rate:.1%}")
-            out_console.print(
-                f"MACs per sample: mask {stats.macs_mask / 1e6:.2f} M, decisions alone {stats.macs_ideal / 1e6:.2f} M, "
-                + ", ".join(f"{stats.form} at batch {b} {v / 1e6:.2f} M" for b, v in stats.macs_form.items())
-            )
-            out_console.print("predicted speed-up over mask: " + ", ".join(
-                f"batch {b} {v:.2f}x" for b, v in stats.predicted_speedup.items()))
+            _print_macs(stats, "mask", "decisions alone")
         exits = report.exits
         if exits is not None:
             shares = " ".join(f"{share:.0%}" for share in exits.exit_share_per_stage)
             out_console.print(f"exits per stage ({exits.samples} samples, thresholds {exits.thresholds}): {shares}")
-            out_console.print(
-                f"MACs per sample: all stages {exits.macs_mask / 1e6:.2f} M, exits alone {exits.macs_ideal / 1e6:.2f} M, "
-                + ", ".join(f"{exits.form} at batch {b} {v / 1e6:.2f} M" for b, v in exits.macs_form.items())
-            )
-            out_console.print("predicted speed-up over mask: " + ", ".join(
-                f"batch {b} {v:.2f}x" for b, v in exits.predicted_speedup.items()))
+            _print_macs(exits, "all stages", "exits alone")
         if report.sweep:
             sweep_table = Table(title=f"threshold sweep (batch {report.sweep[0].batch_size})")
             for column in ("threshold", "exits per stage", "MMACs/sample", "accuracy", "latency ms"):
