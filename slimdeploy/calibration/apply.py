@@ -151,8 +151,8 @@ def apply_precision(
         if changed:
             raise BadInputError(
                 f"the stored calibration ranges were collected on another graph than this export's {changed} (the "
-                "tensors differ: INT8 folds of SPConv and CondenseNet depend on --target) | Fix: recalibrate "
-                "(--calib digits|PATH), or reuse ranges from an export with the same --target and --dynamic"
+                "tensors differ: another --dynamic form, --no-fold, or precision) | Fix: recalibrate "
+                "(--calib digits|PATH), or reuse ranges from an INT8 export with the same --dynamic and folds"
             )
         say(f"reusing stored calibration ranges ({record.method}, {record.data.get('source')})")
         if op_types is None and record.data.get("op_types"):

@@ -142,7 +142,7 @@ def float_tensors(model: onnx.ModelProto) -> list[str]:
 
 def graph_signature(model: onnx.ModelProto) -> str:
     """SHA-256 of ``float_tensors(model)``: stored ranges fit a graph only if its signature is
-    the one they were collected on (an export's folds may differ by target and precision)."""
+    the one they were collected on (an export's folds depend on precision and --no-fold, its graphs on the dynamic form)."""
     return hashlib.sha256("\n".join(float_tensors(model)).encode()).hexdigest()
 
 
