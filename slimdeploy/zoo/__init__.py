@@ -2,8 +2,8 @@
 
 Shipped checkpoints are described by ``zoo.json`` (a JSON list, one object per checkpoint) next
 to this file; the files themselves live in ``checkpoints/``. Every one is trained on the digits
-``train`` split (``slimdeploy.data``) by ``slimdeploy.zoo.train`` and records its top-1
-accuracy on the 500-image ``heldout`` split, so a user can export a real, trained model without
+``train`` split (``slimdeploy.data``) by a recipe in ``slimdeploy.zoo.train*`` and records its
+top-1 accuracy on the 500-image ``heldout`` split, so a user can export a real, trained model without
 bringing their own: ``slimdeploy zoo list`` prints the path of each, ready for ``export``.
 
 Doors:
