@@ -28,8 +28,8 @@ form the dense 1x1 convolutions of the ``LearnedGroupConv`` layers; for the fold
 dense-stored 3x3 convolutions). Predicted speed-up = masked-dense MACs / condensed MACs;
 realised = masked-dense time / condensed (or folded) time.
 
-1. The demo model: ``zoo:condensenet_digits`` if it is shipped, else the upstream kit's learned
-   checkpoint (``condensenet_cifar10_small``, stages 2-2-2), on held-out digits.
+1. The demo model: ``zoo:condensenet_digits`` (shipped in the package, the learned training
+   form), on held-out digits.
 2. A CondenseNet-86-sized model (official CIFAR configuration: stages 14-14-14, growth 8-16-32,
    bottleneck 4, group_1x1 4, group_3x3 4, condense factor 4) with random weights and random masks
    as the condensation schedule ends them (each group keeps in/C random inputs; group i owns
@@ -58,7 +58,6 @@ from common import OtherLoad, benchmark_arguments, estimate_batchnorm, machine_f
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "condensenet.json"
 DEMO = "condensenet_digits"
-FALLBACK = Path("/work/shared/upstream-kit/condensenet_cifar10_small/checkpoint.pth.tar")
 LARGE_CONFIG = {"stages": (14, 14, 14), "growth": (8, 16, 32), "bottleneck": 4, "group_1x1": 4,
                 "group_3x3": 4, "condense_factor": 4, "data": "cifar10", "num_classes": 10}
 TARGET_SPEEDUP = 2.0
@@ -171,22 +170,15 @@ def compare(name: str, learned: Any, x: np.ndarray, settings: dict[str, Any], th
 def demo_model(settings: dict[str, Any], threads: int) -> dict[str, Any]:
     from slimdeploy.data import digits_inputs
     from slimdeploy.loading import load_checkpoint
+    from slimdeploy.zoo import zoo_checkpoint_path
 
     source, note = f"zoo:{DEMO}", "trained on digits"
-    try:
-        from slimdeploy.zoo import zoo_checkpoint_path
-
-        path = zoo_checkpoint_path(DEMO)
-        loaded = load_checkpoint(path)
-        if getattr(loaded.module, "converted", True):
-            raise TypeError(f"zoo:{DEMO} is not a learned (training-form) CondenseNet")
-    except Exception as exc:  # not shipped yet, or not the learned form: the kit's checkpoint
-        say(f"zoo:{DEMO} unavailable ({type(exc).__name__}); using the upstream kit's learned checkpoint")
-        source = str(FALLBACK)
-        note = (f"fallback: zoo:{DEMO} was not available ({type(exc).__name__}: {str(exc)[:160]}); the "
-                "upstream kit's learned checkpoint (CIFAR-10 weights, CIFAR preprocessing) is timed on digits")
-        path = FALLBACK
-        loaded = load_checkpoint(FALLBACK, arch="condensenet")
+    path = zoo_checkpoint_path(DEMO)
+    loaded = load_checkpoint(path)
+    if getattr(loaded.module, "converted", True):
+        # The comparison starts from the masked dense training form; a converted model has none.
+        raise SystemExit(f"zoo:{DEMO} is not a learned (training-form) CondenseNet: retrain it with "
+                         f"`slimdeploy zoo train {DEMO}`")
     prep = loaded.preprocessing
     x, _ = digits_inputs("heldout", prep.input_size, prep.mean, prep.std)
     result = compare("demo", loaded.module, x, settings, threads)

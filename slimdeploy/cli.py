@@ -1,6 +1,6 @@
 """The ``slimdeploy`` command line: thin typer commands over the library functions.
 
-Exit codes (DESIGN.md §8): 0 success; 1 a check failed (parity, lint); 2 bad invocation or bad
+Exit codes (docs/design.md §8): 0 success; 1 a check failed (parity, lint); 2 bad invocation or bad
 input; 3 a backend is not available here. Domain errors (``SlimDeployError``) print one line
 without a traceback; ``SLIMDEPLOY_DEBUG=1`` shows it. Anything else is a bug and shows its
 traceback. Progress goes to stderr; results to stdout (or ``--json FILE|-``).

@@ -1,4 +1,4 @@
-"""One error hierarchy. Each class carries the CLI exit code of DESIGN.md §8.
+"""One error hierarchy. Each class carries the CLI exit code of docs/design.md §8.
 
 Messages follow "what happened | Note: expected ... | Fix: ..." so that the CLI prints one line
 that says what was wrong and what to do; the CLI shows no traceback for these

@@ -3,7 +3,7 @@
     result = export("model.pt", "bundle/", arch="spconv_resnet20_cifar")
     result.report.passed  # parity of the bundled graph against the PyTorch model
 
-Steps (DESIGN.md §2): load the checkpoint; pick held-out inputs (digits held-out split at the
+Steps (docs/design.md §2): load the checkpoint; pick held-out inputs (digits held-out split at the
 model's input size, or ``data``); run the PyTorch reference; export with torch.export; run the
 full onnx.checker; check parity; simplify with onnxslim, re-check the graph and parity (and
 keep the unsimplified graph if simplification broke parity); with ``precision`` fp16 or int8,
@@ -54,7 +54,7 @@ GATED_FORMS = ("mask", "if", "compact", "staged")
 EXIT_FORMS = ("mask", "if", "staged")
 # Default dynamic form per target and family. Gated: compact routes per sample inside one flat
 # graph. Early exits: staged, the form that saves at every batch size (benchmarks/early_exit.py).
-# TensorRT gets staged for both (one engine per piece, decisions on the host: tensorrt-facts.md
+# TensorRT gets staged for both (one engine per piece, decisions on the host: docs/tensorrt-facts.md
 # "Control flow").
 DEFAULT_FORMS = {"ort": "compact", "trt": "staged"}
 DEFAULT_EXIT_FORMS = {"ort": "staged", "trt": "staged"}

@@ -1,6 +1,11 @@
 """Shared fixtures: small checkpoints in every supported format, an exported bundle, and a
 ``run_cli`` helper that runs the real command line in a subprocess (real exit codes, real
-stderr, so "no traceback" can be asserted)."""
+stderr, so "no traceback" can be asserted).
+
+Test data files (``tests/fixtures/``) are reached through ``require_fixture`` or the
+``needs_fixture`` marker: a missing file skips the test on a developer's machine but fails it
+where the ``CI`` environment variable is set, so that a moved fixture cannot leave CI green
+without the tests that need it."""
 
 from __future__ import annotations
 
@@ -21,7 +26,40 @@ def _one_torch_thread() -> None:
     import torch
 
     torch.set_num_threads(1)
-SHARED = REPO.parent / "shared"
+
+
+UPSTREAM = REPO / "tests" / "fixtures" / "upstream"
+"""Checkpoints, inputs and reference outputs made by the official SkipNet and CondenseNet code
+(``tests/fixtures/upstream/README.md``)."""
+
+
+def in_ci() -> bool:
+    """True when the ``CI`` environment variable is set to anything but "", "0" or "false"."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false")
+
+
+def require_fixture(path: Path) -> Path:
+    """``path`` when it exists. When it does not, the calling test fails under CI (``in_ci``)
+    and is skipped elsewhere, with a message naming the missing file."""
+    if path.exists():
+        return path
+    shown = path.relative_to(REPO) if path.is_relative_to(REPO) else path
+    if in_ci():
+        pytest.fail(f"test fixture {shown} is missing; CI is set, where every test that needs a "
+                    "fixture must run (restore the file, see tests/fixtures/upstream/README.md)", pytrace=False)
+    pytest.skip(f"test fixture {shown} is missing")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "needs_fixture(*paths): the test reads these fixture files or "
+                            "folders (require_fixture: fails under CI when one is missing, skips elsewhere)")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Apply ``@pytest.mark.needs_fixture(path, ...)`` before the test and its fixtures run."""
+    for marker in item.iter_markers("needs_fixture"):
+        for path in marker.args:
+            require_fixture(Path(path))
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:

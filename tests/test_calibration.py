@@ -1,4 +1,4 @@
-"""Calibration data readers and calibration ranges (DESIGN.md §6): image folders decoded and
+"""Calibration data readers and calibration ranges (docs/design.md §6): image folders decoded and
 preprocessed like the model's inputs, arrays, the digits calibration split, synthetic data
 flagged; ranges collected by ONNX Runtime, stored and read back unchanged."""
 

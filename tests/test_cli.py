@@ -45,7 +45,7 @@ def test_export_writes_a_checked_bundle(tmp_path: Path, zoo_resnet_checkpoint: P
     # progress is shown on stderr
     assert "exporting with torch.export" in result.stderr
     assert json.loads((tmp_path / "r.json").read_text())["report"]["passed"] is True
-    # the graph has a dynamic batch axis and the DESIGN names
+    # the graph has a dynamic batch axis and the names of docs/design.md §8
     import onnx
 
     graph = onnx.load(out / "model.onnx").graph

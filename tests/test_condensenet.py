@@ -1,7 +1,7 @@
 """Tests for CondenseNet: the official kit checkpoints (learned and converted), the blocks, the
 condense transform's index semantics, and export of the condensed form.
 
-The kit (../shared/upstream-kit/condensenet_cifar10_small) holds an official learned
+The kit (tests/fixtures/upstream/condensenet_cifar10_small) holds an official learned
 checkpoint, its official ``convert_model`` output, an input batch and the official outputs.
 """
 
@@ -22,12 +22,13 @@ from slimdeploy.models.condensenet import CondenseNet, infer_condensenet_args
 from slimdeploy.nn import CondensedConv, LearnedGroupConv
 from slimdeploy.transforms import condense
 from slimdeploy.transforms.condense import condense_index, condense_layer
+from tests.conftest import UPSTREAM, require_fixture
 
-KIT = Path(__file__).resolve().parents[2] / "shared" / "upstream-kit" / "condensenet_cifar10_small"
+KIT = UPSTREAM / "condensenet_cifar10_small"
 KIT_ARGS = {"stages": [2, 2, 2], "growth": [4, 8, 16], "bottleneck": 4, "group_1x1": 4,
             "group_3x3": 4, "condense_factor": 4, "data": "cifar10", "num_classes": 10}
 
-needs_kit = pytest.mark.skipif(not KIT.is_dir(), reason="upstream kit not available")
+needs_kit = pytest.mark.needs_fixture(KIT)
 
 
 @pytest.fixture(autouse=True)
@@ -41,24 +42,18 @@ def _single_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def kit() -> dict[str, Any]:
-    if not KIT.is_dir():
-        pytest.skip("upstream kit not available")
-    refs = torch.load(KIT / "ref_outputs.pt")
+    refs = torch.load(require_fixture(KIT) / "ref_outputs.pt")
     return {"input": torch.load(KIT / "input.pt"), **refs}
 
 
 @pytest.fixture(scope="module")
 def learned() -> CondenseNet:
-    if not KIT.is_dir():
-        pytest.skip("upstream kit not available")
-    return load_checkpoint(KIT / "checkpoint.pth.tar").module
+    return load_checkpoint(require_fixture(KIT) / "checkpoint.pth.tar").module
 
 
 @pytest.fixture(scope="module")
 def converted() -> CondenseNet:
-    if not KIT.is_dir():
-        pytest.skip("upstream kit not available")
-    return load_checkpoint(KIT / "converted_checkpoint.pth.tar", arch="condensenet_converted").module
+    return load_checkpoint(require_fixture(KIT) / "converted_checkpoint.pth.tar", arch="condensenet_converted").module
 
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:

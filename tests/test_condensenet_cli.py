@@ -10,15 +10,15 @@ import onnx
 import pytest
 import torch
 
-from tests.conftest import SHARED, assert_clean_error, run_cli
+from tests.conftest import UPSTREAM, assert_clean_error, require_fixture, run_cli
 
-KIT = SHARED / "upstream-kit" / "condensenet_cifar10_small"
+KIT = UPSTREAM / "condensenet_cifar10_small"
 
 
 @pytest.fixture(scope="module")
 def kit_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("kit") / "inputs.npz"
-    np.savez(path, input=torch.load(KIT / "input.pt", weights_only=True).numpy())
+    np.savez(path, input=torch.load(require_fixture(KIT) / "input.pt", weights_only=True).numpy())
     return path
 
 

@@ -1,5 +1,5 @@
 """The images' recipes (docker is not run here): every version a build argument, the base images
-of tensorrt-facts.md "Containers", entrypoint ``slimdeploy``, and no torch installed."""
+of docs/tensorrt-facts.md "Containers", entrypoint ``slimdeploy``, and no torch installed."""
 
 from __future__ import annotations
 

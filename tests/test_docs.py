@@ -5,6 +5,8 @@ and the example CI workflow runs commands that exist. Fast: reads the typer app,
 from __future__ import annotations
 
 import re
+import subprocess
+from pathlib import Path
 
 import pytest
 import typer.main
@@ -163,16 +165,99 @@ def test_help_states_the_library_defaults() -> None:
 
 @pytest.mark.slow
 def test_readme_python_example_runs(tmp_path, monkeypatch) -> None:
-    """The README's Python block, on the shipped SPConv ResNet-20 checkpoint in place of
-    model.pt (a short parity run), exports, checks and runs a bundle."""
-    from slimdeploy.zoo import zoo_checkpoint_path
-
+    """The README's Python block, as written (on the shipped SPConv ResNet-20 checkpoint, with a
+    short parity run), exports, checks and runs a bundle under bundles/ of the current folder."""
     code = re.search(r"## Python\s*```python\n(.+?)```", (REPO / "README.md").read_text(), re.S).group(1)
-    checkpoint = zoo_checkpoint_path("spconv_resnet20_digits")
-    code = code.replace('"model.pt", "bundle/", arch=', f'"{checkpoint}", "bundle/", samples=8, arch=')
+    assert 'zoo_checkpoint_path("spconv_resnet20_digits")' in code, "the example says where its checkpoint comes from"
+    assert code.count("force=True)") == 1
+    code = code.replace("force=True)", "force=True, samples=8)")
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)
     assert namespace["report"] and namespace["logits"].shape == (4, 10)
-    golden = namespace["np"].load(tmp_path / "bundle" / "golden.npz")
+    golden = namespace["np"].load(tmp_path / "bundles" / "python-example" / "golden.npz")
     assert namespace["np"].array_equal(namespace["logits"].argmax(1), golden["ref_logits"][:4].argmax(1))
+
+
+# What names a place outside the repository: the sibling folder the project once read, absolute
+# paths of the machine it was developed on, documents that live only there, and the folder above
+# the repository root. Built from pieces so that this file does not name them itself.
+OUTSIDE_NAMES = re.compile("|".join([
+    r"\.\./" + "shared", "/" + "work/", "upstream" + "-kit", "DESIGN" + r"\.md",
+    "reference/" + r"(?:tensorrt-facts|trt_ops|upstream|style-anchors)", r"\b(?:REPO|ROOT)\.parent" + r"\b",
+]))
+RELATIVE_PATH = re.compile(r"(?<![\w.])((?:\.\./)+[\w.-]+(?:/[\w.-]+)*)")
+PARENTS_OF_FILE = re.compile(r"Path\(__file__\)(?:\.resolve\(\))?\.parents\[(\d+)\]")
+IGNORED_PARTS = {".git", ".venv", "__pycache__", "bundles", "build", "dist"}
+
+
+def repository_files(root: Path) -> list[Path]:
+    """The tracked files of the checkout at ``root`` (every file but ignored folders when it is
+    not a git checkout, e.g. a copy)."""
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True)
+    if listed.returncode == 0 and listed.stdout:
+        return [root / name for name in listed.stdout.decode().split("\0") if name]
+    return [path for path in sorted(root.rglob("*")) if path.is_file()
+            and not IGNORED_PARTS & set(path.relative_to(root).parts)
+            and not any(part.endswith(".egg-info") for part in path.relative_to(root).parts)]
+
+
+def outside_paths(root: Path) -> list[str]:
+    """``file:line: text`` for every text file under ``root`` that names a path outside ``root``:
+    a known outside name, a ``../`` path that leaves the repository from both the file's folder
+    and the root, or ``Path(__file__).parents[N]`` above the root."""
+    found = []
+    for path in repository_files(root):
+        data = path.read_bytes()
+        if b"\0" in data:
+            continue  # binary: checkpoints, arrays
+        try:
+            text = data.decode()
+        except UnicodeDecodeError:
+            continue
+        relative = path.relative_to(root)
+        for number, line in enumerate(text.splitlines(), 1):
+            problems = [match.group(0) for match in OUTSIDE_NAMES.finditer(line)]
+            for match in RELATIVE_PATH.finditer(line):
+                targets = [(path.parent / match.group(1)).resolve(), (root / match.group(1)).resolve()]
+                if not any(target.is_relative_to(root.resolve()) for target in targets):
+                    problems.append(match.group(1))
+            for match in PARENTS_OF_FILE.finditer(line):
+                # parents[len(parts) - 1] of a file is the root; anything higher is outside.
+                if int(match.group(1)) >= len(relative.parts):
+                    problems.append(match.group(0))
+            found += [f"{relative}:{number}: {problem}" for problem in problems]
+    return found
+
+
+def test_no_file_names_a_path_outside_the_repository() -> None:
+    """Code, docs, tests, benchmarks and data read nothing outside the checkout: the design and
+    the facts live in docs/, the official-code fixtures in tests/fixtures/."""
+    assert not outside_paths(REPO)
+
+
+def test_the_outside_path_check_finds_each_kind(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    (repo / "tests").mkdir(parents=True)
+    (repo / "docs").mkdir()
+    (repo / "docs" / "ok.md").write_text("See [the design](design.md) and `../docs/ok.md`.\n")
+    (repo / "tests" / "ok.py").write_text("REPO = Path(__file__).resolve().parents[1]\n")
+    (repo / "model.pt").write_bytes(b"\0" + b"../" + b"shared")
+    assert outside_paths(repo) == []
+    # The offending names are assembled here so that this file does not contain them.
+    sibling = "../" + "shared/" + "DESIGN" + ".md"
+    elsewhere = "../" * 2 + "elsewhere/notes.txt"
+    above = "Path(__file__).resolve().parents[" + "2]"
+    (repo / "README.md").write_text(f"See `{sibling}`.\nAnd `{elsewhere}`.\n")
+    (repo / "tests" / "bad.py").write_text(f"KIT = {above} / 'kit'\n"
+                                            "FALLBACK = '/" + "work/kit/checkpoint.pth.tar'\n"
+                                            "SHARED = REPO." + "parent / 'shared'\n")
+    assert sorted(outside_paths(repo)) == sorted([
+        "README.md:1: ../" + "shared",
+        "README.md:1: DESIGN" + ".md",
+        f"README.md:1: {sibling}",
+        f"README.md:2: {elsewhere}",
+        f"tests/bad.py:1: {above}",
+        "tests/bad.py:2: /" + "work/",
+        "tests/bad.py:3: REPO." + "parent",
+    ])

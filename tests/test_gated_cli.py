@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import SHARED, assert_clean_error, run_cli
+from tests.conftest import UPSTREAM, assert_clean_error, require_fixture, run_cli
 
-KIT = SHARED / "upstream-kit" / "skipnet_cifar10_rnn_gate_38"
+KIT = UPSTREAM / "skipnet_cifar10_rnn_gate_38"
 
 
 @pytest.fixture(scope="module")
 def kit_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("kit") / "inputs.npz"
-    np.savez(path, input=torch.load(KIT / "input.pt", weights_only=True).numpy())
+    np.savez(path, input=torch.load(require_fixture(KIT) / "input.pt", weights_only=True).numpy())
     return path
 
 
@@ -83,6 +83,7 @@ def test_dynamic_option_refused_for_static_models(tmp_path: Path, zoo_resnet_che
     assert_clean_error(result, 2, "static")
 
 
+@pytest.mark.needs_fixture(KIT)
 def test_unknown_dynamic_form(tmp_path: Path) -> None:
     result = run_cli("export", str(KIT / "checkpoint.pth.tar"), "--dynamic", "loop", "--out", str(tmp_path / "b"))
     assert_clean_error(result, 2, "unknown dynamic form 'loop'")

@@ -1,4 +1,4 @@
-"""SkipNet dynamic forms against the official code's outputs (../shared/upstream-kit).
+"""SkipNet dynamic forms against the official code's outputs (tests/fixtures/upstream).
 
 The pieces of each kit model are exported once; every form is composed from them and must
 reproduce the kit's gate decisions exactly and its logits within 1e-4, at batch 8 and batch 1
@@ -18,16 +18,16 @@ from slimdeploy.engines import OrtRunner, Runner, TensorMeta
 from slimdeploy.engines.staged import StagedGatedRunner
 from slimdeploy.exporters.gated import FORMS, GatedPlan, compose_form, gated_pieces
 from slimdeploy.loading import load_checkpoint
-from tests.conftest import SHARED
+from tests.conftest import UPSTREAM, require_fixture
 
-KIT = SHARED / "upstream-kit"
+KIT = UPSTREAM
 KIT_MODELS = ["skipnet_cifar10_feedforward_38", "skipnet_cifar10_rnn_gate_38"]
 INPUT_META = TensorMeta("input", np.dtype(np.float32), ("batch", 3, 32, 32))
 
 
 @pytest.fixture(scope="module", params=KIT_MODELS)
 def kit(request: pytest.FixtureRequest) -> dict[str, Any]:
-    folder = KIT / request.param
+    folder = require_fixture(KIT / request.param)
     loaded = load_checkpoint(folder / "checkpoint.pth.tar")  # the checkpoint names its arch
     graphs, plan = gated_pieces(loaded.module, (3, 32, 32))
     reference = torch.load(folder / "ref_outputs.pt", weights_only=True)

@@ -1,4 +1,4 @@
-"""INT8 and FP16 graphs (DESIGN.md §6) on a small hand-built graph: the ONNX Runtime form
+"""INT8 and FP16 graphs (docs/design.md §6) on a small hand-built graph: the ONNX Runtime form
 (U8S8) and the TensorRT form (S8S8, zero points 0, per-channel weights on axis 0), ranges
 reused without recalibrating, decision heads kept FP32, FP16 parity in ONNX Runtime."""
 

@@ -1,10 +1,10 @@
 """SkipNet reference architectures against the official code (issue 3, parts 1 and 2).
 
-The upstream kit (../shared/upstream-kit) holds checkpoints written by the official
+The upstream fixtures (tests/fixtures/upstream) hold checkpoints written by the official
 ucbdrive/skipnet code with its outputs on a fixed input; the architectures must load them by
 key (the checkpoint names its arch) and reproduce every decision, probability and logit. The
 registry sweep builds every official factory name, and the key layout of the ones without a kit
-checkpoint is checked against the rules of reference/upstream.md, written out independently of
+checkpoint is checked against the rules of docs/upstream-formats.md, written out independently of
 the builders here.
 """
 
@@ -29,8 +29,9 @@ from slimdeploy.nn import (
     RecurrentGate,
     RecurrentGateEmbedding,
 )
+from tests.conftest import UPSTREAM, require_fixture
 
-KIT = Path(__file__).resolve().parents[2] / "shared" / "upstream-kit"
+KIT = UPSTREAM
 KIT_MODELS = ["skipnet_cifar10_feedforward_38", "skipnet_cifar10_rnn_gate_38"]
 # The kit was produced with more than one thread; on one thread some convolutions round
 # differently in the last bit, so probabilities agree to ~1e-6 (logits came out identical).
@@ -77,9 +78,7 @@ def _single_thread() -> Iterator[None]:
 
 
 def _kit(name: str) -> dict:
-    folder = KIT / name
-    if not folder.is_dir():
-        pytest.skip(f"upstream kit {folder} is not available")
+    folder = require_fixture(KIT / name)
     return {
         "checkpoint": folder / "checkpoint.pth.tar",
         "input": torch.load(folder / "input.pt", weights_only=True),
@@ -348,7 +347,7 @@ def test_registered_names_are_the_official_factories() -> None:
 
 
 def _expected_keys(name: str) -> dict[str, tuple[int, ...]]:
-    """Keys and shapes of the official model ``name``, from the rules of upstream.md."""
+    """Keys and shapes of the official model ``name``, from the rules of docs/upstream-formats.md."""
     gate, _, depth, classes = OFFICIAL[name]
     keys: dict[str, tuple[int, ...]] = {}
 

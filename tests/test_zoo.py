@@ -152,7 +152,8 @@ def test_train_unknown_recipe_raises() -> None:
 
 def test_every_entry_has_a_recipe() -> None:
     pytest.importorskip("torch")
-    from slimdeploy.zoo.train import RECIPES, recipe_command
+    from slimdeploy.zoo.train import RECIPES
+    from slimdeploy.zoo.training import recipe_command
 
     try:  # gated entries (SkipNet) are trained by their own module, with their own recipes
         from slimdeploy.zoo.train_gated import GATED_RECIPES
@@ -180,7 +181,8 @@ def test_every_entry_has_a_recipe() -> None:
 def test_train_demo_writes_a_loadable_checkpoint(tmp_path) -> None:
     pytest.importorskip("torch")
     from slimdeploy.loading import load_checkpoint
-    from slimdeploy.zoo.train import TrainSettings, train_demo
+    from slimdeploy.zoo.train import train_demo
+    from slimdeploy.zoo.training import TrainSettings
 
     lines: list[str] = []
     args = {"num_classes": 10, "width_mult": 0.25, "resolution": 32}

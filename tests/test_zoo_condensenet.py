@@ -38,8 +38,8 @@ def heldout(loaded):
 
 
 def test_entry_is_listed_with_its_metrics(entry) -> None:
-    from slimdeploy.zoo.train import recipe_command
     from slimdeploy.zoo.train_condensenet import CONDENSE_RECIPES
+    from slimdeploy.zoo.training import recipe_command
 
     recipe = CONDENSE_RECIPES[NAME]
     assert entry.arch == recipe.arch == "condensenet"

@@ -37,8 +37,8 @@ def heldout(entry):
 
 
 def test_entry_is_listed_with_its_metrics(entry) -> None:
-    from slimdeploy.zoo.train import recipe_command
     from slimdeploy.zoo.train_gated import GATED_RECIPES
+    from slimdeploy.zoo.training import recipe_command
 
     recipe = GATED_RECIPES[NAME]
     assert entry.arch == recipe.arch == "cifar10_rnn_gate_38"

@@ -1,4 +1,4 @@
-"""Calibration and reduced precision (DESIGN.md §6): calibration data, calibration ranges
+"""Calibration and reduced precision (docs/design.md §6): calibration data, calibration ranges
 stored for reuse, INT8 QDQ in the target's form (U8S8 for ONNX Runtime, S8S8 for TensorRT),
 FP16, decision heads kept FP32."""
 

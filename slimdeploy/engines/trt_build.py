@@ -4,7 +4,7 @@ The plan (``build_plan``) is pure data made on any machine: per graph of the bun
 optimisation profile (min/opt/max shapes from the bundle's batch range), the engine file, and
 the equivalent ``trtexec`` line. ``build_engine`` follows it on a machine with TensorRT and a
 GPU (engines are tied to the GPU and TensorRT version that build them,
-../shared/reference/tensorrt-facts.md "Versions to support"):
+docs/tensorrt-facts.md "Versions"):
 
 - a strongly typed network: precision comes from the ONNX (Cast nodes for FP16, Q/DQ pairs
   for INT8); no precision builder flags, which 11.x removed ("Precision");
@@ -35,7 +35,7 @@ DEFAULT_MIN_BATCH = 1
 DEFAULT_OPT_BATCH = 8
 DEFAULT_MAX_BATCH = 32
 DEFAULT_WORKSPACE_MB = 1024
-# TensorRT versions this code is written for (tensorrt-facts.md "Versions to support").
+# TensorRT versions this code is written for (docs/tensorrt-facts.md "Versions").
 TRT_MIN_VERSION = (10, 3)
 TRT_MAX_VERSION = (12, 0)  # exclusive
 TRT_VERSION_RANGE = ">=10.3,<12"

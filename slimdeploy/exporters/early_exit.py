@@ -1,4 +1,4 @@
-"""Dynamic forms of early-exit networks (S2D, DESIGN.md §3), built from per-stage pieces.
+"""Dynamic forms of early-exit networks (S2D, docs/design.md §3), built from per-stage pieces.
 
 Every form is assembled from the same pieces, exported once (``exporters.pieces``):
 
@@ -218,7 +218,7 @@ class _Composer:
             return logits, self.filled(builder, 0, j, TensorProto.INT64), self.column(builder, confidence)
         leave = self.exits(builder, j, confidence)
         # 0-D condition from a rank-0 reduction over the exit bits cast to int32: the form
-        # TensorRT accepts with a dynamic batch (tensorrt-facts.md, "Control flow").
+        # TensorRT accepts with a dynamic batch (docs/tensorrt-facts.md, "Control flow").
         all_leave = builder.one("Cast", [builder.one("ReduceMin", [builder.one("Cast", [leave], to=TensorProto.INT32)], keepdims=0)], to=TensorProto.BOOL)
         then_branch = builder.branch()
         then_conf = then_branch.one("Concat", [self.column(then_branch, confidence), self.filled(then_branch, n - j - 1, NOT_REACHED, TensorProto.FLOAT)], axis=1)

@@ -1,4 +1,4 @@
-"""Dynamic forms of gated residual networks (SkipNet), DESIGN.md §3.
+"""Dynamic forms of gated residual networks (SkipNet), docs/design.md §3.
 
 Every form is assembled from the same pieces, exported once (``exporters.pieces``):
 
@@ -131,7 +131,7 @@ def compose_form(form: str, graphs: dict[str, onnx.ModelProto], plan: GatedPlan,
         prob, *state = g.inline(graphs[f"gate{k - 1}"], [x, *state], f"gate{k - 1}/")
         execute = g.one("Greater", [prob, "gate_threshold"], hint=f"execute{k}")
         # Gate bits stay BOOL inside the graph and become UINT8 only in the last node: TensorRT
-        # takes UINT8 only at network inputs and outputs (tensorrt-facts.md, operator constraints).
+        # takes UINT8 only at network inputs and outputs (docs/tensorrt-facts.md, operator constraints).
         gate_bits.append(g.one("Unsqueeze", [execute, axes1]))
         gate_probs.append(g.one("Unsqueeze", [prob, axes1]))
         skipped = g.inline(graphs[f"skip{k}"], [x], f"skip{k}/")[0] if k in plan.skips else x
@@ -140,7 +140,7 @@ def compose_form(form: str, graphs: dict[str, onnx.ModelProto], plan: GatedPlan,
             x = g.one("Where", [g.one("Unsqueeze", [execute, axes123]), executed, skipped], hint=f"x{k}")
         elif form == "if":
             # 0-D condition from a rank-0 reduction over the gate bits cast to int32: the form
-            # TensorRT accepts with a dynamic batch (tensorrt-facts.md, "Control flow").
+            # TensorRT accepts with a dynamic batch (docs/tensorrt-facts.md, "Control flow").
             bits = g.one("Cast", [execute], to=TensorProto.INT32)
             any_execute = g.one("Cast", [g.one("ReduceMax", [bits], keepdims=0)], to=TensorProto.BOOL)
             all_execute = g.one("Cast", [g.one("ReduceMin", [bits], keepdims=0)], to=TensorProto.BOOL)

@@ -1,4 +1,4 @@
-"""torch.export → ONNX with a dynamic batch axis and the names of DESIGN.md §8.
+"""torch.export → ONNX with a dynamic batch axis and the names of docs/design.md §8.
 
 Uses ``torch.onnx.export(..., dynamo=True)``: the model is captured with ``torch.export`` and
 translated by onnxscript. The batch axis is a symbolic dimension named ``batch``; every other

@@ -1,4 +1,4 @@
-"""Exit machinery shared by early-exit networks (S2D, BranchyNet-style heads; DESIGN.md §3):
+"""Exit machinery shared by early-exit networks (S2D, BranchyNet-style heads; docs/design.md §3):
 confidence, exit rule, and ``EarlyExitNet``, the base class that runs the stages.
 
 A stage's classifier answers for a sample when its confidence reaches the stage's threshold:

@@ -2,15 +2,15 @@
 
 Shipped checkpoints are described by ``zoo.json`` (a JSON list, one object per checkpoint) next
 to this file; the files themselves live in ``checkpoints/``. Every one is trained on the digits
-``train`` split (``slimdeploy.data``) by ``slimdeploy.zoo.train`` and records its top-1
-accuracy on the 500-image ``heldout`` split, so a user can export a real, trained model without
+``train`` split (``slimdeploy.data``) by a recipe in ``slimdeploy.zoo.train*`` and records its
+top-1 accuracy on the 500-image ``heldout`` split, so a user can export a real, trained model without
 bringing their own: ``slimdeploy zoo list`` prints the path of each, ready for ``export``.
 
 Doors:
     ``list_zoo()``             the shipped checkpoints as ``ZooEntry`` objects.
     ``get_zoo_entry(name)``    one of them; unknown names raise ``UnknownZooEntryError``.
     ``zoo_checkpoint_path(name)``  the absolute path of a shipped checkpoint file.
-    ``zoo_listing()``          what ``slimdeploy zoo list --json -`` prints (DESIGN.md §8): one
+    ``zoo_listing()``          what ``slimdeploy zoo list --json -`` prints (docs/design.md §8): one
                                dict per registered architecture and per shipped checkpoint.
 
 This module imports without torch; only the listing of registered architectures needs it
@@ -195,7 +195,7 @@ def zoo_checkpoint_path(name: str) -> Path:
 
 def zoo_listing() -> list[dict[str, Any]]:
     """Rows for ``slimdeploy zoo list``: every registered architecture, then every shipped
-    checkpoint, each a dict with the keys of ``LISTING_KEYS`` (DESIGN.md §8).
+    checkpoint, each a dict with the keys of ``LISTING_KEYS`` (docs/design.md §8).
 
     ``kind`` is ``"architecture"`` or ``"checkpoint"``; ``checkpoint`` is the absolute path of
     the shipped file, or ``None`` for an architecture. Without torch the architectures are left

@@ -12,7 +12,7 @@ the layers' ``lasso_loss()`` (group lasso; the official ``--group-lasso-lambda``
 whole input columns of a group towards zero before they are dropped; it is off once the last
 stage is reached (as upstream, where the penalty of a fully condensed layer is 0).
 
-The rest follows ``slimdeploy.zoo.train``: the digits ``train`` split at the model's input
+The rest follows ``slimdeploy.zoo.training``: the digits ``train`` split at the model's input
 size, random shifts, SGD with Nesterov momentum, linear warm-up and per-step cosine decay, one
 CPU thread, deterministic for a seed. The shipped checkpoint is the training form
 (``condensenet``, dense weights and masks); its zoo entry's ``metrics`` record the held-out
@@ -33,7 +33,7 @@ from typing import Any
 
 from slimdeploy._optional import optional_import
 from slimdeploy.zoo import ZooEntry
-from slimdeploy.zoo.train import (
+from slimdeploy.zoo.training import (
     DATASET,
     Recipe,
     TrainSettings,

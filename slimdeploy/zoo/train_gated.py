@@ -12,7 +12,7 @@ reference ``forward`` makes at inference:
   (the fraction of gated blocks executed).
 
 Schedule, in three phases under one learning-rate schedule (linear warm-up, cosine decay, as
-``slimdeploy.zoo.train``), with shifts of up to ``max_shift`` pixels as augmentation:
+``slimdeploy.zoo.training``), with shifts of up to ``max_shift`` pixels as augmentation:
 
 1. ``open_epochs`` with every block executed (the gates are not evaluated);
 2. the gates' bias is set so that they start open (``gate_bias``), then straight-through gates
@@ -45,7 +45,7 @@ from typing import Any
 
 from slimdeploy._optional import optional_import
 from slimdeploy.zoo import ZooEntry
-from slimdeploy.zoo.train import (
+from slimdeploy.zoo.training import (
     DATASET,
     Recipe,
     TrainSettings,

@@ -2,7 +2,7 @@
 
 Every stage is trained on every sample with ``slimdeploy.s2d.multi_exit_loss`` (sum of the
 stages' cross-entropies, weights ``alphas``), under the schedule and shift augmentation of
-``slimdeploy.zoo.train``. Then the exit thresholds are chosen on the *training* split (the
+``slimdeploy.zoo.training``. Then the exit thresholds are chosen on the *training* split (the
 held-out split only measures): stage j's threshold is the confidence quantile at which
 ``exit_shares[j]`` of the samples reaching stage j leave there. The thresholds become the
 checkpoint's ``exit_thresholds`` architecture argument: the defaults of every export.
@@ -23,7 +23,7 @@ from typing import Any
 
 from slimdeploy._optional import optional_import
 from slimdeploy.zoo import ZooEntry
-from slimdeploy.zoo.train import (
+from slimdeploy.zoo.training import (
     DATASET,
     Recipe,
     TrainSettings,

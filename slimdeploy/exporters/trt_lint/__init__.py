@@ -7,7 +7,7 @@ found without TensorRT or a GPU.
 
 Every rule is a function with a docstring citing the fact it applies; the facts are
 ``trt_ops.json`` (the onnx-tensorrt operator matrices of TensorRT 10.15 and 10.1 with parser
-constraints) and reference/tensorrt-facts.md; docs/trt-lint.md lists the rules. Shapes and
+constraints) and docs/tensorrt-facts.md; docs/trt-lint.md lists the rules. Shapes and
 types come from ``onnx.shape_inference``; ``If``/``Loop`` bodies and model-local functions are
 linted like graphs. Needs only onnx (no torch, no tensorrt). Defaults: TensorRT 10.15, the
 newest operator matrix read.

@@ -1,6 +1,6 @@
-"""The facts the lint applies, read from ``trt_ops.json`` (a copy of
-``reference/trt_ops.json``: the onnx-tensorrt operator matrices of TensorRT 10.15 and 10.1 and
-constraints read in the parser source), and the choice of matrix for a TensorRT version.
+"""The facts the lint applies, read from ``trt_ops.json`` (the onnx-tensorrt operator matrices
+of TensorRT 10.15 and 10.1 and constraints read in the parser source; docs/tensorrt-facts.md
+says where each part comes from), and the choice of matrix for a TensorRT version.
 
 A target of 10.15 or newer is linted against the 10.15 matrix, the newest one read; a target
 newer than 10.15 gets a warning saying so (the JSON's own note). A target from 10.3 to 10.14 is

@@ -3,7 +3,7 @@ documented warning for ``If`` graphs, ``Loop`` scan lengths and carried shapes, 
 whose shape depends on the data (NonZero).
 
 Facts: trt_ops.json ``requested_ops`` If / Loop / NonZero (parser source 10.1-GA, NvInfer.h and
-pyGraphDoc.h 11.1, NVIDIA/TensorRT issues), reference/tensorrt-facts.md "Control flow".
+pyGraphDoc.h 11.1, NVIDIA/TensorRT issues), docs/tensorrt-facts.md "Control flow".
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 tensors, the restrictions the operator matrix prints, and Conv's group arithmetic.
 
 Facts: ``trt_ops.json`` (onnx-tensorrt ``docs/operators.md`` of 10.15 and 10.1, its
-``data_types_note``, and the parser constraints of ``requested_ops``); reference/tensorrt-facts.md
+``data_types_note``, and the parser constraints of ``requested_ops``); docs/tensorrt-facts.md
 "Operator constraints a CNN graph meets".
 """
 
@@ -202,8 +202,8 @@ def _parser_types(op_type: str) -> set[str]:
 def uint8_tensors(scope: Scope, ctx: Context) -> Iterator[Finding]:
     """uint8-tensor: UINT8 tensors may only be network inputs or outputs.
 
-    Fact: trt_ops.json ``data_types_note``: "UINT8 only as network input/output"; facts file:
-    "UINT8 only at network inputs/outputs".
+    Fact: trt_ops.json ``data_types_note``: "UINT8 only as network input/output";
+    docs/tensorrt-facts.md, "Operator constraints a CNN graph meets".
     """
     boundary = scope.network_inputs | scope.network_outputs
     for node in scope.graph.node:

@@ -3,7 +3,7 @@ uses, checked for documented use, with ONNX Runtime standing in for the engine.
 
 A "serialised engine" is ``MAGIC``, a JSON header (profile, workspace, version) and the ONNX
 bytes. The parser rejects ops that TensorRT does not support at all (a few from
-tensorrt-facts.md), reporting one error per node, so parser-error reporting can be tested.
+docs/tensorrt-facts.md), reporting one error per node, so parser-error reporting can be tested.
 """
 
 from __future__ import annotations
