@@ -73,6 +73,13 @@ def export(checkpoint: str | Path, out: str | Path, options: ExportOptions | Non
     """
     from slimdeploy._optional import optional_import
     from slimdeploy.bundle import ensure_writable, write_bundle
+
+    options = ExportOptions.of(options, **changes)
+    say = progress or (lambda _message: None)
+    started = time.perf_counter()
+    out = ensure_writable(out, options.force)  # fail before any work
+    optional_import("torch", "export a model")
+    # The stages import torch (transforms, exporters): only once it is known to be there.
     from slimdeploy.calibration import check_precision
     from slimdeploy.calibration.stage import read_calibration, reduce_precision
     from slimdeploy.export.manifest import bundle_contents
@@ -83,12 +90,6 @@ def export(checkpoint: str | Path, out: str | Path, options: ExportOptions | Non
     from slimdeploy.models import find_arch
     from slimdeploy.recipes import recipe_for
     from slimdeploy.transforms.deploy import deploy_model
-
-    options = ExportOptions.of(options, **changes)
-    say = progress or (lambda _message: None)
-    started = time.perf_counter()
-    out = ensure_writable(out, options.force)  # fail before any work
-    optional_import("torch", "export a model")
 
     say("loading checkpoint")
     loaded = load_checkpoint(checkpoint, arch=options.arch, arch_args=options.arch_args, trust_pickle=options.trust_pickle)
