@@ -227,6 +227,7 @@ def export(
     engines are built and checked right away; elsewhere the command prints the build command and
     exits 3 (0 with --prepare-only).
     """
+    from slimdeploy.export import ExportOptions
     from slimdeploy.export import export as run_export
 
     build_options = _build_options(min_batch, opt_batch, max_batch, workspace)
@@ -237,10 +238,7 @@ def export(
         from slimdeploy.engines.trt_build import BuildSpec
 
         build_spec = BuildSpec.resolve({}, build_options)
-
-    result = run_export(
-        _resolve_checkpoint(checkpoint),
-        out,
+    options = ExportOptions(
         arch=arch,
         arch_args=_parse_json_arg(arch_args, "--arch-args"),
         target=target,
@@ -264,8 +262,8 @@ def export(
         calib_method=calib_method,
         quantize_decisions=quantize_decisions,
         bias_correction=not no_bias_correction,
-        progress=StepPrinter(),
     )
+    result = run_export(_resolve_checkpoint(checkpoint), out, options, progress=StepPrinter())
     _print_parity(result.report, json_out)
     for note in result.notes:
         err_console.print(f"[yellow]note:[/yellow] {escape(note)}")

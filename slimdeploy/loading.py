@@ -310,3 +310,17 @@ def _load_state_dict(module: Any, state_dict: dict[str, Any], arch: str, path: s
         )
     module.load_state_dict({**{k: expected[k] for k in tolerated}, **state_dict}, strict=True)
     return len(tolerated)
+
+
+def weights_digest(module: Any) -> str:
+    """SHA-256 of a module's state (names, shapes, dtypes, raw bytes, in name order): identifies
+    the checkpoint that calibration ranges were collected on."""
+    import hashlib
+
+    torch = optional_import("torch", "hash a model's weights")
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        # Raw bytes whatever the dtype (bfloat16 has no numpy type).
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -146,7 +146,7 @@ def test_help_states_the_library_defaults() -> None:
     from slimdeploy.bench import DEFAULT_SWEEP
     from slimdeploy.calibration.readers import DEFAULT_SIZE
     from slimdeploy.engines.trt_build import BuildSpec
-    from slimdeploy.export import DEFAULT_SAMPLES, DEFAULT_SAMPLES_REDUCED
+    from slimdeploy.export.options import DEFAULT_SAMPLES, DEFAULT_SAMPLES_REDUCED
     from slimdeploy.exporters.onnx_export import DEFAULT_OPSET
     from slimdeploy.parity import DEFAULT_TOLERANCES
 

@@ -100,13 +100,13 @@ def test_int8_of_the_if_form_is_refused() -> None:
 
 def test_int8_of_a_model_without_known_data_asks_for_calib(tmp_path: Path) -> None:
     from slimdeploy.errors import BadInputError
-    from slimdeploy.export import _calibration_source
+    from slimdeploy.calibration.stage import read_calibration
     from slimdeploy.loading import Preprocessing
 
     prep = Preprocessing((3, 32, 32), (0.5,) * 3, (0.25,) * 3)
     with pytest.raises(BadInputError, match="--calib"):
-        _calibration_source(None, None, prep, {"dataset": "imagenet"})
-    synthetic = _calibration_source("synthetic", 10, prep, {})
+        read_calibration(None, None, prep, {"dataset": "imagenet"})
+    synthetic = read_calibration("synthetic", 10, prep, {})
     assert synthetic.synthetic and len(synthetic) == 10
 
 
@@ -209,9 +209,9 @@ def test_early_exit_int8_falls_back_to_conv_only_placement_and_passes(tmp_path: 
 
 
 def test_too_few_parity_samples_for_the_criteria_is_noted() -> None:
-    from slimdeploy.export import _few_samples_note
+    from slimdeploy.held_out import few_samples_note
 
     # INT8 top-1 criterion 97 %: one flip in 33 samples is 96.97 % (fails), in 34 is 97.06 %.
-    assert "--samples 34" in _few_samples_note("int8", 33)[0]
-    assert _few_samples_note("int8", 34) == [] and _few_samples_note("fp32", 1) == []
-    assert "--samples 100" in _few_samples_note("fp16", 99)[0]
+    assert "--samples 34" in few_samples_note("int8", 33)[0]
+    assert few_samples_note("int8", 34) == [] and few_samples_note("fp32", 1) == []
+    assert "--samples 100" in few_samples_note("fp16", 99)[0]

@@ -235,12 +235,13 @@ def test_branchy_mobilenet_forms_match_pytorch(form: str) -> None:
 
 def test_early_exit_forms_and_default() -> None:
     from slimdeploy.errors import BadInputError
-    from slimdeploy.export import _choose_form
+    from slimdeploy.recipes import recipe_for
 
-    assert _choose_form(None, "early_exit", "ort") == "staged"
-    assert _choose_form("if", "early_exit", "ort") == "if"
+    recipe = recipe_for("early_exit")
+    assert recipe.choose_form(None, "ort") == "staged"
+    assert recipe.choose_form("if", "ort") == "if"
     with pytest.raises(BadInputError, match="unknown dynamic form 'compact' for an early-exit model"):
-        _choose_form("compact", "early_exit", "ort")
+        recipe.choose_form("compact", "ort")
 
 
 def test_check_parity_takes_margins_at_the_fed_thresholds(demo: dict[str, Any]) -> None:

@@ -451,7 +451,8 @@ def test_auto_buffers_need_cuda_python_not_the_cuda_namespace(tmp_path: Path, mo
 
 def test_export_lints_every_graph_for_tensorrt() -> None:
     """The lint's verdict at export: every graph linted by name, one bad graph fails the bundle."""
-    from slimdeploy.export import ExportResult, _lint_for_trt
+    from slimdeploy.export import ExportResult
+    from slimdeploy.exporters.trt_lint import lint_graphs
 
     def graph(name: str, op: str) -> onnx.ModelProto:
         x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
@@ -461,11 +462,11 @@ def test_export_lints_every_graph_for_tensorrt() -> None:
 
     # Relu is in TensorRT's operator matrix; an op from a made-up domain-less name is not.
     good, bad = graph("stem", "Relu"), graph("head", "NoSuchOperator")
-    lint = _lint_for_trt({"stem": good, "head": bad})
+    lint = lint_graphs({"stem": good, "head": bad})
     assert lint["ran"] is True and lint["passed"] is False
     assert lint["graphs"]["stem"]["findings"] == [] or all(f["severity"] != "error" for f in lint["graphs"]["stem"]["findings"])
     errors = [f for f in lint["graphs"]["head"]["findings"] if f["severity"] == "error"]
     assert any(f["node"] == "head_NoSuchOperator" for f in errors)
     result = ExportResult(Path("b"), {"trt": {"lint": lint}}, report=None)  # type: ignore[arg-type]
     assert result.lint_passed is False
-    assert _lint_for_trt({"stem": good})["passed"] is True
+    assert lint_graphs({"stem": good})["passed"] is True

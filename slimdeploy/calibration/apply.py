@@ -75,7 +75,7 @@ def check_precision(precision: str, form: str | None) -> None:
 # only their inputs get Q/DQ (the placement TensorRT's own quantization toolkits use; TensorRT
 # fuses the requantization into the layer before), and it is ``--calib-method auto``'s first
 # choice there; in the ONNX Runtime form their outputs too, and it is the fallback when full
-# placement flips too many answers (``export._best_calibration``).
+# placement flips too many answers (``calibration.stage.best_calibration``).
 CONV_OPS = ("Conv", "Gemm", "MatMul")
 
 

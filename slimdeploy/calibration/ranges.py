@@ -52,7 +52,9 @@ class CalibrationRecord:
             "format": RECORD_FORMAT,
             "method": self.method,
             "data": self.data,
-            "graphs": {name: {t: [lo, hi] for t, (lo, hi) in ranges.items()} for name, ranges in self.graphs.items()},
+            # Tensors in name order: ONNX Runtime's calibrator returns them in no fixed order, and
+            # the same ranges should always be the same bytes (and digest) in a bundle.
+            "graphs": {name: {t: list(ranges[t]) for t in sorted(ranges)} for name, ranges in self.graphs.items()},
         }
 
     def to_bytes(self) -> bytes:

@@ -5,6 +5,6 @@ themselves when the registry is first asked for a name (``get_arch``, ``list_mod
 lists them.
 """
 
-from slimdeploy.models.registry import ArchInfo, get_arch, list_models, register_model
+from slimdeploy.models.registry import ArchInfo, find_arch, get_arch, list_models, register_model
 
-__all__ = ["ArchInfo", "get_arch", "list_models", "register_model"]
+__all__ = ["ArchInfo", "find_arch", "get_arch", "list_models", "register_model"]

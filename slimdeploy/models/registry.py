@@ -128,6 +128,13 @@ def get_arch(name: str) -> ArchInfo:
         ) from None
 
 
+def find_arch(name: str) -> ArchInfo | None:
+    """The ``ArchInfo`` for ``name`` or an alias, or None when it is not registered (a pickled
+    module of an unregistered class)."""
+    _ensure_loaded()
+    return _REGISTRY.get(name)
+
+
 # Modules whose import registers architectures (each imports torch).
 ARCHITECTURE_MODULES = (
     "slimdeploy.models.mobilenet",

@@ -15,7 +15,9 @@ newest operator matrix read.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import onnx
 from onnx import helper
@@ -35,7 +37,7 @@ from slimdeploy.exporters.trt_lint.facts import DEFAULT_TRT_VERSION, matrix_for
 from slimdeploy.exporters.trt_lint.graph import Scope, walk
 
 __all__ = [
-    "DEFAULT_TRT_VERSION", "ERROR", "WARNING", "Finding", "LintReport", "lint_model", "lint_path",
+    "DEFAULT_TRT_VERSION", "ERROR", "WARNING", "Finding", "LintReport", "lint_graphs", "lint_model", "lint_path",
     "rule_ids",
 ]
 _RULE_MODULES = (rules_ops, rules_control, rules_quant)  # importing them registers the rules
@@ -135,3 +137,14 @@ def lint_path(path: str | Path, trt_version: str | None = None) -> LintReport:
         version_notes[0].graph = ""
         report.findings = [f for f in report.findings if f.rule != "trt-version" or f is version_notes[0]]
     return report
+
+
+def lint_graphs(graphs: Mapping[str, onnx.ModelProto]) -> dict[str, Any]:
+    """The lint of every graph of an export, as the manifest's ``trt.lint`` records it:
+    ``{"ran", "passed", "graphs": {name: report}}`` (the CLI exits 1 when it did not pass)."""
+    reports = {name: lint_model(graph, name=name) for name, graph in graphs.items()}
+    return {
+        "ran": True,
+        "passed": all(report.passed for report in reports.values()),
+        "graphs": {name: report.to_dict() for name, report in reports.items()},
+    }

@@ -1,0 +1,130 @@
+"""The options of one export, as one frozen value that the CLI builds from its flags and the
+Python API accepts (``export(ckpt, out, ExportOptions(precision="int8"))``, or the same fields
+as keyword arguments: ``export(ckpt, out, precision="int8")``).
+
+Options are validated when the value is made, so that a bad one is refused before any work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from slimdeploy.errors import BadInputError
+
+TARGETS = ("ort", "trt")
+DEFAULT_SAMPLES = 32
+# Reduced precision is judged on agreement rates, which need more samples than 32.
+DEFAULT_SAMPLES_REDUCED = 100
+DEFAULT_BATCH_SIZES = (1, 16)
+# --calib-method auto: calibrate with several methods and keep the closest to FP32
+# (calibration/stage.py).
+AUTO_CALIB = "auto"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportOptions:
+    """How to export a checkpoint. Every field has the CLI flag's default.
+
+    Attributes:
+        arch: registered architecture; needed when the checkpoint does not name one.
+        arch_args: constructor arguments overriding the checkpoint's and the inferred ones.
+            Defaults to none.
+        target: ``"ort"`` (ONNX Runtime) or ``"trt"`` (TensorRT: the bundle also records how
+            to build the engines on the target). Defaults to ``"ort"``.
+        dynamic: form of a model that decides per sample (its recipe lists the forms: gated
+            ``mask``, ``if``, ``compact``, ``staged``; early exits ``mask``, ``if``, ``staged``).
+            Defaults to the recipe's default for the target; must be None for static models.
+        condense_classifier: CondenseNet: also prune the classifier as the official converter
+            does (lossy; parity is then against the condensed PyTorch model). Defaults to False.
+        fold: fold what the constants allow before export (the family's recipe says what; the
+            manifest's ``model.folds`` records it; parity is against the unfolded model).
+            Defaults to True.
+        trust_pickle: allow a pickled ``nn.Module`` checkpoint (runs code). Defaults to False.
+        force: replace an existing bundle at ``out``. Defaults to False.
+        data: .npz/.npy with parity inputs (and labels). Defaults to the digits held-out split.
+        samples: how many held-out samples the parity check and golden file use. Defaults to
+            32 (100 for fp16 and int8, which pass on agreement rates): see ``parity_samples``.
+        batch_sizes: batch sizes the candidate is checked at. Defaults to (1, 16).
+        opset: ONNX opset. Defaults to 18 (``exporters.onnx_export.DEFAULT_OPSET``).
+        simplify: simplify with onnxslim (and re-check). Defaults to True.
+        tolerances: per-output (atol, rtol), ``""`` the default. Defaults to the precision's
+            (``parity.DEFAULT_TOLERANCES``; FP32 atol 1e-4, rtol 1e-3).
+        threads: ONNX Runtime intra-op threads for the check; 0 = ORT's choice. Defaults to 0.
+        reference_weights: store the PyTorch weights in the bundle (``reference.pt``) for
+            ``check --data`` and ``bench`` where torch is installed. Defaults to True.
+        build_spec: ``trt`` only: a ``trt_build.BuildSpec`` (batch range, workspace). Defaults
+            to ``BuildSpec()`` (batch 1/8/32, 1024 MiB).
+        precision: ``fp32``, ``fp16`` or ``int8`` (QDQ in the target's form). Defaults to fp32.
+        calib: INT8 calibration data: ``digits``, an image folder, an .npy/.npz of inputs,
+            ``synthetic`` (random, flagged), or a ``calibration.json`` / bundle whose stored
+            ranges are reused without recalibrating. Defaults to ``digits`` for models trained
+            on digits; others must name their data.
+        calib_size: calibration samples to use. Defaults to 100 (the digits calibration split).
+        calib_method: ``auto``, ``MinMax``, ``Entropy`` or ``Percentile``. Defaults to ``auto``
+            (MinMax and Percentile both tried, the one closer to FP32 on the calibration images kept).
+        quantize_decisions: also reduce the precision of gate and exit heads. Defaults to False
+            (decision heads stay FP32).
+        bias_correction: INT8: shift each quantized Conv/Gemm's bias by its mean output error
+            per channel against FP32 on the calibration images. Defaults to True.
+    """
+
+    arch: str | None = None
+    arch_args: Mapping[str, Any] | None = None
+    target: str = "ort"
+    dynamic: str | None = None
+    condense_classifier: bool = False
+    fold: bool = True
+    trust_pickle: bool = False
+    force: bool = False
+    data: str | Path | None = None
+    samples: int | None = None
+    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES
+    opset: int | None = None
+    simplify: bool = True
+    tolerances: Mapping[str, tuple[float, float]] | None = None
+    threads: int = 0
+    reference_weights: bool = True
+    build_spec: Any = None
+    precision: str = "fp32"
+    calib: str | Path | None = None
+    calib_size: int | None = None
+    calib_method: str = AUTO_CALIB
+    quantize_decisions: bool = False
+    bias_correction: bool = True
+
+    def __post_init__(self) -> None:
+        from slimdeploy.calibration import check_precision
+
+        if self.target not in TARGETS:
+            raise BadInputError(f"unknown target '{self.target}' | Note: expected one of {list(TARGETS)}")
+        check_precision(self.precision, None)
+        if self.precision != "int8" and (self.calib is not None or self.calib_size is not None):
+            raise BadInputError(f"--calib and --calib-size apply to --precision int8, not {self.precision} | Fix: leave them out, or pass --precision int8")
+        if (self.samples is not None and self.samples < 1) or any(b < 1 for b in self.batch_sizes):
+            raise BadInputError("samples and batch sizes must be positive integers")
+        if self.calib_method != AUTO_CALIB:
+            from slimdeploy.calibration.ranges import check_method
+
+            check_method(self.calib_method)
+        # Own copies, so that the caller's containers cannot change a frozen value.
+        object.__setattr__(self, "arch_args", dict(self.arch_args or {}))
+        object.__setattr__(self, "batch_sizes", tuple(self.batch_sizes))
+
+    @classmethod
+    def of(cls, options: ExportOptions | None = None, **changes: Any) -> ExportOptions:
+        """``options`` (or the defaults) with ``changes`` applied; an unknown name is refused."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise BadInputError(f"unknown export option(s) {unknown} | Note: expected some of {sorted(known)}")
+        return replace(options, **changes) if options is not None else cls(**changes)
+
+    @property
+    def parity_samples(self) -> int:
+        """``samples``, or its default for the precision (32 for fp32, 100 otherwise)."""
+        if self.samples is not None:
+            return self.samples
+        return DEFAULT_SAMPLES if self.precision == "fp32" else DEFAULT_SAMPLES_REDUCED
