@@ -106,17 +106,20 @@ class TensorSpec(Open):
     default: Finite | list[Finite] | None = None
 
 
+def _onnx_file(value: str) -> str:
+    if not value.endswith(".onnx"):
+        raise ValueError(f"expected an .onnx file, got {value!r}")
+    return value
+
+
+OnnxFile = Annotated[RelativePath, AfterValidator(_onnx_file)]
+
+
 class GraphFile(Open):
     """One ONNX graph of the bundle (``model``, or one per piece of a staged bundle)."""
 
     name: GraphName
-    file: RelativePath
-
-    @model_validator(mode="after")
-    def _onnx(self) -> GraphFile:
-        if not self.file.endswith(".onnx"):
-            raise ValueError(f"expected an .onnx file, got {self.file!r}")
-        return self
+    file: OnnxFile
 
 
 class ModelInfo(Open):
@@ -286,7 +289,7 @@ class EngineEntry(Open):
     """One engine of the build plan: the graph it is built from and where it goes."""
 
     name: GraphName
-    onnx: RelativePath
+    onnx: OnnxFile
     engine: RelativePath
     shapes: dict[str, ProfileShapes]
     trtexec: str
@@ -507,13 +510,30 @@ def describe_violation(exc: ValidationError) -> str:
     """One line: ``field 'a.b[0]': what was expected (got X) [and N more problems] | Fix: ...``."""
     errors = exc.errors(include_url=False)
     first = errors[0]
-    path = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in first["loc"]).lstrip(".")
+    path = field_path(first["loc"])
     message = str(first["msg"]).removeprefix("Value error, ")
     got = ""
-    if first["type"] != "missing" and "input" in first and not isinstance(first["input"], dict | list):
+    shown_already = first["type"] == "value_error" and "got " in message
+    if first["type"] != "missing" and not shown_already and "input" in first and not isinstance(first["input"], dict | list):
         shown = repr(first["input"])
         got = f" (got {shown[:60]}{'...' if len(shown) > 60 else ''})"
     more = f" [and {len(errors) - 1} more problem(s)]" if len(errors) > 1 else ""
     field = f"field '{path}'" if path else "the manifest"
     return (f"{MANIFEST} {field}: {message}{got}{more} | Fix: re-export the bundle with slimdeploy export, "
             "or restore its manifest.json")
+
+
+def field_path(loc: tuple[int | str, ...]) -> str:
+    """``("golden", "batch_sizes", 0)`` → ``golden.batch_sizes[0]``; keys that are not names
+    (file names, the default tolerance ``""``) in brackets: ``files['model.onnx']``."""
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif part == "[key]":  # pydantic's marker for a dict key that failed
+            text += " (the key)"
+        elif re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", part):
+            text += f".{part}"
+        else:
+            text += f"[{part!r}]"
+    return text.lstrip(".")
