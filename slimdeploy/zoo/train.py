@@ -22,6 +22,7 @@ rewrites its file in ``checkpoints/`` and its entry in ``zoo.json``.
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import os
 import shutil
@@ -363,6 +364,8 @@ def save_zoo_checkpoint(
         os.replace(tmp_dir / out_path.name, out_path)
     except OSError as exc:
         raise output_error(out_path, exc) from None
+    except RuntimeError as exc:  # torch's file writer reports a failed write (a full disk) so
+        raise output_error(out_path, OSError(errno.EIO, str(exc).strip())) from None
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
