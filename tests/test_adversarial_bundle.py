@@ -386,6 +386,11 @@ def test_corrupt_golden_with_a_matching_digest_is_exit_2(tmp_path: Path, exporte
     edit(bundle, lambda m: m["files"].update({"golden.npz": sha256_file(bundle / "golden.npz")}))
     result = run_cli("check", str(bundle))
     assert_one_line_error(result, 2, "cannot read the golden file")
+    np.savez(bundle / "golden.npz", ref_logits=np.zeros((2, 10), np.float32))  # an archive without inputs
+    edit(bundle, lambda m: m["files"].update({"golden.npz": sha256_file(bundle / "golden.npz")}))
+    for command in (["check"], ["bench", "--iterations", "1", "--warmup", "0", "--no-torch"]):
+        result = run_cli(command[0], str(bundle), *command[1:])
+        assert_one_line_error(result, 2, "golden file", "lacks the input array(s) ['input']")
 
 
 # -- schema violations --------------------------------------------------------------------------------

@@ -156,9 +156,13 @@ class Bundle:
             if not hasattr(data, "files"):
                 raise ValueError("an .npy array, not an .npz archive")
             with data:
-                return {key: data[key] for key in data.files}
+                arrays = {key: data[key] for key in data.files}
         except Exception as exc:  # BadZipFile, zlib.error, ValueError, OSError: a corrupt archive
             raise BundleError(f"cannot read the golden file '{path}' ({type(exc).__name__}: {exc}) | {_REEXPORT}") from None
+        missing = [spec.name for spec in self.spec.inputs if not spec.optional and spec.name not in arrays]
+        if missing:
+            raise BundleError(f"the golden file '{path}' lacks the input array(s) {missing} (has {sorted(arrays)}) | {_REEXPORT}")
+        return arrays
 
     @property
     def input_names(self) -> list[str]:
