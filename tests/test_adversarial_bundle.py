@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 from slimdeploy.bundle import MANIFEST, load_bundle, sha256_file
 from slimdeploy.errors import BundleError
-from tests.conftest import REPO, assert_clean_error, run_cli
+from tests.conftest import REPO, assert_one_line_error, run_cli, snapshot
 
 FAKE_ENV = {"PYTHONPATH": f"{REPO / 'tests' / 'fakes'}:{REPO}"}
 
@@ -98,17 +98,6 @@ def whole(change: Callable[[dict[str, Any]], Any]) -> Callable[[dict[str, Any]],
     return change
 
 
-def snapshot(root: Path) -> dict[str, Any]:
-    """Every entry under ``root``: file bytes, link targets, folders."""
-    found: dict[str, Any] = {}
-    for directory, dirnames, filenames in os.walk(root):
-        for name in [*dirnames, *filenames]:
-            path = Path(directory) / name
-            key = str(path.relative_to(root))
-            found[key] = ("link", os.readlink(path)) if path.is_symlink() else (path.read_bytes() if path.is_file() else "dir")
-    return found
-
-
 def with_trt_plan(bundle: Path) -> None:
     """Give a static bundle the ``trt`` section ``build`` records (plan and one built engine),
     digests included: a valid bundle to make hostile TensorRT sections from."""
@@ -138,12 +127,6 @@ def assert_refused(bundle: Path, *fragments: str) -> str:
     for fragment in fragments:
         assert fragment in message, (fragment, message)
     return message
-
-
-def assert_one_line_error(result: Any, code: int, *fragments: str) -> None:
-    assert_clean_error(result, code, *fragments)
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "Fix:" in lines[0], result.stderr
 
 
 # -- path escapes ------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import pytest
 
 from slimdeploy.bundle import load_bundle
 from slimdeploy.errors import BadInputError
-from tests.conftest import REPO, assert_clean_error, run_cli
+from tests.conftest import REPO, assert_one_line_error, run_cli, snapshot
 
 FAULTS = '''
 import builtins, errno, io, os
@@ -108,16 +108,6 @@ def faults(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"env": env, "read_only": read_only, "full": full}
 
 
-def snapshot(root: Path) -> dict[str, Any]:
-    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
-
-
-def assert_one_line_error(result: Any, *fragments: str) -> None:
-    assert_clean_error(result, 2, *fragments)
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "Fix:" in lines[0], result.stderr
-
-
 @pytest.fixture
 def inputs(tmp_path: Path, exported_bundle: Path) -> Path:
     with np.load(exported_bundle / "golden.npz") as golden:
@@ -155,7 +145,7 @@ def test_force_never_replaces_what_slimdeploy_did_not_make(tmp_path: Path, case:
     result = run_cli("export", "zoo:spconv_resnet20_digits", "--out", out, "--force", env=env, cwd=cwd)
     fragment = {"dot-in-a-project": "current directory", "file": "not a directory", "home": "home folder"}.get(
         case, "not a slimdeploy bundle")
-    assert_one_line_error(result, fragment)
+    assert_one_line_error(result, 2, fragment)
     assert "loading checkpoint" not in result.stderr  # refused before any work
     assert snapshot(tmp_path) == before
 
@@ -180,7 +170,7 @@ def test_read_only_output_is_refused_before_the_work(faults: dict[str, Any], exp
     ro = faults["read_only"]
     args = _read_only_cases(ro, exported_bundle, inputs)[command]
     result = run_cli(*args, env=faults["env"])
-    assert_one_line_error(result, f"cannot write '{ro}", "Read-only file system", "write somewhere else")
+    assert_one_line_error(result, 2, f"cannot write '{ro}", "Read-only file system", "write somewhere else")
     assert result.stdout == ""  # nothing ran: no table, no report
     assert "loading checkpoint" not in result.stderr and "epoch" not in result.stderr
     assert list(ro.iterdir()) == []
@@ -194,7 +184,7 @@ def test_build_refuses_a_bundle_in_a_read_only_folder_before_building(faults: di
     try:
         before = snapshot(bundle)
         result = run_cli("build", str(bundle), env=faults["env"])
-        assert_one_line_error(result, f"cannot write '{bundle}", "Read-only file system")
+        assert_one_line_error(result, 2, f"cannot write '{bundle}", "Read-only file system")
         assert "building engine" not in result.stderr
         assert snapshot(bundle) == before
     finally:
@@ -212,15 +202,15 @@ def test_missing_folder_of_a_result_file(tmp_path: Path, exported_bundle: Path, 
         "bench --plot": ["bench", str(exported_bundle), "--sweep", "default", "--plot", str(target)],
     }[option]
     result = run_cli(*args)
-    assert_one_line_error(result, f"cannot write '{target}'", f"the folder '{target.parent}' does not exist", "create it first")
+    assert_one_line_error(result, 2, f"cannot write '{target}'", f"the folder '{target.parent}' does not exist", "create it first")
     assert result.stdout == "" and not target.parent.exists()
 
 
 def test_result_file_that_is_a_folder(tmp_path: Path, exported_bundle: Path, inputs: Path) -> None:
     result = run_cli("run", str(exported_bundle), "--inputs", str(inputs), "--out", str(tmp_path), "--force")
-    assert_one_line_error(result, "is a folder")
+    assert_one_line_error(result, 2, "is a folder")
     result = run_cli("check", str(exported_bundle), "--json", str(tmp_path))
-    assert_one_line_error(result, "--json", "is a folder")
+    assert_one_line_error(result, 2, "--json", "is a folder")
 
 
 # -- full disks: exit 2, nothing half-written, nothing lost --------------------------------------------
@@ -235,7 +225,7 @@ def test_full_disk_while_writing_a_result(faults: dict[str, Any], exported_bundl
         "check --junit": ["check", str(exported_bundle), "--junit", str(full / "result")],
     }[option]
     result = run_cli(*args, env=faults["env"])
-    assert_one_line_error(result, f"cannot write '{full / 'result'}'", "No space left on device", "free some space")
+    assert_one_line_error(result, 2, f"cannot write '{full / 'result'}'", "No space left on device", "free some space")
     assert [p.name for p in full.iterdir()] == ["result"]  # no temporary file left
     assert (full / "result").read_bytes() == b"the previous result"
 
@@ -247,7 +237,7 @@ def test_full_disk_during_export_keeps_the_old_bundle(faults: dict[str, Any], ex
     before = snapshot(full)
     result = run_cli("export", "zoo:spconv_resnet20_digits", "--out", str(full / "bundle"), "--force", "--samples", "8",
                      "--batch-sizes", "1", env=faults["env"])
-    assert_one_line_error(result, f"cannot write '{full / 'bundle'}'", "No space left on device")
+    assert_one_line_error(result, 2, f"cannot write '{full / 'bundle'}'", "No space left on device")
     assert snapshot(full) == before  # the old bundle, untouched; no staging directory left
     load_bundle(full / "bundle")
 
@@ -259,7 +249,7 @@ def test_full_disk_during_build_keeps_the_bundle(faults: dict[str, Any], exporte
     shutil.copytree(exported_bundle, full / "bundle")
     before = snapshot(full)
     result = run_cli("build", str(full / "bundle"), env=faults["env"])  # the stand-in TensorRT of tests/fakes
-    assert_one_line_error(result, f"cannot write '{full / 'bundle'}'", "No space left on device")
+    assert_one_line_error(result, 2, f"cannot write '{full / 'bundle'}'", "No space left on device")
     assert snapshot(full) == before
     load_bundle(full / "bundle")
 
