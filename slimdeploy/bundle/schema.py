@@ -38,14 +38,13 @@ ENGINE_DIR = "trt"
 TIMING_CACHE = f"{ENGINE_DIR}/timing.cache"
 DTYPES = ("float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool")
 PRECISIONS = ("fp32", "fp16", "int8")
-FORMS = ("mask", "if", "compact", "staged")
+# The dynamic forms export writes (export.GATED_FORMS, export.EXIT_FORMS).
 GATED_FORMS = ("mask", "if", "compact", "staged")
 EXIT_FORMS = ("mask", "if", "staged")
 # Bounds that keep a hostile manifest from asking for absurd work (a batch of 10**12 rows).
 MAX_BATCH = 1 << 20
 MAX_DIM = 1 << 31
 MAX_PATH = 1024
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def check_relative_path(value: str) -> str:
@@ -66,7 +65,7 @@ def check_relative_path(value: str) -> str:
 
 
 RelativePath = Annotated[str, AfterValidator(check_relative_path)]
-Sha256 = Annotated[str, Field(pattern=_SHA256.pattern)]
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 Name = Annotated[str, Field(min_length=1, max_length=256)]
 # Graph, piece and engine names become file names (trt/NAME.engine): no separators, no "..".
 GraphName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")]
@@ -177,7 +176,9 @@ class GatedPlan(Open):
     kind: Literal["gated"]
     n_blocks: Annotated[int, Field(ge=1)]
     state: list[Name]
-    state_width: Count
+    # The staged controller allocates [batch, state_width] per state tensor: a recurrent gate's
+    # hidden size (10 in the demo), never millions.
+    state_width: Annotated[int, Field(ge=0, le=1 << 16)]
     skips: list[Annotated[int, Field(ge=1)]]
     graphs: list[Name]
     macs: dict[str, Count]
@@ -269,12 +270,15 @@ class CalibrationInfo(Open):
     ranges: RelativePath | None = None
 
 
+Shape = Annotated[list[Annotated[int, Field(ge=1, le=MAX_DIM)]], Field(min_length=1, max_length=8)]
+
+
 class ProfileShapes(Closed):
     """Min/opt/max shape of one engine input (axis 0 is the batch)."""
 
-    min: Annotated[list[Annotated[int, Field(ge=1, le=MAX_DIM)]], Field(min_length=1, max_length=8)]
-    opt: Annotated[list[Annotated[int, Field(ge=1, le=MAX_DIM)]], Field(min_length=1, max_length=8)]
-    max: Annotated[list[Annotated[int, Field(ge=1, le=MAX_DIM)]], Field(min_length=1, max_length=8)]
+    min: Shape
+    opt: Shape
+    max: Shape
 
     @model_validator(mode="after")
     def _ordered(self) -> ProfileShapes:
@@ -308,13 +312,19 @@ class BatchRange(Closed):
 
 
 class BuildSpecFields(Open):
-    """``trt.spec`` (``engines.trt_build.BuildSpec``); missing fields take the defaults."""
+    """``trt.spec``: the fields of ``engines.trt_build.BuildSpec``, as export records them."""
 
-    min_batch: BatchSize = 1
-    opt_batch: BatchSize = 8
-    max_batch: BatchSize = 32
-    workspace_mb: Annotated[int, Field(ge=1, le=1 << 24)] = 1024
-    tf32: bool = False
+    min_batch: BatchSize
+    opt_batch: BatchSize
+    max_batch: BatchSize
+    workspace_mb: Annotated[int, Field(ge=1, le=1 << 24)]
+    tf32: bool
+
+    @model_validator(mode="after")
+    def _ordered(self) -> BuildSpecFields:
+        if not self.min_batch <= self.opt_batch <= self.max_batch:
+            raise ValueError(f"expected min_batch <= opt_batch <= max_batch, got {self.min_batch} / {self.opt_batch} / {self.max_batch}")
+        return self
 
 
 class Built(Open):
@@ -369,7 +379,7 @@ class Manifest(Open):
     model: ModelInfo
     preprocessing: Preprocessing
     target: Literal["ort", "trt"]
-    dynamic: Literal[FORMS] | None  # type: ignore[valid-type]
+    dynamic: Literal[GATED_FORMS] | None  # type: ignore[valid-type]
     precision: Literal[PRECISIONS]  # type: ignore[valid-type]
     calibration: CalibrationInfo | None = None
     opset: Annotated[int, Field(ge=1, le=1000)]
