@@ -31,7 +31,14 @@ from typing import Any
 
 import numpy as np
 
-from slimdeploy.bundle import GOLDEN, REFERENCE_WEIGHTS, REPORT, ensure_writable, write_bundle
+from slimdeploy.bundle import (
+    GOLDEN,
+    REFERENCE_WEIGHTS,
+    REPORT,
+    bundle_size_hint,
+    ensure_writable,
+    write_bundle,
+)
 from slimdeploy.engines.base import TensorMeta, check_feed
 from slimdeploy.errors import BadInputError, InputValidationError
 from slimdeploy.files import read_arrays
@@ -205,7 +212,7 @@ def export(
         samples = DEFAULT_SAMPLES if precision == "fp32" else DEFAULT_SAMPLES_REDUCED
     if samples < 1 or any(b < 1 for b in batch_sizes):
         raise BadInputError("samples and batch sizes must be positive integers")
-    out = ensure_writable(out, force)  # fail before any work
+    out = ensure_writable(out, force, bundle_size_hint(checkpoint))  # fail before any work
     started = time.perf_counter()
     torch = optional_import("torch", "export a model")
     notes: list[str] = []

@@ -92,6 +92,12 @@ def _file(file, mode="r", *args, **kwargs):
 
 os.open, os.mkdir = _open, _mkdir
 builtins.open = io.open = _file
+
+if os.environ.get("SLIMDEPLOY_TEST_FREE_BYTES"):  # a nearly full disk, as disk_usage reports it
+    import shutil
+
+    _usage = shutil.disk_usage
+    shutil.disk_usage = lambda path: _usage(path)._replace(free=int(os.environ["SLIMDEPLOY_TEST_FREE_BYTES"]))
 '''
 
 
@@ -240,6 +246,13 @@ def test_full_disk_during_export_keeps_the_old_bundle(faults: dict[str, Any], ex
     assert_one_line_error(result, 2, f"cannot write '{full / 'bundle'}'", "No space left on device")
     assert snapshot(full) == before  # the old bundle, untouched; no staging directory left
     load_bundle(full / "bundle")
+
+
+def test_export_to_a_nearly_full_disk_is_refused_before_the_work(faults: dict[str, Any], tmp_path: Path) -> None:
+    result = run_cli("export", "zoo:spconv_resnet20_digits", "--out", str(tmp_path / "bundle"),
+                     env={**faults["env"], "SLIMDEPLOY_TEST_FREE_BYTES": "100000"})
+    assert_one_line_error(result, 2, f"cannot write '{tmp_path / 'bundle'}'", "0.1 MB are free", "free some space")
+    assert "loading checkpoint" not in result.stderr and list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.slow

@@ -29,6 +29,7 @@ from slimdeploy.bundle.reader import (
 from slimdeploy.bundle.runners import bundle_runner, reference_runner
 from slimdeploy.bundle.schema import MANIFEST, SCHEMA_VERSION, Manifest, validate_manifest
 from slimdeploy.bundle.writer import (
+    bundle_size_hint,
     ensure_writable,
     recover_interrupted_swap,
     update_bundle,
@@ -37,6 +38,6 @@ from slimdeploy.bundle.writer import (
 
 __all__ = [
     "GOLDEN", "MANIFEST", "REFERENCE_WEIGHTS", "REPORT", "SCHEMA_VERSION", "TENSORRT", "Bundle", "Manifest",
-    "bundle_runner", "ensure_writable", "load_bundle", "recover_interrupted_swap", "reference_runner",
+    "bundle_runner", "bundle_size_hint", "ensure_writable", "load_bundle", "recover_interrupted_swap", "reference_runner",
     "resolve_inside", "sha256_file", "update_bundle", "validate_manifest", "write_bundle",
 ]

@@ -50,10 +50,11 @@ _NOT_A_BUNDLE = ("--force replaces only a slimdeploy bundle (a directory whose m
                  "or an empty directory")
 
 
-def ensure_writable(out_dir: str | Path, force: bool) -> Path:
+def ensure_writable(out_dir: str | Path, force: bool, expected_bytes: int = 0) -> Path:
     """Before any work: ``out_dir`` can become a bundle. Refused (exit 2): an existing
     directory without ``force``; with ``force``, anything but an empty directory or a
-    slimdeploy bundle; a file or a link; a location whose folder cannot be made or written."""
+    slimdeploy bundle; a file or a link; a location whose folder cannot be made or written, or
+    has less than ``expected_bytes`` free (``bundle_size_hint``; defaults to 0: not checked)."""
     out = Path(out_dir)
     recover_interrupted_swap(out)
     if out.is_symlink():
@@ -67,7 +68,17 @@ def ensure_writable(out_dir: str | Path, force: bool) -> Path:
             )
         refuse_unless_replaceable(out)
     check_writable_location(out)
+    check_free_space(out.absolute().parent, expected_bytes, out)
     return out
+
+
+def bundle_size_hint(checkpoint: str | Path) -> int:
+    """Bytes a bundle of ``checkpoint`` takes, roughly: its weights twice (the graphs and the
+    reference weights). 0 when the file cannot be read here (loading it will say why)."""
+    try:
+        return 2 * Path(checkpoint).stat().st_size
+    except (OSError, ValueError):
+        return 0
 
 
 def refuse_unless_replaceable(out: Path) -> None:
