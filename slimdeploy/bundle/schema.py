@@ -299,15 +299,21 @@ class EngineEntry(Open):
     trtexec: str
 
 
+def _check_order(low: int, mid: int, high: int, rule: str) -> None:
+    if not low <= mid <= high:
+        raise ValueError(f"expected {rule}, got {low} / {mid} / {high}")
+
+
 class BatchRange(Closed):
+    """The batch range the engines accept (min, opt, max)."""
+
     min: BatchSize
     opt: BatchSize
     max: BatchSize
 
     @model_validator(mode="after")
     def _ordered(self) -> BatchRange:
-        if not self.min <= self.opt <= self.max:
-            raise ValueError(f"expected min <= opt <= max, got {self.min} / {self.opt} / {self.max}")
+        _check_order(self.min, self.opt, self.max, "min <= opt <= max")
         return self
 
 
@@ -322,8 +328,7 @@ class BuildSpecFields(Open):
 
     @model_validator(mode="after")
     def _ordered(self) -> BuildSpecFields:
-        if not self.min_batch <= self.opt_batch <= self.max_batch:
-            raise ValueError(f"expected min_batch <= opt_batch <= max_batch, got {self.min_batch} / {self.opt_batch} / {self.max_batch}")
+        _check_order(self.min_batch, self.opt_batch, self.max_batch, "min_batch <= opt_batch <= max_batch")
         return self
 
 
