@@ -10,7 +10,7 @@ ARG ONNXRUNTIME_VERSION=1.23.2
 WORKDIR /opt/slimdeploy
 COPY pyproject.toml README.md ./
 COPY slimdeploy ./slimdeploy
-# The base install is the runtime side: numpy, onnx, onnxruntime, typer, rich.
+# The base install is the runtime side: numpy, onnx, onnxruntime, typer, rich, pydantic.
 RUN pip install --no-cache-dir "onnxruntime==${ONNXRUNTIME_VERSION}" . \
     && python -c "import slimdeploy.cli, sys; assert 'torch' not in sys.modules"
 

@@ -22,7 +22,7 @@ ARG ONNXRUNTIME_VERSION=1.23.2
 WORKDIR /opt/slimdeploy
 COPY pyproject.toml README.md ./
 COPY slimdeploy ./slimdeploy
-# The base install is the runtime side (numpy, onnx, onnxruntime, typer, rich); not the [trt]
+# The base install is the runtime side (numpy, onnx, onnxruntime, typer, rich, pydantic); not the [trt]
 # extra, whose tensorrt requirement would pull a second TensorRT over the image's.
 RUN python3 -m pip install --no-cache-dir \
         "onnxruntime==${ONNXRUNTIME_VERSION}" "cuda-python~=${CUDA_PYTHON_VERSION}.0" . \

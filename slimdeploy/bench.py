@@ -26,7 +26,7 @@ from slimdeploy._optional import is_available
 from slimdeploy.bundle import Bundle, bundle_runner, load_bundle, reference_runner
 from slimdeploy.engines.base import Runner
 from slimdeploy.errors import BadInputError
-from slimdeploy.files import write_json
+from slimdeploy.files import atomic_output, write_json
 
 DEFAULT_BATCH_SIZES = (1, 32)
 DEFAULT_WARMUP = 10
@@ -377,7 +377,8 @@ def plot_sweep(points: Sequence[SweepPoint], path: str | Path, title: str = "ear
     figure.suptitle(title)
     figure.tight_layout()
     out = Path(path)
-    figure.savefig(out, dpi=120)
+    with atomic_output(out) as tmp:
+        figure.savefig(tmp, dpi=120, format="png")
     pyplot.close(figure)
     return out
 

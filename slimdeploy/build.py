@@ -38,6 +38,7 @@ from slimdeploy.engines.trt_build import (
     version_matches,
 )
 from slimdeploy.errors import BadInputError
+from slimdeploy.files import check_writable_location
 from slimdeploy.parity import ParityReport
 
 
@@ -80,6 +81,8 @@ def build_bundle(
     """
     say = progress or (lambda _message: None)
     bundle = load_bundle(path)
+    # The engines are written into a copy beside the bundle: that folder must take it.
+    check_writable_location(bundle.path.resolve())
     manifest = dict(bundle.manifest)
     form = manifest.get("dynamic")
     refuse_form(form)
@@ -106,8 +109,8 @@ def build_bundle(
         files[BUILD_SCRIPT] = build_script(plan).encode()
     else:
         plan = dict(recorded)
-    cache_path = bundle.file(TIMING_CACHE)
-    cache = cache_path.read_bytes() if cache_path.is_file() else b""
+    # Only a cache the manifest lists (and so verified) is read; an unlisted one is ignored.
+    cache = bundle.file(TIMING_CACHE).read_bytes() if bundle.has_file(TIMING_CACHE) else b""
     started = time.perf_counter()
     engines: dict[str, str] = {}
     for index, entry in enumerate(plan["graphs"], start=1):

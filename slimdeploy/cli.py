@@ -21,8 +21,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from slimdeploy.errors import BadInputError, CheckFailedError, OutputExistsError, SlimDeployError
-from slimdeploy.files import write_json
+from slimdeploy.errors import BadInputError, CheckFailedError, SlimDeployError
+from slimdeploy.files import atomic_output, check_output_file, check_writable_location, write_json
 
 app = typer.Typer(
     name="slimdeploy",
@@ -37,8 +37,21 @@ app.add_typer(zoo_app, name="zoo")
 out_console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
+
+
+def _result_file(option: str) -> Any:
+    """An option callback: the file the option names can be written (checked when the command
+    line is read, before any work; ``-`` and None pass)."""
+
+    def check(value: Any) -> Any:
+        check_output_file(value, option)
+        return value
+
+    return check
+
+
 # Shared options, defined once.
-JsonOpt = Annotated[str | None, typer.Option("--json", help="Write the result as JSON to FILE, or '-' for stdout.")]
+JsonOpt = Annotated[str | None, typer.Option("--json", help="Write the result as JSON to FILE, or '-' for stdout.", callback=_result_file("--json"))]
 ThreadsOpt = Annotated[int, typer.Option(help="Intra-op threads; 0 lets the backend choose.")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu or cuda (ONNX Runtime), or tensorrt (the engines slimdeploy build made).")]
 MinBatchOpt = Annotated[int | None, typer.Option("--min-batch", help="TensorRT: smallest batch the engines accept (export: 1; build: the bundle's).")]
@@ -66,11 +79,12 @@ def _tolerances(atol: float | None, rtol: float | None, precision: str = "fp32")
 def _bundle_precision(bundle: Path) -> str:
     """The precision a bundle's manifest states (for the defaults --atol/--rtol complete);
     fp32 when it cannot be read here (check_bundle then says what is wrong with the bundle)."""
+    from slimdeploy.bundle.reader import read_manifest
     from slimdeploy.parity import DEFAULT_TOLERANCES
 
     try:
-        precision = json.loads((Path(bundle) / "manifest.json").read_text()).get("precision", "fp32")
-    except (OSError, ValueError, AttributeError):
+        precision = read_manifest(Path(bundle)).get("precision", "fp32")
+    except (SlimDeployError, AttributeError):
         return "fp32"
     return precision if precision in DEFAULT_TOLERANCES else "fp32"
 
@@ -372,7 +386,7 @@ def check(
     device: DeviceOpt = "cpu",
     threads: ThreadsOpt = 0,
     json_out: JsonOpt = None,
-    junit: Annotated[Path | None, typer.Option(help="Write a JUnit XML report here (for CI).")] = None,
+    junit: Annotated[Path | None, typer.Option(help="Write a JUnit XML report here (for CI).", callback=_result_file("--junit"))] = None,
 ) -> None:
     """Re-check a bundle's parity from the bundle alone (no torch needed). Exit 1 on failure."""
     from slimdeploy.parity import check_bundle
@@ -410,8 +424,7 @@ def run(
     from slimdeploy.files import read_arrays
     from slimdeploy.parity import run_batches
 
-    if out.exists() and not force:
-        raise OutputExistsError(f"'{out}' already exists | Fix: choose another --out, or pass --force")
+    check_output_file(out, "--out", force=force)  # before any work
     loaded = load_bundle(bundle)
     feed = read_arrays(inputs)
     with bundle_runner(loaded, device=device, threads=threads) as runner:
@@ -422,9 +435,8 @@ def run(
             outputs = run_batches(runner, feed, batch, batch_inputs=loaded.batch_inputs)
         else:
             outputs = runner.infer(feed)
-    tmp = out.with_name(out.name + ".tmp.npz")
-    np.savez(tmp, **outputs)
-    os.replace(tmp, out)
+    with atomic_output(out) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, **outputs)
     shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in outputs.items())
     err_console.print(f"wrote {out}: {shapes}")
 
@@ -440,7 +452,7 @@ def bench(
     baseline: Annotated[Path | None, typer.Option(help="Another bundle of the same model (e.g. its mask form) to time side by side (default: none).")] = None,
     device: DeviceOpt = "cpu",
     sweep: Annotated[str | None, typer.Option(help="Early-exit bundles: exit thresholds to sweep, comma-separated, or 'default' (0,0.5,0.8,0.9,0.95,0.98,0.99,0.995,0.999,1.01). Default: no sweep.")] = None,
-    plot: Annotated[Path | None, typer.Option(help="With --sweep: draw the sweep to this PNG (needs matplotlib).")] = None,
+    plot: Annotated[Path | None, typer.Option(help="With --sweep: draw the sweep to this PNG (needs matplotlib).", callback=_result_file("--plot"))] = None,
     json_out: JsonOpt = None,
 ) -> None:
     """Latency percentiles and throughput on ONNX Runtime (or the TensorRT engines with --device tensorrt), beside PyTorch eager when torch is here; exit shares and threshold sweeps of early-exit bundles."""
@@ -610,6 +622,8 @@ def zoo_train(
     """Retrain a shipped demo model on the digits data from its recorded recipe."""
     from slimdeploy.zoo.train import train_zoo_entry
 
+    if out_dir is not None:
+        check_writable_location(out_dir / f"{name}.pt")  # before the training
     entry = train_zoo_entry(name, out_dir=out_dir)
     out_console.print(f"trained {entry.name}: held-out accuracy {entry.accuracy:.1%}")
 

@@ -37,7 +37,7 @@ from xml.etree import ElementTree
 import numpy as np
 
 from slimdeploy.engines.base import Runner, batched
-from slimdeploy.files import write_json
+from slimdeploy.files import atomic_output, write_json
 
 DEFAULT_TOLERANCES: dict[str, dict[str, tuple[float, float]]] = {
     "fp32": {"": (1e-4, 1e-3)},
@@ -183,7 +183,8 @@ class ParityReport:
             case = ElementTree.SubElement(suite, "testcase", classname="slimdeploy.parity", name=case_name)
             if detail:
                 ElementTree.SubElement(case, "failure", message=detail[:200]).text = detail
-        ElementTree.ElementTree(suite).write(str(path), encoding="utf-8", xml_declaration=True)
+        with atomic_output(path) as tmp:
+            ElementTree.ElementTree(suite).write(str(tmp), encoding="utf-8", xml_declaration=True)
 
 
 def compare_values(

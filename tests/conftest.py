@@ -82,6 +82,25 @@ def assert_clean_error(result: subprocess.CompletedProcess, code: int, *fragment
         assert fragment in result.stderr, (fragment, result.stderr)
 
 
+def assert_one_line_error(result: subprocess.CompletedProcess, code: int, *fragments: str) -> None:
+    """``assert_clean_error``, and the error is one line that says how to fix it."""
+    assert_clean_error(result, code, *fragments)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Fix:" in lines[0], result.stderr
+
+
+def snapshot(root: Path) -> dict[str, object]:
+    """Every entry under ``root`` (files by content, links by target, folders): what a test
+    compares to show that nothing was written, changed or removed."""
+    found: dict[str, object] = {}
+    for directory, dirnames, filenames in os.walk(root):
+        for name in [*dirnames, *filenames]:
+            path = Path(directory) / name
+            key = str(path.relative_to(root))
+            found[key] = ("link", os.readlink(path)) if path.is_symlink() else (path.read_bytes() if path.is_file() else "dir")
+    return found
+
+
 @pytest.fixture(scope="session")
 def zoo_resnet_checkpoint() -> Path:
     """The shipped trained SPConv ResNet-20 demo checkpoint."""

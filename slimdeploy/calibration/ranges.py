@@ -75,12 +75,25 @@ class CalibrationRecord:
         """Read a record from a ``calibration.json`` or from a bundle folder holding one."""
         path = Path(path)
         if path.is_dir():
-            path = path / RECORD_FILE
+            path = _bundle_record(path) if (path / "manifest.json").exists() else path / RECORD_FILE
         try:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise BadInputError(f"cannot read calibration ranges from '{path}' ({exc}) | Fix: pass a bundle's calibration.json") from exc
         return cls.from_dict(data)
+
+
+def _bundle_record(bundle_dir: Path) -> Path:
+    """The ``calibration.json`` of a bundle, read as the bundle reader serves files: the bundle
+    checked (schema, paths inside, no links, digests), the file named by its manifest."""
+    from slimdeploy.bundle import load_bundle
+
+    bundle = load_bundle(bundle_dir)
+    ranges = (bundle.manifest.get("calibration") or {}).get("ranges")
+    if not ranges:
+        raise BadInputError(f"bundle '{bundle_dir}' holds no calibration ranges (not an INT8 bundle) | Fix: pass an INT8 "
+                            "bundle or its calibration.json, or calibrate (--calib digits|PATH)")
+    return bundle.file(ranges)
 
 
 def is_record(source: str | Path) -> bool:

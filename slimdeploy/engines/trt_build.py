@@ -29,6 +29,7 @@ from typing import Any
 
 from slimdeploy._optional import is_available as _module_available
 from slimdeploy._optional import optional_import
+from slimdeploy.bundle.schema import ENGINE_DIR, TIMING_CACHE
 from slimdeploy.errors import BackendUnavailableError, BadInputError, CheckFailedError
 
 DEFAULT_MIN_BATCH = 1
@@ -39,8 +40,6 @@ DEFAULT_WORKSPACE_MB = 1024
 TRT_MIN_VERSION = (10, 3)
 TRT_MAX_VERSION = (12, 0)  # exclusive
 TRT_VERSION_RANGE = ">=10.3,<12"
-ENGINE_DIR = "trt"
-TIMING_CACHE = f"{ENGINE_DIR}/timing.cache"
 BUILD_README = "BUILD.md"
 BUILD_SCRIPT = "build.sh"
 # Staged pieces that see every row of a call; the other pieces (exec{k}, skip{k}) see only

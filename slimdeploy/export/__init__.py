@@ -72,12 +72,12 @@ def export(checkpoint: str | Path, out: str | Path, options: ExportOptions | Non
         changes: option fields by name, applied over ``options`` (``export(c, o, precision="int8")``).
     """
     from slimdeploy._optional import optional_import
-    from slimdeploy.bundle import ensure_writable, write_bundle
+    from slimdeploy.bundle import bundle_size_hint, ensure_writable, write_bundle
 
     options = ExportOptions.of(options, **changes)
     say = progress or (lambda _message: None)
     started = time.perf_counter()
-    out = ensure_writable(out, options.force)  # fail before any work
+    out = ensure_writable(out, options.force, bundle_size_hint(checkpoint))  # fail before any work
     optional_import("torch", "export a model")
     # The stages import torch (transforms, exporters): only once it is known to be there.
     from slimdeploy.calibration import check_precision

@@ -17,6 +17,7 @@ faster.
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import os
 import shutil
@@ -205,12 +206,22 @@ def save_zoo_checkpoint(
 ) -> None:
     """Write a trained checkpoint atomically: under its final name in a temporary sibling
     folder, then renamed (torch.save names the archive after the file, so the bytes do not
-    depend on a temporary name and a retrain reproduces the shipped file bit for bit)."""
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=out_path.parent))
+    depend on a temporary name and a retrain reproduces the shipped file bit for bit). A write
+    error (full disk, read-only folder) is a ``BadInputError`` naming the path."""
+    from slimdeploy.files import output_error
+
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=out_path.parent))
+    except OSError as exc:
+        raise output_error(out_path, exc) from None
     try:
         save_checkpoint(tmp_dir / out_path.name, module, arch, arch_args, preprocessing, meta)
         os.replace(tmp_dir / out_path.name, out_path)
+    except OSError as exc:
+        raise output_error(out_path, exc) from None
+    except RuntimeError as exc:  # torch's file writer reports a failed write (a full disk) so
+        raise output_error(out_path, OSError(errno.EIO, str(exc).strip())) from None
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
 

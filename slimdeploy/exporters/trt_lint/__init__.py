@@ -122,7 +122,7 @@ def lint_path(path: str | Path, trt_version: str | None = None) -> LintReport:
         return report
     from slimdeploy.bundle import load_bundle
 
-    bundle = load_bundle(path, verify=False)
+    bundle = load_bundle(path)
     graphs = bundle.graphs
     if not graphs:
         raise BadInputError(f"bundle '{path}' lists no graphs in its manifest | Fix: re-export it")

@@ -1,0 +1,71 @@
+"""Running a loaded bundle: ``bundle_runner`` (its graphs or engines) and ``reference_runner``
+(its PyTorch weights). Every file they open comes through ``Bundle.file``: listed, verified,
+inside the bundle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from slimdeploy.bundle.reader import TENSORRT, Bundle
+from slimdeploy.errors import BundleError
+
+
+def bundle_runner(bundle: Bundle, device: str = "cpu", threads: int = 0, replay: bool = False) -> Any:
+    """The runner that executes this bundle: ONNX Runtime on its graph, or the staged
+    controller over one ONNX Runtime session per piece; with ``device="tensorrt"``, the same
+    over the TensorRT engines that ``slimdeploy build`` recorded in the manifest.
+
+    Args:
+        bundle: a loaded bundle.
+        device: ``"cpu"`` or ``"cuda"`` (ONNX Runtime), or ``"tensorrt"``. Defaults to ``"cpu"``.
+        threads: intra-op threads; 0 lets ONNX Runtime choose. Defaults to 0.
+        replay: staged bundles only: take gate decisions from the feed. Defaults to False.
+    """
+    from slimdeploy.engines.factory import make_runner
+
+    manifest = bundle.manifest
+    graphs: dict[str, Path] = {graph["name"]: bundle.file(graph["file"]) for graph in bundle.graphs}
+    backend, batch_range = "onnxruntime", None
+    if device == TENSORRT:
+        from slimdeploy.engines.trt_build import engine_batch_range
+
+        build = manifest.get("trt") or {}
+        engines = build.get("engines")
+        if not engines:
+            raise BundleError(
+                f"bundle '{bundle.path}' has no TensorRT engines | Fix: build them on this machine with "
+                f"slimdeploy build {bundle.path}"
+            )
+        graphs = {name: bundle.file(file) for name, file in engines.items()}
+        backend = TENSORRT
+        batch_range = engine_batch_range(build)
+    return make_runner(
+        graphs,
+        manifest["dynamic"],
+        bundle.input_meta("input"),
+        plan=manifest.get("gating") or manifest.get("exits") or None,
+        decision_defaults=manifest["decisions"]["thresholds"],
+        device=device,
+        threads=threads,
+        replay=replay,
+        backend=backend,
+        batch_range=batch_range,
+    )
+
+
+def reference_runner(bundle: Bundle, threads: int = 0) -> Any:
+    """A ``TorchRunner`` over the bundle's ``reference.pt`` (needs torch); raises
+    ``BundleError`` when the bundle carries no reference weights."""
+    from slimdeploy.engines.torch_runner import TorchRunner
+    from slimdeploy.loading import load_checkpoint
+
+    relative = bundle.manifest.get("reference_weights")
+    if not relative:
+        raise BundleError(
+            f"bundle '{bundle.path}' carries no PyTorch reference weights | Fix: re-export without "
+            "--no-reference-weights"
+        )
+    loaded = load_checkpoint(bundle.file(relative))
+    inputs = {name: bundle.input_meta(name) for name in bundle.input_names}
+    return TorchRunner(loaded.module, inputs, bundle.output_names, threads=threads, name="torch")
