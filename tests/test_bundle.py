@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from slimdeploy.bundle import MANIFEST, SCHEMA_VERSION, load_bundle, sha256_file, write_bundle
-from slimdeploy.bundle import writer as bundle_writer
+from slimdeploy.bundle import swap as bundle_swap
 from slimdeploy.errors import BadInputError, BundleError, OutputExistsError
 from tests.conftest import REPO
 
@@ -176,7 +176,7 @@ def test_the_swap_is_atomic_where_linux_offers_it(tmp_path: Path) -> None:
     second.mkdir()
     (first / "a").write_text("1")
     (second / "b").write_text("2")
-    if not bundle_writer.exchange(first, second):
+    if not bundle_swap.exchange(first, second):
         pytest.skip("this system or file system offers no renameat2 RENAME_EXCHANGE")
     assert [p.name for p in first.iterdir()] == ["b"] and [p.name for p in second.iterdir()] == ["a"]
 
@@ -186,10 +186,10 @@ INTERRUPTED_SWAP = """
 import json, os, sys
 import numpy as np
 from pathlib import Path
-from slimdeploy.bundle import writer
+from slimdeploy.bundle import swap, writer
 from tests.test_bundle import FILES, manifest_fields
 
-writer.exchange = lambda first, second: False
+swap.exchange = lambda first, second: False
 renames = []
 real_rename = os.rename
 
@@ -199,7 +199,7 @@ def dying_rename(src, dst):
         os._exit(9)
     real_rename(src, dst)
 
-writer.os.rename = dying_rename
+swap.os.rename = dying_rename
 writer.write_bundle(sys.argv[1], {**FILES, "model.onnx": b"new"}, manifest_fields(), force=True)
 """
 

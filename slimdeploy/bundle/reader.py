@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from slimdeploy.bundle.schema import MANIFEST, Manifest, check_relative_path, validate_manifest
+from slimdeploy.bundle.swap import recover_interrupted_swap
 from slimdeploy.errors import BundleError
 
 GOLDEN = "golden.npz"
@@ -196,8 +197,6 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
         path: the bundle directory.
         verify: compare each listed file's sha256 with the manifest. Defaults to True.
     """
-    from slimdeploy.bundle.writer import recover_interrupted_swap
-
     root = Path(path)
     recover_interrupted_swap(root)
     if not root.is_dir():

@@ -19,13 +19,10 @@ written, and every write error is exit 2 naming the path, with the old bundle un
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import json
 import os
 import shutil
 import stat
-import sys
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -41,11 +38,10 @@ from slimdeploy.bundle.schema import (
     check_relative_path,
     validate_manifest,
 )
-from slimdeploy.errors import BadInputError, BundleError, OutputExistsError
+from slimdeploy.bundle.swap import recover_interrupted_swap, swap_into_place
+from slimdeploy.errors import BundleError, OutputExistsError
 from slimdeploy.files import check_free_space, check_writable_location, output_error
 
-_AT_FDCWD = -100
-_RENAME_EXCHANGE = 2
 _NOT_A_BUNDLE = ("--force replaces only a slimdeploy bundle (a directory whose manifest.json lists every file in it) "
                  "or an empty directory")
 
@@ -265,78 +261,13 @@ def _staging(out: Path) -> Iterator[Path]:
     try:
         os.chmod(staging, 0o777 & ~umask)
         yield staging
-        _swap_into_place(staging, out)
+        swap_into_place(staging, out)
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)
         raise output_error(out, exc) from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-
-
-def _swap_into_place(staging: Path, out: Path) -> None:
-    """Give the finished ``staging`` the name ``out``: one rename for a new name; an atomic
-    exchange where the system has one; else the old bundle renamed aside first (to
-    ``.NAME.old-*``, restored by ``recover_interrupted_swap`` if the process dies before the
-    second rename) and deleted only once the new one is in place."""
-    if not os.path.lexists(out):
-        os.rename(staging, out)
-        return
-    if exchange(staging, out):
-        shutil.rmtree(staging, ignore_errors=True)  # now the old bundle
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.rmdir(old)
-    os.rename(out, old)
-    try:
-        os.rename(staging, out)
-    except BaseException:
-        os.rename(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def exchange(first: Path, second: Path) -> bool:
-    """Swap two directories' names atomically (Linux ``renameat2`` with ``RENAME_EXCHANGE``).
-    False where the system or the file system does not offer it; ``OSError`` for other failures."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):  # no renameat2 in this C library (glibc < 2.28, musl < 1.2.5?)
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    renameat2.restype = ctypes.c_int
-    if renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
-        return False
-    raise OSError(code, os.strerror(code), str(second))
-
-
-def recover_interrupted_swap(out: str | Path) -> Path | None:
-    """Put back a bundle that a replacement interrupted between its two renames left as
-    ``.NAME.old-*`` beside a missing ``NAME`` (the newest such directory holding a manifest).
-    Returns the restored path, or None when there was nothing to restore."""
-    out = Path(out).absolute()
-    if os.path.lexists(out) or not out.parent.is_dir():
-        return None
-    candidates = [
-        path for path in out.parent.glob(f".{out.name}.old-*")
-        if path.is_dir() and not path.is_symlink() and (path / MANIFEST).is_file()
-    ]
-    if not candidates:
-        return None
-    newest = max(candidates, key=lambda path: path.stat().st_mtime)
-    try:
-        os.rename(newest, out)
-    except OSError as exc:
-        raise BadInputError(
-            f"'{out}' is missing and the bundle it replaced waits in '{newest}', which cannot be renamed back "
-            f"({exc.strerror}) | Fix: rename it to '{out.name}' yourself"
-        ) from None
-    return out
 
 
 def _json_default(value: Any) -> Any:
