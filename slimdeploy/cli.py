@@ -54,13 +54,16 @@ CheckRtolOpt = Annotated[float | None, typer.Option(help="Relative tolerance for
 
 
 def _tolerances(atol: float | None, rtol: float | None, precision: str = "fp32") -> dict[str, tuple[float, float]] | None:
-    """Override the precision's default tolerances with --atol/--rtol where given."""
+    """Override the precision's default tolerances with --atol/--rtol where given (used as
+    given, no scaling); non-finite or negative values are bad input (exit 2)."""
     if atol is None and rtol is None:
         return None
     from slimdeploy.parity import DEFAULT_TOLERANCES
+    from slimdeploy.tolerance import check_tolerances
 
     default_atol, default_rtol = DEFAULT_TOLERANCES[precision][""]
-    return {"": (default_atol if atol is None else atol, default_rtol if rtol is None else rtol)}
+    given = {"": (default_atol if atol is None else atol, default_rtol if rtol is None else rtol)}
+    return check_tolerances(given, "--atol/--rtol")
 
 
 def _bundle_precision(bundle: Path) -> str:
@@ -165,6 +168,9 @@ def _print_parity(report: Any, json_target: str | None) -> None:
                 out_console.print(f"[yellow]note:[/yellow] {name}: blocks {never} were seen only open or only closed in these samples")
         for batch, count in report.excluded_samples.items():
             out_console.print(f"numeric parity at batch {batch} left out {count} sample(s) whose decisions differ")
+        rule = report.tolerance_rule
+        if rule:
+            out_console.print(f"tolerance: {escape(rule['description'])}" + (f" ({escape(rule['note'])})" if rule.get("note") else ""), soft_wrap=True)
         for failure in report.failures:
             out_console.print(f"[red]failed:[/red] {escape(failure)}")
         verdict = "[green]PASSED[/green]" if report.passed else "[red]FAILED[/red]"
@@ -412,6 +418,11 @@ def run(
     from slimdeploy.files import read_arrays
     from slimdeploy.parity import run_batches
 
+    from slimdeploy.limits import check_device, check_option, check_threads
+
+    check_option("run_batch", batch, "--batch")
+    check_device(device)
+    check_threads(threads)
     if out.exists() and not force:
         raise OutputExistsError(f"'{out}' already exists | Fix: choose another --out, or pass --force")
     loaded = load_bundle(bundle)
@@ -584,7 +595,10 @@ def zoo_list(json_out: JsonOpt = None) -> None:
     """Registered architectures and shipped demo checkpoints (with accuracy on held-out digits)."""
     from slimdeploy.zoo import zoo_listing
 
-    rows = zoo_listing()
+    notes: list[str] = []
+    rows = zoo_listing(notes)
+    for note in notes:
+        err_console.print(f"[yellow]note:[/yellow] {escape(note)}", soft_wrap=True)
     if json_out != "-":
         table = Table(title="slimdeploy zoo")
         for column in ("name", "arch", "family", "checkpoint", "dataset", "accuracy", "notes"):

@@ -35,7 +35,9 @@ from slimdeploy.bundle import GOLDEN, REFERENCE_WEIGHTS, REPORT, ensure_writable
 from slimdeploy.engines.base import TensorMeta, check_feed
 from slimdeploy.errors import BadInputError, InputValidationError
 from slimdeploy.files import read_arrays
+from slimdeploy.limits import check_export_options, check_model_fits
 from slimdeploy.parity import DecisionSpec, ParityReport, check_parity, run_batches
+from slimdeploy.tolerance import fp32_tolerances
 from slimdeploy.versions import versions
 
 CALIBRATION_FILE = "calibration.json"
@@ -203,8 +205,7 @@ def export(
         raise BadInputError(f"--calib and --calib-size apply to --precision int8, not {precision} | Fix: leave them out, or pass --precision int8")
     if samples is None:
         samples = DEFAULT_SAMPLES if precision == "fp32" else DEFAULT_SAMPLES_REDUCED
-    if samples < 1 or any(b < 1 for b in batch_sizes):
-        raise BadInputError("samples and batch sizes must be positive integers")
+    check_export_options(samples, batch_sizes, threads, calib_size, tolerances)
     out = ensure_writable(out, force)  # fail before any work
     started = time.perf_counter()
     torch = optional_import("torch", "export a model")
@@ -213,6 +214,8 @@ def export(
     say("loading checkpoint")
     loaded = load_checkpoint(checkpoint, arch=arch, arch_args=arch_args, trust_pickle=trust_pickle)
     notes.extend(loaded.notes)
+    if loaded.estimate is not None:  # the reference runs 64 rows at a time, parity max(batch_sizes)
+        check_model_fits(loaded.estimate, loaded.arch, batch=max(64, *batch_sizes))
     info = _registered(loaded.arch)
     kind = DECISION_FAMILIES.get(info.family) if info else None
     gated, early_exit = kind == "gated", kind == "early_exit"
@@ -295,6 +298,9 @@ def export(
     notes.extend(_few_samples_note(precision, len(inputs)))
     reference = {name: value[rows] for name, value in pool_reference.items()}
     feed = {"input": inputs}
+    say("measuring PyTorch's float32 noise (the reference once more in float64)" if not tolerances else "checking tolerances")
+    fp32_tolerances_used, fp32_rule = fp32_tolerances(tolerances, reference_module, feed, reference, output_names,
+                                                      [d.name for d in decisions])
     if early_exit:
         # forward stops at the first confident stage; the model's cost is every stage's.
         macs = count_macs_of(deploy_module, deploy_module.forward_all, torch.zeros(1, *prep.input_size))
@@ -320,11 +326,13 @@ def export(
         return make_runner(sources, form, input_meta, plan=plan, decision_defaults=threshold_defaults, threads=threads)
 
     def parity(candidate: dict[str, Any], label: str, precision: str = "fp32") -> ParityReport:
+        fp32 = precision == "fp32"
         with runner_of(candidate) as runner:
             return check_parity(runner, feed, reference, batch_sizes, "torch", precision=precision,
-                                tolerances=tolerances if precision == "fp32" or tolerances else None,
+                                tolerances=fp32_tolerances_used if fp32 else tolerances,
                                 labels=labels, decisions=decisions, batch_inputs=["input"],
-                                progress=lambda step: say(f"{label}: {step}"))
+                                progress=lambda step: say(f"{label}: {step}"),
+                                tolerance_rule=fp32_rule if fp32 else None)
 
     say("checking parity of the exported graph" + ("s" if len(graphs) > 1 else ""))
     report = parity(graphs, "exported")
@@ -422,6 +430,8 @@ def export(
             "source": Path(loaded.source).name,
             "params": macs.params,
             "macs": macs.macs,
+            # Identifies the checkpoint (bench refuses a --baseline of other weights).
+            "weights_sha256": model_id["weights_sha256"] if model_id else weights_digest(loaded.module),
             "graph_macs": graph_macs,
             "meta": loaded.meta,
         },
