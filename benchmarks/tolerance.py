@@ -9,7 +9,8 @@ classifier scaled so that the largest |logit| on the parity images is the target
 
 - ``spconv_resnet50_large``: SPConv ResNet-50, logits of magnitude ~60 (an ImageNet model's);
 - ``spconv_resnet50_small``: the same network, logits ~0.25;
-- ``condensenetv2_a_small``: CondenseNetV2 config A, learned form (condensed at export), logits ~0.25.
+- ``condensenetv2_a_small``: CondenseNetV2 config A, learned form with its condensation schedule
+  run to the end (as a trained checkpoint has it; condensed at export), logits ~0.25.
 
 Each is saved with ``save_checkpoint`` and exported with ``export()`` and the default tolerances
 (32 held-out digits at batch 1 and 16, as the CLI). Measured, per model: the logits' scale
@@ -63,6 +64,7 @@ def make_checkpoint(label: str, folder: Path, calib_count: int, samples: int) ->
     arch, args, classifier_name, target = MODELS[label]
     torch.manual_seed(0)
     model = get_arch(arch).build(**args)
+    finish_condensation(model)
     prep = Preprocessing.default_for(INPUT_SIZE)
     images, _ = digits_inputs("calib", INPUT_SIZE, prep.mean, prep.std, count=calib_count)
     estimate_batchnorm(model, images, batch_size=16)
@@ -77,6 +79,17 @@ def make_checkpoint(label: str, folder: Path, calib_count: int, samples: int) ->
     path = folder / f"{label}.pt"
     save_checkpoint(path, model, arch, args, prep, {"dataset": "random+bn-on-digits", "logit_target": target})
     return path
+
+
+def finish_condensation(model: Any) -> None:
+    """Run a learned CondenseNetV2's condensation schedule to its end, as training does: the
+    masks then keep the official fraction, so condensing at export is exact. Entering stage s
+    of C takes training progress s / (2 (C - 1)); other models have no such layers."""
+    for layer in model.modules():
+        if hasattr(layer, "condense_step"):
+            stages = layer.condense_factor - 1
+            for stage in range(1, stages + 1):
+                layer.condense_step(stage / (2 * stages))
 
 
 def perturbed_verdicts(bundle: Path) -> list[dict[str, Any]]:

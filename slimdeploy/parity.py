@@ -225,7 +225,7 @@ def compare_values(
     ref_bad, cand_bad = ~np.isfinite(ref), ~np.isfinite(cand)
     broken = ref_bad | cand_bad
     finite = ~broken
-    diff = np.abs(cand - ref)[finite]
+    diff = np.abs(cand[finite] - ref[finite])
     bad = diff > atol + rtol * np.abs(ref[finite])
     rel = diff / np.maximum(np.abs(ref[finite]), 1e-12)
     result = OutputResult(
@@ -694,7 +694,6 @@ def check_bundle(
         progress: optional callable told each step. Defaults to silence.
     """
     from slimdeploy.bundle import bundle_runner, load_bundle
-
     from slimdeploy.limits import check_device, check_threads
 
     check_device(device)
