@@ -27,7 +27,13 @@ from slimdeploy.bundle import Bundle, bundle_runner, load_bundle, reference_runn
 from slimdeploy.engines.base import Runner
 from slimdeploy.errors import BackendUnavailableError, BadInputError
 from slimdeploy.files import write_json
-from slimdeploy.limits import check_batch_sizes, check_device, check_option, check_threads
+from slimdeploy.limits import (
+    check_batch_memory,
+    check_batch_sizes,
+    check_device,
+    check_option,
+    check_threads,
+)
 
 DEFAULT_BATCH_SIZES = (1, 32)
 DEFAULT_WARMUP = 10
@@ -450,6 +456,8 @@ def bench_bundle(
     bundle = load_bundle(path)
     if sweep and not bundle.manifest.get("exits"):
         raise BadInputError("--sweep applies to early-exit bundles (exit thresholds); this bundle has none | Fix: leave out --sweep")
+    golden_input = bundle.golden()["input"]
+    check_batch_memory(batch_sizes, golden_input[:1].nbytes)
     report = BenchReport(bundle=str(bundle.path), threads=threads)
     backend = "tensorrt" if device == "tensorrt" else "onnxruntime"
     runners: list[Runner] = [bundle_runner(bundle, device=device, threads=threads)]

@@ -208,6 +208,19 @@ def _gib(value: int) -> str:
     return f"{value / 2**30:.3g} GiB"
 
 
+def check_batch_memory(batch_sizes: Sequence[int], row_bytes: int, flag: str = "--batch") -> None:
+    """``BadInputError`` when the inputs alone of the largest batch (``row_bytes`` per row, held
+    twice: the feed and its copy) exceed the available memory."""
+    largest = max(batch_sizes)
+    needed = ACTIVATION_COPIES * largest * row_bytes
+    memory = available_memory()
+    if needed > memory:
+        raise BadInputError(
+            f"{flag} {largest} needs {_gib(needed)} for its inputs alone but this machine has {_gib(memory)} "
+            f"available | Fix: pass a smaller {flag}"
+        )
+
+
 def check_export_options(
     samples: Any,
     batch_sizes: Sequence[Any],

@@ -132,7 +132,7 @@ def test_empty_batch_gives_empty_outputs_of_the_right_shape(make_runner: Callabl
 
 
 def test_ort_unknown_device_name_is_bad_input(tiny_onnx: Path) -> None:
-    from slimdeploy.errors import BadInputError, BackendUnavailableError
+    from slimdeploy.errors import BackendUnavailableError, BadInputError
 
     with pytest.raises(BadInputError, match="unknown device 'tpu'") as caught:
         OrtRunner(tiny_onnx, device="tpu").activate()
@@ -143,7 +143,7 @@ def test_ort_unknown_device_name_is_bad_input(tiny_onnx: Path) -> None:
 def test_runners_refuse_absurd_thread_counts(tiny: TinyNet, tiny_onnx: Path, threads: int) -> None:
     from slimdeploy.errors import BadInputError
 
-    with pytest.raises(BadInputError, match="--threads .* out of range"):
+    with pytest.raises(BadInputError, match=r"--threads .* out of range"):
         OrtRunner(tiny_onnx, threads=threads)
-    with pytest.raises(BadInputError, match="--threads .* out of range"):
+    with pytest.raises(BadInputError, match=r"--threads .* out of range"):
         TorchRunner(tiny, META, ["logits"], threads=threads)

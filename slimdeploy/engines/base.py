@@ -135,13 +135,11 @@ class Runner:
             return self._infer_empty(feed)
         return self._infer(feed)
 
-    def _empty_batch(self, feed: Mapping[str, np.ndarray]) -> bool:
-        """True when an input whose first axis is the batch has 0 rows."""
-        return any(
-            isinstance(meta.shape[0], str) and np.ndim(feed[name]) and np.shape(feed[name])[0] == 0
-            for name, meta in self.input_metadata().items()
-            if name in feed and meta.shape
-        )
+    @staticmethod
+    def _empty_batch(feed: Mapping[str, np.ndarray]) -> bool:
+        """True when an input has 0 rows. Read from the arrays alone (this runs on every call,
+        the hot path included): thresholds are 0-D or have one value per stage, never 0."""
+        return any(np.ndim(value) and np.shape(value)[0] == 0 for value in feed.values())
 
     def _infer_empty(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Outputs of a 0-row feed: empty arrays shaped by ``output_metadata()`` when every
