@@ -108,6 +108,24 @@ def test_hostile_checkpoint_is_refused_and_nothing_is_written(tmp_path: Path, zo
         assert "--trust-pickle would run code" in result.stderr
 
 
+def test_a_model_computing_nan_fails_parity(tmp_path: Path, zoo_resnet_checkpoint: Path) -> None:
+    """Finite weights, broken numbers: a negative BatchNorm variance makes the model output NaN.
+    The export fails parity (exit 1, the bundle and its report kept for inspection) instead of
+    passing it as NaN comparisons once did."""
+    checkpoint = _own(zoo_resnet_checkpoint)
+    checkpoint["state_dict"]["bn1.running_var"][0] = -1.0
+    path = _save(checkpoint, tmp_path / "negative_var.pt")
+    out = tmp_path / "bundle"
+    result = run_cli("export", str(path), "--out", str(out), "--samples", "4", "--batch-sizes", "2")
+    assert_clean_error(result, 1, "parity failed")
+    assert "parity PASSED" not in result.stdout
+    report = json.loads((out / "report.json").read_text())
+    logits = [o for o in report["outputs"] if o["name"] == "logits"]
+    assert logits and all(not o["passed"] and o["nonfinite_reference"] == o["elements"] for o in logits)
+    assert "non-finite values (NaN/inf)" in report["failures"][0]
+    assert "float32 noise not measured" in report["tolerance_rule"]["note"]
+
+
 def test_absurd_arch_args_are_refused_before_allocating(tmp_path: Path, zoo_resnet_checkpoint: Path) -> None:
     out = tmp_path / "bundle"
     result = run_cli("export", str(zoo_resnet_checkpoint), "--arch-args", '{"num_classes": 1000000000000}', "--out", str(out))
