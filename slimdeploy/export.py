@@ -166,8 +166,9 @@ def export(
         batch_sizes: batch sizes the candidate is checked at. Defaults to (1, 16).
         opset: ONNX opset. Defaults to 18.
         simplify: simplify with onnxslim (and re-check). Defaults to True.
-        tolerances: per-output (atol, rtol), ``""`` the default. Defaults to the precision's
-            (``parity.DEFAULT_TOLERANCES``; FP32 atol 1e-4, rtol 1e-3).
+        tolerances: per-output (atol, rtol), ``""`` the default, used as given. Defaults to
+            the precision's; for FP32 measured per output (``tolerance.fp32_tolerances``:
+            atol max(1e-4, 10x PyTorch's float32 noise), rtol 1e-3), stored in the manifest.
         threads: ONNX Runtime intra-op threads for the check; 0 = ORT's choice. Defaults to 0.
         reference_weights: store the PyTorch weights in the bundle (``reference.pt``) for
             ``check --data`` and ``bench`` where torch is installed. Defaults to True.
