@@ -18,13 +18,16 @@ Each is saved with ``save_checkpoint`` and exported with ``export()`` and the de
 same samples), the exported graph's error against PyTorch (max |c - r|, ONNX Runtime), its
 ratio to the noise, and the verdicts of the old fixed rule (|c - r| <= 1e-4 + 1e-3 |r|) and of
 the measured rule (``slimdeploy.tolerance``). Then the defect side: one convolution's weights in
-the exported graph are scaled by 1.01 and by 1.02 (the first convolution and the middle one of
-those whose weights are not all zero), and the perturbed graph is checked with the bundle's
-stored tolerances: each must fail.
+the exported graph are scaled by 1.01 and by 1.02 (the first convolution, and the one nearest the
+middle whose output reaches the logits at all), and the perturbed graph is checked with the
+bundle's stored tolerances: each must fail.
+
+``--models a,b`` measures only those and replaces their rows in an existing results file.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import tempfile
 import time
@@ -93,6 +96,20 @@ def finish_condensation(model: Any) -> None:
                 layer.condense_step(stage / (2 * stages))
 
 
+def _changes_logits(graph: Any, initializer: Any, inputs: np.ndarray, unperturbed: np.ndarray) -> bool:
+    """Whether zeroing this convolution's weights changes the graph's logits at all."""
+    from onnx import numpy_helper
+
+    from slimdeploy.engines.ort_runner import OrtRunner
+
+    original = numpy_helper.to_array(initializer).copy()
+    initializer.CopyFrom(numpy_helper.from_array(np.zeros_like(original), initializer.name))
+    with OrtRunner(graph.SerializeToString(), threads=2) as runner:
+        changed = bool(np.abs(runner.infer({"input": inputs})["logits"] - unperturbed).max() > 0)
+    initializer.CopyFrom(numpy_helper.from_array(original, initializer.name))
+    return changed
+
+
 def perturbed_verdicts(bundle: Path) -> list[dict[str, Any]]:
     """Scale one Conv's weights in the exported graph and check it with the stored tolerances."""
     import onnx
@@ -108,14 +125,17 @@ def perturbed_verdicts(bundle: Path) -> list[dict[str, Any]]:
     atol, rtol = stored.get("logits", stored[""])
     graph = onnx.load(str(loaded.graph_path()))
     initializers = {init.name: init for init in graph.graph.initializer}
-    # Convolutions whose weights are all zero (CondenseNetV2's reactivation convolutions start
-    # at zero) compute the same thing scaled: no comparison can see such a change.
-    convs = [node.input[1] for node in graph.graph.node if node.op_type == "Conv" and node.input[1] in initializers
-             and numpy_helper.to_array(initializers[node.input[1]]).any()]
     with OrtRunner(graph.SerializeToString(), threads=2) as runner:
         unperturbed = runner.infer({"input": golden["input"]})["logits"]
+    convs = [node.input[1] for node in graph.graph.node if node.op_type == "Conv" and node.input[1] in initializers]
+    # A convolution whose output never reaches the logits (in a random network, one whose
+    # inputs are all cut by ReLU, or zero-initialised) computes the same logits however it is
+    # changed: no comparison can see that. The middle one is the live one nearest the middle.
+    middle = len(convs) // 2
+    by_distance = sorted(range(len(convs)), key=lambda i: (abs(i - middle), i))
+    live = next(convs[i] for i in by_distance if _changes_logits(graph, initializers[convs[i]], golden["input"], unperturbed))
     results = []
-    for position, name in (("first", convs[0]), ("middle", convs[len(convs) // 2])):
+    for position, name in (("first", convs[0]), ("middle", live)):
         original = numpy_helper.to_array(initializers[name]).copy()
         for factor in PERTURBATIONS:
             initializers[name].CopyFrom(numpy_helper.from_array((original * factor).astype(original.dtype), name))
@@ -168,17 +188,25 @@ def measure(label: str, folder: Path, samples: int) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = benchmark_arguments(__doc__.splitlines()[0], DEFAULT_OUT).parse_args(argv)
+    parser = benchmark_arguments(__doc__.splitlines()[0], DEFAULT_OUT)
+    parser.add_argument("--models", help=f"comma-separated subset of {', '.join(MODELS)}; their rows replace those in --out")
+    args = parser.parse_args(argv)
     import torch
 
     torch.set_num_threads(args.threads)
-    labels = QUICK_MODELS if args.quick else tuple(MODELS)
+    labels = args.models.split(",") if args.models else QUICK_MODELS if args.quick else tuple(MODELS)
+    unknown = sorted(set(labels) - set(MODELS))
+    if unknown:
+        parser.error(f"unknown model(s) {unknown}; expected some of {list(MODELS)}")
     samples = 8 if args.quick else 32
     result: dict[str, Any] = {"benchmark": "tolerance", "quick": args.quick, "machine": machine_facts(), "models": []}
+    if args.models and args.out.is_file():
+        kept = json.loads(args.out.read_text()).get("models", [])
+        result["models"] = [row for row in kept if row["model"] not in labels]
     with tempfile.TemporaryDirectory() as tmp:
         for label in labels:
             row = measure(label, Path(tmp), samples)
-            result["models"].append(row)
+            result["models"] = [r for r in result["models"] if r["model"] != label] + [row]
             save_json(result, args.out)
             print(f"{label}: |logits| max {row['logits_max_abs']:.3g} rms {row['logits_rms']:.3g}; noise "
                   f"{row['fp32_noise_max_abs']:.3g}; export error {row['export_error_max_abs']:.3g} "

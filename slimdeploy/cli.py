@@ -46,7 +46,7 @@ OptBatchOpt = Annotated[int | None, typer.Option("--opt-batch", help="TensorRT: 
 MaxBatchOpt = Annotated[int | None, typer.Option("--max-batch", help="TensorRT: largest batch the engines accept (export: 32; build: the bundle's).")]
 WorkspaceOpt = Annotated[int | None, typer.Option("--workspace", help="TensorRT: workspace memory limit in MiB (export: 1024; build: the bundle's).")]
 ArchArgsOpt = Annotated[str | None, typer.Option("--arch-args", help="Constructor arguments as a JSON object (default: the checkpoint's, and what its keys and shapes determine).")]
-AtolOpt = Annotated[float | None, typer.Option(help="Absolute tolerance for every output, used as given (default by precision: fp32 max(1e-4, 10x PyTorch's float32 noise measured per output), fp16 5e-2, int8 0.25).")]
+AtolOpt = Annotated[float | None, typer.Option(help="Absolute tolerance for every output, used as given (default by precision: fp32 1e-4, raised per output to 10x PyTorch's float32 noise measured at export; fp16 5e-2, int8 0.25).")]
 RtolOpt = Annotated[float | None, typer.Option(help="Relative tolerance for every output (default by precision: fp32 1e-3, fp16 1e-2, int8 0.1).")]
 # check: the bundle's stored tolerances unless overridden; one given alone pairs with the precision's default.
 CheckAtolOpt = Annotated[float | None, typer.Option(help="Absolute tolerance for every output (default: the bundle's; given without --rtol, rtol is the precision's default).")]
