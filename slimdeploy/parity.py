@@ -546,7 +546,7 @@ def check_parity(
     tolerances = check_tolerances(tolerances or DEFAULT_TOLERANCES[precision])
     if not batch_sizes or any(int(b) < 1 for b in batch_sizes):
         raise InputValidationError(f"batch sizes must be positive integers, got {list(batch_sizes)}")
-    criteria = dict(DEFAULT_CRITERIA.get(precision, {}) if criteria is None else criteria)
+    criteria = _checked_criteria(DEFAULT_CRITERIA.get(precision, {}) if criteria is None else criteria)
     started = time.perf_counter()
     samples = check_rows(feed, reference, labels, batch_inputs)
     report = ParityReport(
@@ -608,6 +608,22 @@ def check_parity(
             report.failures.append(f"top-1 agreement {report.task.top1_agreement:.2%} is below {least:.0%}")
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _checked_criteria(criteria: Mapping[str, Any]) -> dict[str, float]:
+    """Agreement criteria as fractions in [0, 1] (a NaN criterion would pass anything);
+    ``InputValidationError`` naming the first bad one."""
+    known = set(DEFAULT_CRITERIA["int8"])
+    checked = {}
+    for name, value in dict(criteria).items():
+        number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else float("nan")
+        if name not in known or not 0.0 <= number <= 1.0:
+            raise InputValidationError(
+                f"parity criterion {name!r} = {value!r} | Note: expected {sorted(known)}, each a fraction from 0 to 1 "
+                "| Fix: re-export the bundle"
+            )
+        checked[name] = float(number)
+    return checked
 
 
 def check_rows(

@@ -222,14 +222,27 @@ def test_nan_golden_file_is_refused(tmp_path: Path, exported_bundle: Path, golde
     assert_clean_error(result, 2, "golden file", "non-finite")
 
 
-def test_nan_tolerances_in_a_manifest_are_refused(tmp_path: Path, exported_bundle: Path) -> None:
+@pytest.mark.parametrize(
+    ("field", "value", "fragments"),
+    [
+        ("tolerances", {"": [float("nan"), 0.001]}, ("atol nan", "not a finite number >= 0")),
+        ("tolerances", {"": [1e-4, -0.5]}, ("rtol -0.5", "not a finite number >= 0")),
+        ("criteria", {"top1_agreement": float("nan")}, ("parity criterion 'top1_agreement' = nan",)),
+    ],
+    ids=["nan-atol", "negative-rtol", "nan-criterion"],
+)
+def test_broken_numbers_stored_in_a_manifest_are_refused(tmp_path: Path, exported_bundle: Path, field: str, value: dict,
+                                                         fragments: tuple[str, ...]) -> None:
     bundle = tmp_path / "bundle"
     shutil.copytree(exported_bundle, bundle)
     manifest = json.loads((bundle / "manifest.json").read_text())
-    manifest["tolerances"] = {"": [float("nan"), 0.001]}
+    if field == "criteria":
+        manifest["parity"]["criteria"] = value
+    else:
+        manifest[field] = value
     (bundle / "manifest.json").write_text(json.dumps(manifest))  # json writes NaN, and reads it back
     result = run_cli("check", str(bundle))
-    assert_clean_error(result, 2, "atol nan", "not a finite number >= 0")
+    assert_clean_error(result, 2, *fragments)
 
 
 def test_empty_batches_run_on_every_form(tmp_path: Path, skipnet_bundles: dict[str, Path], exported_bundle: Path) -> None:
