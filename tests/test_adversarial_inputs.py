@@ -331,6 +331,10 @@ def test_hostile_export_and_run_options(tmp_path: Path, exported_bundle: Path, z
 def test_bench_refuses_a_baseline_of_another_model(tmp_path: Path, exported_bundle: Path) -> None:
     other = tmp_path / "other"
     shutil.copytree(exported_bundle, other)
+    result = run_cli("bench", str(exported_bundle), "--baseline", str(other), "--batch", "1", "--iterations", "1",
+                     "--warmup", "0", "--no-torch", "--json", "-")
+    assert result.returncode == 0, result.stderr  # the same checkpoint: timed side by side
+    assert "vs_baseline_onnxruntime_batch1" in json.loads(result.stdout)["speedups"]
     manifest = json.loads((other / "manifest.json").read_text())
     manifest["model"]["weights_sha256"] = "0" * 64
     (other / "manifest.json").write_text(json.dumps(manifest))
