@@ -36,7 +36,7 @@ from slimdeploy.engines.base import TensorMeta, check_feed
 from slimdeploy.errors import BadInputError, InputValidationError
 from slimdeploy.files import read_arrays
 from slimdeploy.limits import check_export_options, check_model_fits
-from slimdeploy.parity import DecisionSpec, ParityReport, check_parity, run_batches
+from slimdeploy.parity import DecisionSpec, ParityReport, check_parity, check_rows, run_batches
 from slimdeploy.tolerance import fp32_tolerances
 from slimdeploy.versions import versions
 
@@ -753,6 +753,7 @@ def _parity_inputs(
         inputs, labels = load_data_file(data)
         inputs, labels = inputs[:samples], (labels[:samples] if labels is not None else None)
         check_feed({"input": inputs}, {"input": input_meta})
+        check_rows({"input": inputs}, {}, labels, source=f"'{data}'")  # finite, rows agree: before the long work
         return inputs, labels, str(Path(data).name)
     from slimdeploy.data import digits_inputs
 

@@ -204,6 +204,19 @@ def test_hostile_check_data_is_refused(tmp_path: Path, exported_bundle: Path, go
     assert not report.exists()
 
 
+@pytest.mark.parametrize("case", ["nan-input", "labels-rows-differ"])
+def test_hostile_export_data_is_refused_before_the_export(tmp_path: Path, zoo_resnet_checkpoint: Path, golden: dict[str, np.ndarray],
+                                                          case: str) -> None:
+    arrays, fragment = _feed_cases(golden)[case]
+    data = tmp_path / "data.npz"
+    np.savez(data, **{k: v for k, v in arrays.items() if not k.startswith("ref_")})
+    out = tmp_path / "bundle"
+    result = run_cli("export", str(zoo_resnet_checkpoint), "--data", str(data), "--out", str(out))
+    assert_clean_error(result, 2, fragment)
+    assert "exporting with torch.export" not in result.stderr  # refused before the long work
+    assert not out.exists()
+
+
 def test_nan_golden_file_is_refused(tmp_path: Path, exported_bundle: Path, golden: dict[str, np.ndarray]) -> None:
     """A bundle whose golden file holds NaN (digest updated to match, as a hostile bundle would)."""
     bundle = tmp_path / "bundle"
