@@ -26,6 +26,7 @@ INSTALL_HINTS: dict[str, str] = {
     "comes with JetPack: do not pip install it there, use docker/jetson.Dockerfile",
     "cuda": "pip install 'slimdeploy[trt]'",
     "matplotlib": "pip install 'slimdeploy[plot]'",
+    "safetensors": "pip install 'slimdeploy[safetensors]'",
 }
 
 
@@ -54,7 +55,7 @@ def optional_import(name: str, purpose: str = "") -> ModuleType:
     """
     try:
         return importlib.import_module(name)
-    except ImportError as exc:
+    except Exception as exc:  # ImportError, or an installed package that fails to import (OSError...)
         top = name.split(".")[0]
         hint = INSTALL_HINTS.get(top, f"pip install {top}")
         need = f" to {purpose}" if purpose else ""

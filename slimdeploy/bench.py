@@ -25,8 +25,15 @@ import numpy as np
 from slimdeploy._optional import is_available
 from slimdeploy.bundle import Bundle, bundle_runner, load_bundle, reference_runner
 from slimdeploy.engines.base import Runner
-from slimdeploy.errors import BadInputError
+from slimdeploy.errors import BackendUnavailableError, BadInputError
 from slimdeploy.files import atomic_output, write_json
+from slimdeploy.limits import (
+    check_batch_memory,
+    check_batch_sizes,
+    check_device,
+    check_option,
+    check_threads,
+)
 
 DEFAULT_BATCH_SIZES = (1, 32)
 DEFAULT_WARMUP = 10
@@ -386,6 +393,28 @@ def plot_sweep(points: Sequence[SweepPoint], path: str | Path, title: str = "ear
 DEFAULT_SWEEP = (0.0, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 1.01)
 
 
+def check_same_model(bundle: Bundle, baseline: Bundle) -> None:
+    """``BadInputError`` when ``baseline`` holds another model than ``bundle``: other weights
+    (``model.weights_sha256``, recorded at export) or, for bundles without that digest, another
+    architecture, arguments or parameter count. A speed-up over another model means nothing."""
+    ours, theirs = bundle.manifest.get("model") or {}, baseline.manifest.get("model") or {}
+    if not isinstance(ours, dict) or not isinstance(theirs, dict):
+        raise BadInputError(f"'{baseline.path}' or '{bundle.path}' records no model | Fix: re-export them")
+    digests = ours.get("weights_sha256"), theirs.get("weights_sha256")
+    if all(digests):
+        same = digests[0] == digests[1]
+        what = f"weights {str(digests[1])[:12]} vs {str(digests[0])[:12]}"
+    else:
+        keys = ("arch", "arch_args", "params")
+        same = all(ours.get(key) == theirs.get(key) for key in keys)
+        what = f"{theirs.get('arch')} {theirs.get('arch_args')} vs {ours.get('arch')} {ours.get('arch_args')}"
+    if not same:
+        raise BadInputError(
+            f"--baseline '{baseline.path}' holds another model than '{bundle.path}' ({what}) | Note: a baseline "
+            "is the same checkpoint in another form or precision | Fix: export the baseline from the same checkpoint"
+        )
+
+
 def bench_bundle(
     path: str | Path,
     batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
@@ -417,16 +446,26 @@ def bench_bundle(
             size; max-softmax values, or entropies for the entropy rule). Defaults to none.
     """
     say = progress or (lambda _message: None)
+    check_device(device)
+    check_threads(threads)
+    check_batch_sizes(list(batch_sizes), "--batch")
+    check_option("warmup", warmup)
+    check_option("iterations", iterations)
+    if sweep is not None and not all(np.isfinite(float(value)) for value in sweep):
+        raise BadInputError(f"--sweep thresholds must be finite numbers, got {list(sweep)} | Fix: e.g. --sweep 0.5,0.9,0.99")
     threads = threads or os.cpu_count() or 1
     bundle = load_bundle(path)
     if sweep and not bundle.manifest.get("exits"):
         raise BadInputError("--sweep applies to early-exit bundles (exit thresholds); this bundle has none | Fix: leave out --sweep")
+    golden_input = bundle.golden()["input"]
+    check_batch_memory(batch_sizes, golden_input[:1].nbytes)
     report = BenchReport(bundle=str(bundle.path), threads=threads)
     backend = "tensorrt" if device == "tensorrt" else "onnxruntime"
     runners: list[Runner] = [bundle_runner(bundle, device=device, threads=threads)]
     runners[0].name = bundle.manifest.get("dynamic") or backend
     if baseline is not None:
         other = load_bundle(baseline)
+        check_same_model(bundle, other)
         base_runner = bundle_runner(other, device=device, threads=threads)
         base_runner.name = f"baseline:{other.manifest.get('dynamic') or backend}"
         runners.append(base_runner)
@@ -434,7 +473,13 @@ def bench_bundle(
         is_available("torch") and bool(bundle.manifest.get("reference_weights"))
     )
     if want_torch:
-        runners.append(reference_runner(bundle, threads=threads))
+        try:
+            runners.append(reference_runner(bundle, threads=threads))
+        except BackendUnavailableError as exc:
+            if torch_reference:  # asked for explicitly: say why it cannot be
+                raise
+            # torch is installed but does not import (a broken install): time the bundle alone.
+            report.notes.append(f"PyTorch reference not timed (torch is installed but cannot be imported: {str(exc).split(' | ')[0]})")
     elif torch_reference is False:
         report.notes.append("PyTorch reference not timed (not asked for)")
     else:

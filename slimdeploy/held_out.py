@@ -23,8 +23,10 @@ from slimdeploy.parity import (
     DecisionSpec,
     ParityReport,
     check_parity,
+    check_rows,
     run_batches,
 )
+from slimdeploy.tolerance import ToleranceRule, fp32_tolerances
 
 if TYPE_CHECKING:
     from slimdeploy.export.options import ExportOptions
@@ -38,13 +40,16 @@ REFERENCE_BATCH = 64
 @dataclass
 class HeldOut:
     """The parity samples: inputs, labels (when they mean something), the PyTorch reference
-    outputs, where they came from, the decisions to judge, and notes for the user."""
+    outputs, where they came from, the decisions to judge, the FP32 tolerances (the given ones,
+    or measured on these samples) and the rule that set them, and notes for the user."""
 
     inputs: np.ndarray
     labels: np.ndarray | None
     reference: dict[str, np.ndarray]
     source: str
     decisions: list[DecisionSpec]
+    tolerances: dict[str, tuple[float, float]]
+    tolerance_rule: ToleranceRule
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -54,14 +59,16 @@ class HeldOut:
 
     def check(self, graphs: ExportedGraphs, options: ExportOptions, label: str, say: Callable[[str], None],
               precision: str = "fp32") -> ParityReport:
-        """Parity of ``graphs`` against the reference at ``options.batch_sizes``, with
-        ``options.tolerances`` for FP32 (and for reduced precision when given), else the
-        precision's defaults."""
+        """Parity of ``graphs`` against the reference at ``options.batch_sizes``, with this
+        held-out set's FP32 tolerances for FP32, else ``options.tolerances`` or the precision's
+        defaults."""
+        fp32 = precision == "fp32"
         with graphs.runner(options.threads) as runner:
             return check_parity(runner, self.feed, self.reference, options.batch_sizes, "torch", precision=precision,
-                                tolerances=options.tolerances if precision == "fp32" or options.tolerances else None,
+                                tolerances=self.tolerances if fp32 else options.tolerances,
                                 labels=self.labels, decisions=self.decisions, batch_inputs=["input"],
-                                progress=lambda step: say(f"{label}: {step}"))
+                                progress=lambda step: say(f"{label}: {step}"),
+                                tolerance_rule=self.tolerance_rule if fp32 else None)
 
 
 def held_out_samples(deployed: DeployedModel, options: ExportOptions, say: Callable[[str], None]) -> HeldOut:
@@ -83,12 +90,19 @@ def held_out_samples(deployed: DeployedModel, options: ExportOptions, say: Calla
         from slimdeploy.recipes import pick_rows
 
         rows = pick_rows(bits, count)
+    inputs, reference = pool[rows], {name: value[rows] for name, value in pool_reference.items()}
+    say("measuring PyTorch's float32 noise (the reference once more in float64)" if not options.tolerances
+        else "checking tolerances")
+    tolerances, rule = fp32_tolerances(options.tolerances, deployed.deployment.reference, {"input": inputs}, reference,
+                                       deployed.output_names, [d.name for d in deployed.decisions])
     return HeldOut(
-        inputs=pool[rows],
+        inputs=inputs,
         labels=pool_labels[rows] if pool_labels is not None else None,
-        reference={name: value[rows] for name, value in pool_reference.items()},
+        reference=reference,
         source=source,
         decisions=deployed.decisions,
+        tolerances=tolerances,
+        tolerance_rule=rule,
         notes=few_samples_note(options.precision, len(rows)),
     )
 
@@ -118,6 +132,7 @@ def parity_inputs(
         inputs, labels = load_data_file(data)
         inputs, labels = inputs[:samples], (labels[:samples] if labels is not None else None)
         check_feed({"input": inputs}, {"input": input_meta})
+        check_rows({"input": inputs}, {}, labels, source=f"'{data}'")  # finite, rows agree: before the long work
         return inputs, labels, str(Path(data).name)
     from slimdeploy.data import digits_inputs
 

@@ -3,7 +3,15 @@
 Every checkpoint is read with ``torch.load(weights_only=True)``: tensors and plain containers
 only, no code runs. A file that holds pickled Python objects (a whole ``nn.Module``) is refused
 unless the caller passes ``trust_pickle=True`` (CLI ``--trust-pickle``), because unpickling it
-executes code from the file.
+executes code from the file; the refusal names the global it met.
+
+Before anything is unpickled, a zip checkpoint (what ``torch.save`` writes) has every member
+read and checked against its CRC (PyTorch's own reader does not check them, so flipped bytes
+inside a tensor would load silently), and a ``.safetensors`` file is read with the
+``safetensors`` package (``pip install 'slimdeploy[safetensors]'``; a state_dict, so ``--arch``
+names the architecture). slimdeploy's own fields are validated against ``OwnCheckpoint``
+(pydantic), every floating tensor must be finite, and the model is sized on the meta device
+before it is built (``limits.check_model_fits``): absurd ``arch_args`` are refused, not allocated.
 
 slimdeploy's format (written by ``save_checkpoint``)::
 
@@ -24,14 +32,26 @@ buffers are tolerated (PyTorch < 0.4 did not save them) and the legacy non-zip c
 from __future__ import annotations
 
 import pickle
+import re
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Annotated, Any, BinaryIO, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    model_validator,
+)
 
 from slimdeploy._optional import optional_import
 from slimdeploy.errors import ArchitectureError, CheckpointError, StateDictMismatchError
+from slimdeploy.limits import check_model_fits, estimate_model
 
 FORMAT_NAME = "slimdeploy.checkpoint"
 FORMAT_VERSION = 1
@@ -43,6 +63,46 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 # How many offending keys a mismatch message lists before summarising with a count.
 _KEYS_SHOWN = 5
+SAFETENSORS_SUFFIX = ".safetensors"
+# Largest image side and channel count a checkpoint may declare.
+MAX_SIDE = 16_384
+MAX_CHANNELS = 4_096
+
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+Side = Annotated[StrictInt, Field(ge=1, le=MAX_SIDE)]
+
+
+class PreprocessingFields(BaseModel):
+    """``preprocessing`` of slimdeploy's checkpoint format: (C, H, W), and one finite mean and
+    one finite, positive std per channel."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input_size: tuple[Annotated[StrictInt, Field(ge=1, le=MAX_CHANNELS)], Side, Side]
+    mean: list[FiniteFloat]
+    std: list[Annotated[float, Field(gt=0, allow_inf_nan=False)]]
+
+    @model_validator(mode="after")
+    def _one_per_channel(self) -> PreprocessingFields:
+        channels = self.input_size[0]
+        if len(self.mean) != channels or len(self.std) != channels:
+            raise ValueError(f"mean and std need one value per channel ({channels}), got {len(self.mean)} and {len(self.std)}")
+        return self
+
+
+class OwnCheckpoint(BaseModel):
+    """The fields of slimdeploy's checkpoint format (``save_checkpoint``), validated before use.
+    ``state_dict`` is checked separately (tensors, by ``_find_state_dict``)."""
+
+    model_config = ConfigDict(extra="allow", arbitrary_types_allowed=True)
+
+    format: Literal["slimdeploy.checkpoint"]
+    format_version: Annotated[StrictInt, Field(ge=1)]
+    arch: Annotated[StrictStr, Field(min_length=1, max_length=200)]
+    arch_args: dict[StrictStr, Any] = Field(default_factory=dict)
+    state_dict: dict[StrictStr, Any]
+    preprocessing: PreprocessingFields | None = None
+    meta: dict[StrictStr, Any] = Field(default_factory=dict)
 
 
 @dataclass
@@ -80,6 +140,9 @@ class LoadedModel:
     source: str
     meta: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # Sizes read on the meta device before building (``limits.ModelEstimate``); None for a
+    # pickled module.
+    estimate: Any = None
 
 
 def save_checkpoint(
@@ -124,25 +187,34 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> Any:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist or is not a file | Fix: check the path")
-    if zipfile.is_zipfile(path) and _is_torchscript(path):
+    if _is_safetensors(path):
+        return _read_safetensors(path)
+    if zipfile.is_zipfile(path):
+        _verify_zip(path)
+        if _is_torchscript(path):
+            raise CheckpointError(
+                f"'{path}' is a TorchScript archive, which slimdeploy cannot export (torch.export needs "
+                "the Python module) | Fix: save the model's state_dict (torch.save(model.state_dict(), "
+                "'model.pt')) and pass --arch"
+            )
+    elif _starts_like_zip(path):
         raise CheckpointError(
-            f"'{path}' is a TorchScript archive, which slimdeploy cannot export (torch.export needs "
-            "the Python module) | Fix: save the model's state_dict (torch.save(model.state_dict(), "
-            "'model.pt')) and pass --arch"
+            f"'{path}' starts like a zip archive (what torch.save writes) but has no readable central "
+            "directory: it is truncated or corrupt | Fix: re-download or re-save the checkpoint"
         )
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        # The weights-only unpickler names a refused class as "Unsupported global"; any other
-        # unpickling error means the bytes are not a pickle at all.
-        if "Unsupported global" not in str(exc):
+        # The weights-only unpickler names a refused class or function as "GLOBAL module.name";
+        # any other unpickling error means the bytes are not a pickle at all.
+        refused = _refused_global(str(exc))
+        if refused is None:
             raise _unreadable(path, exc) from exc
-        refused = str(exc).split("Unsupported global:")[1].split(" was not")[0].strip()
         if not trust_pickle:
             raise CheckpointError(
-                f"'{path}' holds pickled Python objects ({refused}), not just tensors; loading it "
-                "would run code from the file | Fix: re-save it as a state_dict, or pass "
-                "--trust-pickle if you trust where it came from"
+                f"'{path}' holds pickled Python objects (refused global {refused}), not just tensors; "
+                "loading it with --trust-pickle would run code from the file | Fix: re-save it as a "
+                "state_dict, or pass --trust-pickle only if you trust where it came from"
             ) from exc
     except Exception as exc:  # torch raises RuntimeError, EOFError, OSError, zip errors...
         raise _unreadable(path, exc) from exc
@@ -150,6 +222,59 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> Any:
         return torch.load(str(path), map_location="cpu", weights_only=False)
     except Exception as exc:
         raise _unreadable(path, exc) from exc
+
+
+def _refused_global(message: str) -> str | None:
+    """The global the weights-only unpickler refused (``GLOBAL posix.system``), or None."""
+    match = re.search(r"GLOBAL ([\w.]+)", message)
+    return match.group(1) if match else None
+
+
+def _starts_like_zip(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(4) == b"PK\x03\x04"
+
+
+def _verify_zip(path: Path) -> None:
+    """Read every member of a zip checkpoint and check its CRC; ``CheckpointError`` naming the
+    first corrupt member, or the archive's own defect (central directory, truncation)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, NotImplementedError,
+            RuntimeError, KeyError) as exc:
+        raise CheckpointError(
+            f"'{path}' is a corrupt zip archive ({str(exc)[:160] or type(exc).__name__}) | Note: expected a "
+            "file written by torch.save | Fix: re-download or re-save the checkpoint"
+        ) from exc
+    if bad is not None:
+        raise CheckpointError(
+            f"'{path}' is corrupt: member '{bad}' fails its CRC check (its bytes changed after it was "
+            "written) | Fix: re-download or re-save the checkpoint"
+        )
+
+
+def _is_safetensors(path: Path) -> bool:
+    """A ``.safetensors`` name, or the format's header: 8-byte length, then a JSON object."""
+    if path.suffix == SAFETENSORS_SUFFIX:
+        return True
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    return 2 <= int.from_bytes(head[:8], "little") <= path.stat().st_size - 8
+
+
+def _read_safetensors(path: Path) -> dict[str, Any]:
+    """A ``.safetensors`` file as a state_dict (needs the ``safetensors`` package)."""
+    safetensors_torch = optional_import("safetensors.torch", "read .safetensors checkpoints")
+    try:
+        return dict(safetensors_torch.load_file(str(path), device="cpu"))
+    except Exception as exc:  # SafetensorError, OSError, ValueError on a malformed header
+        raise CheckpointError(
+            f"cannot read '{path}' as safetensors ({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__}) "
+            "| Note: expected a file written by safetensors.torch.save_file | Fix: re-download or re-save it"
+        ) from exc
 
 
 def _unreadable(path: Path, exc: BaseException) -> CheckpointError:
@@ -202,8 +327,10 @@ def load_checkpoint(
         )
 
     own_format = obj.get("format") == FORMAT_NAME
+    own = _own_fields(obj, path) if own_format else None
     state_dict = _find_state_dict(obj, path, torch)
-    named_arch = obj.get("arch") if own_format else _named_arch(obj)
+    _refuse_nonfinite(state_dict, path, torch)
+    named_arch = own.arch if own is not None else _named_arch(obj)
     name = arch or named_arch
     if not name:
         raise ArchitectureError(
@@ -221,9 +348,13 @@ def load_checkpoint(
     args: dict[str, Any] = {}
     if info.infer_args is not None:
         args.update(info.infer_args(state_dict))
-    if own_format:
-        args.update(obj.get("arch_args") or {})
+    if own is not None:
+        args.update(own.arch_args)
     args.update(arch_args or {})
+    # Sized on the meta device first: absurd arguments are refused, never allocated.
+    declared = own.preprocessing.input_size if own is not None and own.preprocessing else None
+    _, estimate = estimate_model(lambda: info.build(**args), declared or info.input_size)
+    check_model_fits(estimate, info.name)
     module = info.build(**args)
     missing_tracked = _load_state_dict(module, state_dict, info.name, path)
     if missing_tracked:
@@ -231,12 +362,48 @@ def load_checkpoint(
     module.eval()
 
     size = tuple(getattr(module, "input_size", info.input_size))
-    if own_format and obj.get("preprocessing"):
-        preprocessing = Preprocessing.from_dict(obj["preprocessing"])
+    if own is not None and own.preprocessing is not None:
+        preprocessing = Preprocessing.from_dict(own.preprocessing.model_dump())
     else:
         preprocessing = Preprocessing.default_for(size)  # type: ignore[arg-type]
-    meta = dict(obj.get("meta") or {}) if own_format else {}
-    return LoadedModel(module, info.name, args, preprocessing, source, meta, notes)
+    meta = dict(own.meta) if own is not None else {}
+    return LoadedModel(module, info.name, args, preprocessing, source, meta, notes, estimate)
+
+
+def _own_fields(obj: Mapping[str, Any], path: str | Path) -> OwnCheckpoint:
+    """slimdeploy's own checkpoint fields, validated; ``CheckpointError`` naming each bad field."""
+    version = obj.get("format_version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"'{path}' is in slimdeploy checkpoint format {version}; this slimdeploy reads format "
+            f"{FORMAT_VERSION} | Fix: upgrade slimdeploy (pip install -U slimdeploy)"
+        )
+    try:
+        return OwnCheckpoint.model_validate(dict(obj))
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in error['loc']) or 'checkpoint'}: {error['msg']}"
+            for error in exc.errors()[:_KEYS_SHOWN]
+        )
+        raise CheckpointError(
+            f"'{path}' has invalid slimdeploy checkpoint fields: {problems} | Note: expected arch (str), "
+            "arch_args (dict), preprocessing {input_size: [C, H, W], mean, std: one finite number per channel, "
+            "std > 0}, meta (dict) | Fix: re-save it with slimdeploy.loading.save_checkpoint"
+        ) from None
+
+
+def _refuse_nonfinite(state_dict: Mapping[str, Any], path: str | Path, torch: Any) -> None:
+    """``CheckpointError`` when a floating tensor holds NaN or inf: such weights compute broken
+    numbers, and parity against them would prove nothing."""
+    for name, tensor in state_dict.items():
+        if tensor.is_floating_point() or tensor.is_complex():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise CheckpointError(
+                    f"'{path}' holds {bad} non-finite value(s) (NaN/inf) in '{name}' | Note: a model with "
+                    "NaN or inf weights computes broken numbers | Fix: use a checkpoint saved before "
+                    "training diverged, or re-save the weights"
+                )
 
 
 def _find_state_dict(obj: Mapping[str, Any], path: str | Path, torch: Any) -> dict[str, Any]:

@@ -3,11 +3,18 @@
 Checks run in Optimum's order — output names, then shapes, then values — and every failure is
 collected before the verdict (Polygraphy's comparator style). Each output gets an
 ``OutputResult`` that is truthy when it passes; a ``ParityReport`` is truthy when everything
-passes. Values pass when every element satisfies ``|c - r| <= atol + rtol * |r|``.
+passes. Values pass when every element satisfies ``|c - r| <= atol + rtol * |r|`` and every
+value of both is finite: a NaN or infinity in the candidate or the reference fails the output
+(the report gives the count and the first positions), so broken numbers never pass.
+
+Tolerances are checked before use (``tolerance.check_tolerances``: finite, >= 0; a NaN
+tolerance would pass anything), and so are the rows: inputs, references and labels must have
+as many rows as each other, and the inputs must be finite.
 
 Default tolerances by precision (per output, the ``""`` key is the default for all outputs):
 
-    fp32  atol 1e-4  rtol 1e-3
+    fp32  atol 1e-4  rtol 1e-3  (export measures PyTorch's own float32 noise per output and
+          raises atol to 10x it: ``slimdeploy.tolerance``; the measured values are stored)
     fp16  atol 5e-2  rtol 1e-2  (FP16 keeps ~3 significant digits; 20-layer residual nets
           accumulate ~3e-2 on logits of magnitude 10: SPConv ResNet-20 demo, max 2.9e-2)
     int8  atol 0.25  rtol 0.1   (INT8 bundles are judged mainly by top-1 agreement)
@@ -37,7 +44,9 @@ from xml.etree import ElementTree
 import numpy as np
 
 from slimdeploy.engines.base import Runner, batched
+from slimdeploy.errors import BadInputError, BundleError, InputValidationError
 from slimdeploy.files import atomic_output, write_json
+from slimdeploy.tolerance import ToleranceRule, check_tolerances, default_rule, given_rule
 
 DEFAULT_TOLERANCES: dict[str, dict[str, tuple[float, float]]] = {
     "fp32": {"": (1e-4, 1e-3)},
@@ -74,6 +83,10 @@ class OutputResult:
     mismatched: int = 0
     elements: int = 0
     message: str = ""
+    # NaN/inf values (each fails the output) and the first positions holding one.
+    nonfinite_candidate: int = 0
+    nonfinite_reference: int = 0
+    nonfinite_positions: list[list[int]] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return self.passed
@@ -110,6 +123,8 @@ class ParityReport:
     excluded_samples: dict[str, int] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    # How the tolerances were chosen (measured FP32 noise, precision default, given).
+    tolerance_rule: dict[str, Any] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -142,6 +157,8 @@ class ParityReport:
             "max_abs": worst,
             "failures": len(self.failures),
         }
+        if self.tolerance_rule:
+            summary["tolerance_rule"] = self.tolerance_rule
         if self.criteria:
             summary["criteria"] = self.criteria
         if self.task is not None:
@@ -195,7 +212,8 @@ def compare_values(
     rtol: float,
     batch_size: int,
 ) -> OutputResult:
-    """Compare one output: shapes first, then elementwise tolerance."""
+    """Compare one output: shapes first, then finiteness (any NaN/inf in either fails), then
+    elementwise tolerance (statistics over the finite elements)."""
     if reference.shape != candidate.shape:
         return OutputResult(
             name, batch_size, False, atol, rtol,
@@ -203,30 +221,50 @@ def compare_values(
         )
     ref = reference.astype(np.float64)
     cand = candidate.astype(np.float64)
-    diff = np.abs(cand - ref)
-    if diff.size == 0:
+    if ref.size == 0:
         return OutputResult(name, batch_size, True, atol, rtol)
-    bad = diff > atol + rtol * np.abs(ref)
-    rel = diff / np.maximum(np.abs(ref), 1e-12)
+    ref_bad, cand_bad = ~np.isfinite(ref), ~np.isfinite(cand)
+    broken = ref_bad | cand_bad
+    finite = ~broken
+    diff = np.abs(cand[finite] - ref[finite])
+    bad = diff > atol + rtol * np.abs(ref[finite])
+    rel = diff / np.maximum(np.abs(ref[finite]), 1e-12)
     result = OutputResult(
         name=name,
         batch_size=batch_size,
-        passed=not bool(bad.any()),
+        passed=not bool(bad.any()) and not bool(broken.any()),
         atol=atol,
         rtol=rtol,
-        max_abs=float(diff.max()),
-        mean_abs=float(diff.mean()),
-        p99_abs=float(np.percentile(diff, 99)),
-        max_rel=float(rel.max()),
-        mismatched=int(bad.sum()),
-        elements=int(diff.size),
+        max_abs=float(diff.max(initial=0.0)),
+        mean_abs=float(diff.mean()) if diff.size else 0.0,
+        p99_abs=float(np.percentile(diff, 99)) if diff.size else 0.0,
+        max_rel=float(rel.max(initial=0.0)),
+        mismatched=int(bad.sum()) + int(broken.sum()),
+        elements=int(ref.size),
+        nonfinite_candidate=int(cand_bad.sum()),
+        nonfinite_reference=int(ref_bad.sum()),
+        nonfinite_positions=[[int(i) for i in position] for position in np.argwhere(broken)[:_POSITIONS_LISTED]],
     )
-    if not result.passed:
+    if broken.any():
+        where = ", ".join(
+            f"{count} in the {side}" for side, count in
+            (("candidate", result.nonfinite_candidate), ("reference", result.nonfinite_reference)) if count
+        )
+        result.message = (
+            f"{name}: non-finite values (NaN/inf) at batch {batch_size}: {where}; first at "
+            f"{result.nonfinite_positions[:3]} | Note: NaN or inf never passes parity | Fix: check the "
+            "checkpoint's weights and the inputs"
+        )
+    elif not result.passed:
         result.message = (
             f"{name}: {result.mismatched}/{result.elements} elements outside atol {atol:g} + rtol {rtol:g} "
             f"at batch {batch_size} (max abs {result.max_abs:.3g}, max rel {result.max_rel:.3g})"
         )
     return result
+
+
+# How many positions of non-finite values a result lists (the counts cover all of them).
+_POSITIONS_LISTED = 10
 
 
 def compare_outputs(
@@ -455,6 +493,8 @@ def run_batches(
     call. Defaults to every array.
     """
     pieces = [runner.infer(part) for part in batched(feed, batch_size, batch_inputs)]
+    if not pieces:  # no rows: the runner answers with empty outputs of the right shapes
+        return runner.infer(feed)
     return {name: np.concatenate([p[name] for p in pieces], axis=0) for name in pieces[0]}
 
 
@@ -471,6 +511,7 @@ def check_parity(
     batch_inputs: Sequence[str] | None = None,
     progress: Any = None,
     criteria: Mapping[str, float] | None = None,
+    tolerance_rule: ToleranceRule | None = None,
 ) -> ParityReport:
     """Run ``runner`` on ``feed`` at each batch size and compare with ``reference``.
 
@@ -495,11 +536,20 @@ def check_parity(
         criteria: agreement rates that pass a reduced-precision candidate: ``top1_agreement``,
             ``decision_agreement``, ``mismatch_fraction`` (of elements outside tolerance).
             Defaults to the precision's (``DEFAULT_CRITERIA``; none for fp32).
+        tolerance_rule: how ``tolerances`` were chosen, for the report. Defaults to "given"
+            when ``tolerances`` are passed, else the precision's default.
+
+    Raises ``InputValidationError`` (exit 2) for bad tolerances, non-finite inputs, or inputs,
+    references and labels whose rows disagree.
     """
-    tolerances = dict(tolerances or DEFAULT_TOLERANCES[precision])
-    criteria = dict(DEFAULT_CRITERIA.get(precision, {}) if criteria is None else criteria)
+    if tolerance_rule is None:
+        tolerance_rule = given_rule() if tolerances else default_rule(DEFAULT_TOLERANCES[precision][""])
+    tolerances = check_tolerances(tolerances or DEFAULT_TOLERANCES[precision])
+    if not batch_sizes or any(int(b) < 1 for b in batch_sizes):
+        raise InputValidationError(f"batch sizes must be positive integers, got {list(batch_sizes)}")
+    criteria = _checked_criteria(DEFAULT_CRITERIA.get(precision, {}) if criteria is None else criteria)
     started = time.perf_counter()
-    samples = len(next(iter(feed.values())))
+    samples = check_rows(feed, reference, labels, batch_inputs)
     report = ParityReport(
         reference=reference_name,
         candidate=runner.name,
@@ -508,6 +558,7 @@ def check_parity(
         samples=samples,
         tolerances={k: list(v) for k, v in tolerances.items()},
         criteria=criteria,
+        tolerance_rule=tolerance_rule.to_dict(),
     )
     # Thresholds fed with the inputs (not split into batches) are the ones decisions were made at.
     decisions = [spec.at(feed) for spec in decisions]
@@ -560,11 +611,77 @@ def check_parity(
     return report
 
 
+def _checked_criteria(criteria: Mapping[str, Any]) -> dict[str, float]:
+    """Agreement criteria as fractions in [0, 1] (a NaN criterion would pass anything);
+    ``InputValidationError`` naming the first bad one."""
+    known = set(DEFAULT_CRITERIA["int8"])
+    checked = {}
+    for name, value in dict(criteria).items():
+        number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else float("nan")
+        if name not in known or not 0.0 <= number <= 1.0:
+            raise InputValidationError(
+                f"parity criterion {name!r} = {value!r} | Note: expected {sorted(known)}, each a fraction from 0 to 1 "
+                "| Fix: re-export the bundle"
+            )
+        checked[name] = float(number)
+    return checked
+
+
+def check_rows(
+    feed: Mapping[str, np.ndarray],
+    reference: Mapping[str, np.ndarray],
+    labels: np.ndarray | None = None,
+    batch_inputs: Sequence[str] | None = None,
+    source: str = "parity",
+) -> int:
+    """The number of samples, after checking that the batch inputs, every reference output and
+    the labels have that many rows, and that every input is finite; ``InputValidationError``
+    (exit 2) otherwise.
+
+    Args:
+        feed: inputs by name; ``batch_inputs`` are split by rows, the others (thresholds) not.
+        reference: reference outputs by name.
+        labels: class labels, or None.
+        batch_inputs: names of the row-wise inputs. Defaults to every input.
+        source: where the arrays came from, for the message. Defaults to "parity".
+    """
+    names = list(feed) if batch_inputs is None else [n for n in batch_inputs if n in feed]
+    if not names:
+        raise InputValidationError(f"{source}: no input arrays (expected {list(batch_inputs or [])})")
+    rows = {f"input '{n}'": np.shape(feed[n])[0] if np.ndim(feed[n]) else None for n in names}
+    rows.update({f"reference '{n}'": np.shape(v)[0] if np.ndim(v) else None for n, v in reference.items()})
+    if labels is not None:
+        rows["labels"] = np.shape(labels)[0] if np.ndim(labels) else None
+    counts = set(rows.values())
+    if len(counts) != 1 or None in counts:
+        listed = ", ".join(f"{k} {v}" for k, v in rows.items())
+        raise InputValidationError(
+            f"{source}: inputs, references and labels must have one row per sample, got {listed} | Fix: "
+            "save arrays with the same number of rows"
+        )
+    samples = int(counts.pop())
+    if samples == 0:
+        raise InputValidationError(f"{source}: no samples (0 rows) | Fix: give at least one sample")
+    for name, value in feed.items():
+        array = np.asarray(value)
+        if array.dtype.kind in "fc" and not np.isfinite(array).all():
+            count = int((~np.isfinite(array)).sum())
+            first = [int(i) for i in np.argwhere(~np.isfinite(array))[0]]
+            raise InputValidationError(
+                f"{source}: input '{name}' holds {count} non-finite value(s) (NaN/inf), first at {first} | "
+                "Note: parity on such inputs proves nothing | Fix: give finite inputs"
+            )
+    if labels is not None and np.asarray(labels).dtype.kind not in "iu":
+        raise InputValidationError(f"{source}: labels must be integers, got {np.asarray(labels).dtype} | Fix: save class indices")
+    return samples
+
+
 def _allow_mismatches(results: Sequence[OutputResult], fraction: float) -> None:
     """Reduced precision: an output passes when at most ``fraction`` of its elements lie
     outside tolerance (shapes must still match)."""
     for result in results:
-        if not result.passed and result.elements and result.mismatched <= fraction * result.elements:
+        broken = result.nonfinite_candidate or result.nonfinite_reference
+        if not result.passed and not broken and result.elements and result.mismatched <= fraction * result.elements:
             result.passed = True
             result.message = ""
 
@@ -594,14 +711,20 @@ def check_bundle(
         progress: optional callable told each step. Defaults to silence.
     """
     from slimdeploy.bundle import bundle_runner, load_bundle
+    from slimdeploy.limits import check_device, check_threads
 
+    check_device(device)
+    check_threads(threads)
+    if batch_sizes is not None and (not batch_sizes or any(int(b) < 1 for b in batch_sizes)):
+        raise InputValidationError(f"batch sizes must be positive integers, got {list(batch_sizes)}")
+    given = check_tolerances(tolerances, "--atol/--rtol") if tolerances else None
     bundle = load_bundle(path)
     manifest = bundle.manifest
+    stored, stored_rule = _stored_tolerances(bundle)
     arrays, reference_name = _check_arrays(bundle, data, threads)
     feed = {name: arrays[name] for name in bundle.input_names if name in arrays}
     reference = {name[len("ref_"):]: value for name, value in arrays.items() if name.startswith("ref_")}
     labels = arrays.get("labels")
-    stored = {name: tuple(value) for name, value in manifest.get("tolerances", {}).items()}
     stored_criteria = manifest.get("parity", {}).get("criteria")
     decisions = [DecisionSpec(**spec) for spec in manifest.get("decisions", {}).get("outputs", [])]
     with bundle_runner(bundle, device=device, threads=threads) as runner:
@@ -612,13 +735,32 @@ def check_bundle(
             batch_sizes or manifest["golden"]["batch_sizes"],
             reference_name,
             precision=manifest.get("precision", "fp32"),
-            tolerances=tolerances or stored or None,
+            tolerances=given or stored or None,
             labels=labels,
             decisions=decisions,
             batch_inputs=bundle.batch_inputs,
             progress=progress,
             criteria=stored_criteria,
+            tolerance_rule=given_rule() if given else stored_rule,
         )
+
+
+def _stored_tolerances(bundle: Any) -> tuple[dict[str, tuple[float, float]] | None, ToleranceRule | None]:
+    """The tolerances a bundle's manifest stores (checked: a NaN stored there would pass
+    anything) and the rule that chose them; (None, None) when it stores none."""
+    stored = bundle.manifest.get("tolerances")
+    if not stored:
+        return None, None
+    try:
+        checked = check_tolerances(stored, f"manifest tolerances of '{bundle.path}'")
+    except BadInputError as exc:  # the bundle, not an option, is wrong
+        raise BundleError(f"{str(exc).split(' | Fix:')[0]} | Fix: re-export the bundle") from None
+    rule = bundle.manifest.get("parity", {}).get("tolerance_rule")
+    if isinstance(rule, Mapping) and isinstance(rule.get("description"), str):
+        known = ToleranceRule(rule=str(rule.get("rule", "")), description=f"stored in the bundle: {rule['description']}")
+    else:
+        known = ToleranceRule(rule="stored", description="stored in the bundle")
+    return checked, known
 
 
 def _check_arrays(bundle: Any, data: str | Path | None, threads: int) -> tuple[dict[str, np.ndarray], str]:
@@ -629,9 +771,12 @@ def _check_arrays(bundle: Any, data: str | Path | None, threads: int) -> tuple[d
     from slimdeploy.files import read_arrays
 
     if data is None:
-        return bundle.golden(), "golden"
+        golden = bundle.golden()
+        _refuse_nonfinite(golden, f"the golden file of '{bundle.path}'", "re-export the bundle")
+        return golden, "golden"
     path = Path(data)
     arrays = read_arrays(path)
+    _refuse_nonfinite(arrays, f"'{path}'", "give finite inputs and references")
     metadata = {spec["name"]: bundle.input_meta(spec["name"]) for spec in bundle.manifest["inputs"]}
     missing = [name for name, meta in metadata.items() if name not in arrays and not meta.optional]
     if missing:
@@ -648,3 +793,16 @@ def _check_arrays(bundle: Any, data: str | Path | None, threads: int) -> tuple[d
         outputs = run_batches(runner, feed, 64, bundle.batch_inputs)
     arrays.update({f"ref_{name}": value for name, value in outputs.items()})
     return arrays, "torch"
+
+
+def _refuse_nonfinite(arrays: Mapping[str, np.ndarray], source: str, fix: str) -> None:
+    """``InputValidationError`` (exit 2) when an input or reference array holds NaN or inf:
+    parity against such numbers proves nothing."""
+    for name, value in arrays.items():
+        array = np.asarray(value)
+        if array.dtype.kind in "fc" and not np.isfinite(array).all():
+            count = int((~np.isfinite(array)).sum())
+            raise InputValidationError(
+                f"{source}: array '{name}' holds {count} non-finite value(s) (NaN/inf) | Note: parity "
+                f"needs finite inputs and references | Fix: {fix}"
+            )

@@ -144,7 +144,7 @@ def test_export_refuses_existing_directory(tmp_path: Path, zoo_resnet_checkpoint
 
 @pytest.mark.parametrize(
     ("content", "fragment"),
-    [(b"", "cannot read"), (os.urandom(2048), "cannot read"), (b"PK\x03\x04 truncated zip", "cannot read")],
+    [(b"", "cannot read"), (os.urandom(2048), "cannot read"), (b"PK\x03\x04 truncated zip", "truncated or corrupt")],
     ids=["empty", "random-bytes", "broken-zip"],
 )
 def test_export_bad_checkpoint_files(tmp_path: Path, content: bytes, fragment: str) -> None:
@@ -160,7 +160,7 @@ def test_export_truncated_checkpoint(tmp_path: Path, zoo_resnet_checkpoint: Path
     ckpt = tmp_path / "cut.pt"
     ckpt.write_bytes(data[: len(data) // 3])
     result = run_cli("export", str(ckpt), "--out", str(tmp_path / "b"))
-    assert_clean_error(result, 2, "cannot read")
+    assert_clean_error(result, 2, "truncated or corrupt")
     assert not (tmp_path / "b").exists()
 
 

@@ -99,8 +99,8 @@ def test_int8_of_the_if_form_is_refused() -> None:
 
 
 def test_int8_of_a_model_without_known_data_asks_for_calib(tmp_path: Path) -> None:
-    from slimdeploy.errors import BadInputError
     from slimdeploy.calibration.stage import read_calibration
+    from slimdeploy.errors import BadInputError
     from slimdeploy.loading import Preprocessing
 
     prep = Preprocessing((3, 32, 32), (0.5,) * 3, (0.25,) * 3)

@@ -120,3 +120,30 @@ def test_ort_unreadable_model(tmp_path: Path) -> None:
     bad.write_bytes(b"garbage")
     with pytest.raises(BundleError, match="cannot load"):
         OrtRunner(bad).activate()
+
+
+def test_empty_batch_gives_empty_outputs_of_the_right_shape(make_runner: Callable[[], Runner]) -> None:
+    with make_runner() as runner:
+        full = runner.infer({"input": _x(2)})
+        empty = runner.infer({"input": _x(0)})
+    assert list(empty) == list(full)
+    for name, value in empty.items():
+        assert value.shape == (0, *full[name].shape[1:]) and value.dtype == full[name].dtype
+
+
+def test_ort_unknown_device_name_is_bad_input(tiny_onnx: Path) -> None:
+    from slimdeploy.errors import BackendUnavailableError, BadInputError
+
+    with pytest.raises(BadInputError, match="unknown device 'tpu'") as caught:
+        OrtRunner(tiny_onnx, device="tpu").activate()
+    assert not isinstance(caught.value, BackendUnavailableError)
+
+
+@pytest.mark.parametrize("threads", [-1, 100_000])
+def test_runners_refuse_absurd_thread_counts(tiny: TinyNet, tiny_onnx: Path, threads: int) -> None:
+    from slimdeploy.errors import BadInputError
+
+    with pytest.raises(BadInputError, match=r"--threads .* out of range"):
+        OrtRunner(tiny_onnx, threads=threads)
+    with pytest.raises(BadInputError, match=r"--threads .* out of range"):
+        TorchRunner(tiny, META, ["logits"], threads=threads)

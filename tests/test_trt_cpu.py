@@ -400,6 +400,9 @@ def test_runner_with_cuda_python_buffers(tmp_path: Path, fake_trt: object) -> No
         np.testing.assert_array_equal(runner.infer({"x": x[:1], "t": np.array(0.05, np.float32)})["y"], np.ones((1, 3), np.uint8))
         with pytest.raises(BadInputError, match="batch 1 to 4"):
             runner.infer({"x": np.zeros((5, 3), np.float32)})
+        # A 0-row batch (below the engine's batch 1) gets empty outputs shaped by the engine.
+        empty = runner.infer({"x": np.zeros((0, 3), np.float32)})["y"]
+        assert empty.shape == (0, 3) and empty.dtype == np.uint8
     import cuda.bindings.runtime as fake_cudart
 
     assert fake_cudart.ALLOCATIONS == {} and not fake_cudart.STREAMS  # buffers and stream freed on deactivate

@@ -5,6 +5,10 @@ dict of numpy arrays keyed by input name and returns a dict of numpy arrays keye
 name. ``infer`` validates the feed against ``input_metadata()`` first (names, then dtypes, then
 shapes) and raises ``InputValidationError`` saying what was expected. Subclasses implement
 ``_activate``, ``_infer``, ``_deactivate`` and ``input_metadata``/``output_names``.
+
+A feed of 0 rows gets empty outputs of the right shapes without running the backend (ONNX
+Runtime aborts the process on some graphs given an empty batch): from ``output_metadata()``
+where the runner knows its output shapes, else from one zero row run and cut to 0 rows.
 """
 
 from __future__ import annotations
@@ -127,7 +131,36 @@ class Runner:
             raise SlimDeployError(f"runner '{self.name}' is not active: use 'with runner:' or activate()")
         if check_inputs:
             check_feed(feed, self.input_metadata())
+        if self._empty_batch(feed):
+            return self._infer_empty(feed)
         return self._infer(feed)
+
+    @staticmethod
+    def _empty_batch(feed: Mapping[str, np.ndarray]) -> bool:
+        """True when an input has 0 rows. Read from the arrays alone (this runs on every call,
+        the hot path included): thresholds are 0-D or have one value per stage, never 0."""
+        return any(np.ndim(value) and np.shape(value)[0] == 0 for value in feed.values())
+
+    def _infer_empty(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Outputs of a 0-row feed: empty arrays shaped by ``output_metadata()`` when every
+        output has a dynamic first axis and fixed others; otherwise one zero row is run and
+        the outputs cut to 0 rows."""
+        try:
+            outputs = self.output_metadata()
+        except NotImplementedError:
+            outputs = {}
+        if outputs and all(
+            meta.shape and isinstance(meta.shape[0], str) and all(isinstance(d, int) for d in meta.shape[1:])
+            for meta in outputs.values()
+        ):
+            return {name: np.zeros((0, *meta.shape[1:]), dtype=meta.dtype) for name, meta in outputs.items()}
+        metadata = self.input_metadata()
+        one_row = {
+            name: np.zeros((1, *np.shape(value)[1:]), dtype=np.asarray(value).dtype)
+            if name in metadata and metadata[name].shape and isinstance(metadata[name].shape[0], str) else value
+            for name, value in feed.items()
+        }
+        return {name: value[:0] for name, value in self._infer(one_row).items()}
 
     # -- to implement -----------------------------------------------------------------------
     def input_metadata(self) -> dict[str, TensorMeta]:
@@ -136,6 +169,10 @@ class Runner:
 
     def output_names(self) -> list[str]:
         """Output names, in the order ``infer`` returns them."""
+        raise NotImplementedError
+
+    def output_metadata(self) -> dict[str, TensorMeta]:
+        """Outputs by name with dtype and shape, where the backend knows them."""
         raise NotImplementedError
 
     def _activate(self) -> None:

@@ -13,7 +13,8 @@ import numpy as np
 
 from slimdeploy._optional import optional_import
 from slimdeploy.engines.base import Runner, TensorMeta
-from slimdeploy.errors import BackendUnavailableError, BundleError
+from slimdeploy.errors import BackendUnavailableError, BadInputError, BundleError
+from slimdeploy.limits import check_threads
 
 # ONNX Runtime's type strings → numpy dtypes, for the tensor types our graphs use.
 _ORT_DTYPES = {
@@ -67,7 +68,7 @@ class OrtRunner(Runner):
         super().__init__(name)
         self.model = model
         self.device = device
-        self.threads = threads
+        self.threads = check_threads(threads)
         self.optimization = optimization
         self.spinning = spinning
         self.session = None
@@ -75,8 +76,8 @@ class OrtRunner(Runner):
     def _activate(self) -> None:
         ort = optional_import("onnxruntime", "run ONNX models")
         provider = PROVIDERS.get(self.device)
-        if provider is None:
-            raise BackendUnavailableError(f"unknown device '{self.device}' | Note: expected one of {sorted(PROVIDERS)}")
+        if provider is None:  # a typo, not a missing backend: bad input (exit 2)
+            raise BadInputError(f"unknown device '{self.device}' | Note: expected one of {sorted(PROVIDERS)} | Fix: pass --device cpu")
         if provider not in ort.get_available_providers():
             raise BackendUnavailableError(
                 f"ONNX Runtime here has no {provider} (available: {ort.get_available_providers()}) "

@@ -54,6 +54,11 @@ class PieceController(Runner):
             runner.deactivate()
         self.runners = {}
 
+    def _infer_empty(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # The pieces answer a 0-row feed with empty outputs (Runner.infer), so the controller
+        # runs as usual and its row counters stay true.
+        return self._infer(feed)
+
 
 class StagedGatedRunner(PieceController):
     """Runs a gated network piece by piece.
@@ -136,6 +141,8 @@ class StagedGatedRunner(PieceController):
         on = np.flatnonzero(execute)
         off = np.flatnonzero(~execute)
         self.executed_rows[k] += len(on)
+        if len(x) == 0:  # an empty batch: the block's piece gives the empty output its shape
+            return self._run(f"exec{k}", {"x": x})["y"]
         if k not in self.skips:
             if len(on) == 0:
                 return x

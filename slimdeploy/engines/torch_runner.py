@@ -18,6 +18,7 @@ import numpy as np
 from slimdeploy._optional import optional_import
 from slimdeploy.engines.base import Runner, TensorMeta
 from slimdeploy.errors import SlimDeployError
+from slimdeploy.limits import check_threads
 
 
 def is_available() -> bool:
@@ -52,7 +53,7 @@ class TorchRunner(Runner):
         self.module = module
         self._inputs = dict(inputs)
         self._output_names = list(output_names)
-        self.threads = threads
+        self.threads = check_threads(threads)
         self._torch: Any = None
 
     def _activate(self) -> None:

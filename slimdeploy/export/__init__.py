@@ -85,7 +85,8 @@ def export(checkpoint: str | Path, out: str | Path, options: ExportOptions | Non
     from slimdeploy.export.manifest import bundle_contents
     from slimdeploy.exporters.checked import check_and_simplify
     from slimdeploy.exporters.forms import export_graphs
-    from slimdeploy.held_out import held_out_samples
+    from slimdeploy.held_out import REFERENCE_BATCH, held_out_samples
+    from slimdeploy.limits import check_model_fits
     from slimdeploy.loading import load_checkpoint
     from slimdeploy.models import find_arch
     from slimdeploy.recipes import recipe_for
@@ -93,14 +94,17 @@ def export(checkpoint: str | Path, out: str | Path, options: ExportOptions | Non
 
     say("loading checkpoint")
     loaded = load_checkpoint(checkpoint, arch=options.arch, arch_args=options.arch_args, trust_pickle=options.trust_pickle)
+    if loaded.estimate is not None:  # the reference runs REFERENCE_BATCH rows at a time
+        check_model_fits(loaded.estimate, loaded.arch, batch=max(REFERENCE_BATCH, *options.batch_sizes))
     info = find_arch(loaded.arch)
     recipe = recipe_for(info.family if info else None)
     form = recipe.choose_form(options.dynamic, options.target)
     check_precision(options.precision, form)  # refuse int8 for 'if' before the long work
     recipe.check_options(loaded.arch, options)
     # Calibration data (or stored ranges) is read and checked now, before the long work.
-    model_id = {"arch": loaded.arch, "weights_sha256": weights_digest(loaded.module)} if options.precision == "int8" else None
-    calibration = read_calibration(options.calib, options.calib_size, loaded.preprocessing, loaded.meta, model_id) if model_id else None
+    model_id = {"arch": loaded.arch, "weights_sha256": weights_digest(loaded.module)}
+    calibration = read_calibration(options.calib, options.calib_size, loaded.preprocessing, loaded.meta,
+                                   model_id) if options.precision == "int8" else None
 
     deployed = deploy_model(loaded, recipe, form, options, say)
     held_out = held_out_samples(deployed, options, say)
@@ -111,7 +115,7 @@ def export(checkpoint: str | Path, out: str | Path, options: ExportOptions | Non
 
     say("writing the bundle")
     notes = [*loaded.notes, *_target_notes(form, options), *held_out.notes, *checked.notes]
-    files, manifest = bundle_contents(out, deployed, held_out, checked, options, info, notes, started)
+    files, manifest = bundle_contents(out, deployed, held_out, checked, options, info, model_id, notes, started)
     return ExportResult(write_bundle(out, files, manifest, force=options.force), manifest, checked.report, notes)
 
 

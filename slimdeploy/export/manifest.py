@@ -37,7 +37,8 @@ def graph_file(name: str) -> str:
 
 
 def bundle_contents(out: Path, deployed: DeployedModel, held_out: HeldOut, checked: CheckedGraphs,
-                    options: ExportOptions, arch_info: ArchInfo | None, notes: list[str], started: float) -> tuple[dict[str, Any], dict[str, Any]]:
+                    options: ExportOptions, arch_info: ArchInfo | None, model_id: dict[str, str], notes: list[str],
+                    started: float) -> tuple[dict[str, Any], dict[str, Any]]:
     """The bundle's files (relative path → bytes or arrays) and its manifest.
 
     Args:
@@ -45,6 +46,7 @@ def bundle_contents(out: Path, deployed: DeployedModel, held_out: HeldOut, check
         deployed, held_out, checked: the earlier stages' values.
         options: the export options.
         arch_info: the architecture's registry entry, None for a module of an unregistered class.
+        model_id: the checkpoint's architecture and ``weights_sha256`` (``loading.weights_digest``).
         notes: every note of the export, in order.
         started: ``time.perf_counter()`` when the export started (manifest ``export.seconds_total``).
     """
@@ -69,6 +71,8 @@ def bundle_contents(out: Path, deployed: DeployedModel, held_out: HeldOut, check
             "source": Path(loaded.source).name,
             "params": deployed.macs.params,
             "macs": deployed.macs.macs,
+            # Identifies the checkpoint (bench refuses a --baseline of other weights).
+            "weights_sha256": model_id["weights_sha256"],
             "graph_macs": deployed.graph_macs,
             "meta": loaded.meta,
         },

@@ -50,8 +50,9 @@ class ExportOptions:
         batch_sizes: batch sizes the candidate is checked at. Defaults to (1, 16).
         opset: ONNX opset. Defaults to 18 (``exporters.onnx_export.DEFAULT_OPSET``).
         simplify: simplify with onnxslim (and re-check). Defaults to True.
-        tolerances: per-output (atol, rtol), ``""`` the default. Defaults to the precision's
-            (``parity.DEFAULT_TOLERANCES``; FP32 atol 1e-4, rtol 1e-3).
+        tolerances: per-output (atol, rtol), ``""`` the default, used as given. Defaults to
+            the precision's; for FP32 measured per output (``tolerance.fp32_tolerances``:
+            atol max(1e-4, 10x PyTorch's float32 noise), rtol 1e-3), stored in the manifest.
         threads: ONNX Runtime intra-op threads for the check; 0 = ORT's choice. Defaults to 0.
         reference_weights: store the PyTorch weights in the bundle (``reference.pt``) for
             ``check --data`` and ``bench`` where torch is installed. Defaults to True.
@@ -97,14 +98,14 @@ class ExportOptions:
 
     def __post_init__(self) -> None:
         from slimdeploy.calibration import check_precision
+        from slimdeploy.limits import check_export_options
 
         if self.target not in TARGETS:
             raise BadInputError(f"unknown target '{self.target}' | Note: expected one of {list(TARGETS)}")
         check_precision(self.precision, None)
         if self.precision != "int8" and (self.calib is not None or self.calib_size is not None):
             raise BadInputError(f"--calib and --calib-size apply to --precision int8, not {self.precision} | Fix: leave them out, or pass --precision int8")
-        if (self.samples is not None and self.samples < 1) or any(b < 1 for b in self.batch_sizes):
-            raise BadInputError("samples and batch sizes must be positive integers")
+        check_export_options(self.parity_samples, self.batch_sizes, self.threads, self.calib_size, self.tolerances)
         if self.calib_method != AUTO_CALIB:
             from slimdeploy.calibration.ranges import check_method
 

@@ -63,7 +63,9 @@ class ArchInfo:
             )
         try:
             return self.builder(**arch_args)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RuntimeError, OverflowError, ZeroDivisionError, IndexError, KeyError) as exc:
+            # Arguments of the wrong kind or size surface as any of these (a negative width is a
+            # RuntimeError from torch, a zero divisor a ZeroDivisionError).
             raise ArchitectureError(
                 f"cannot build '{self.name}' with arguments {arch_args}: {exc} | Fix: correct --arch-args"
             ) from exc

@@ -193,20 +193,31 @@ def zoo_checkpoint_path(name: str) -> Path:
     return entry.path
 
 
-def zoo_listing() -> list[dict[str, Any]]:
+def zoo_listing(notes: list[str] | None = None) -> list[dict[str, Any]]:
     """Rows for ``slimdeploy zoo list``: every registered architecture, then every shipped
     checkpoint, each a dict with the keys of ``LISTING_KEYS`` (docs/design.md §8).
 
     ``kind`` is ``"architecture"`` or ``"checkpoint"``; ``checkpoint`` is the absolute path of
     the shipped file, or ``None`` for an architecture. Without torch the architectures are left
-    out (the registry fills itself by importing the models, which import torch).
+    out (the registry fills itself by importing the models, which import torch); so they are
+    when torch is installed but fails to import, and a line saying why goes to ``notes``.
+
+    Args:
+        notes: a list that receives what was left out and why. Defaults to none.
     """
     rows: list[dict[str, Any]] = []
     archs: dict[str, Any] = {}
+    names: list[str] = []
     if is_available("torch"):
         from slimdeploy.models.registry import get_arch, list_models
 
-        for arch_name in list_models():
+        try:
+            names = list_models()
+        except Exception as exc:  # torch installed but broken (a missing library, an ABI clash)
+            if notes is not None:
+                first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+                notes.append(f"architectures not listed: torch is installed but cannot be imported ({first})")
+        for arch_name in names:
             info = get_arch(arch_name)
             archs[arch_name] = info
             rows.append({
