@@ -46,13 +46,14 @@ import numpy as np
 from slimdeploy.engines.base import Runner, batched
 from slimdeploy.errors import BadInputError, BundleError, InputValidationError
 from slimdeploy.files import atomic_output, write_json
-from slimdeploy.tolerance import ToleranceRule, check_tolerances, default_rule, given_rule
+from slimdeploy.tolerance import (
+    DEFAULT_TOLERANCES,
+    ToleranceRule,
+    check_tolerances,
+    default_rule,
+    given_rule,
+)
 
-DEFAULT_TOLERANCES: dict[str, dict[str, tuple[float, float]]] = {
-    "fp32": {"": (1e-4, 1e-3)},
-    "fp16": {"": (5e-2, 1e-2)},
-    "int8": {"": (0.25, 0.1)},
-}
 DEFAULT_CRITERIA: dict[str, dict[str, float]] = {
     "fp32": {},
     "fp16": {"top1_agreement": 0.99, "decision_agreement": 0.99, "mismatch_fraction": 0.01},

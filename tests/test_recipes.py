@@ -114,8 +114,10 @@ def test_export_options_are_validated_when_made() -> None:
         ExportOptions(target="tpu")
     with pytest.raises(BadInputError, match="--calib and --calib-size apply to --precision int8"):
         ExportOptions(calib="digits")
-    with pytest.raises(BadInputError, match="positive"):
+    with pytest.raises(BadInputError, match="--batch-sizes 0 is out of range"):
         ExportOptions(batch_sizes=(1, 0))
+    with pytest.raises(BadInputError, match="--threads"):
+        ExportOptions(threads=100000)
     with pytest.raises(BadInputError, match="unknown export option"):
         ExportOptions.of(None, precison="int8")
     options = ExportOptions.of(ExportOptions(precision="int8"), samples=7)
