@@ -85,8 +85,8 @@ def test_dynamic_option_refused_for_static_models(tmp_path: Path, zoo_resnet_che
 
 @pytest.mark.needs_fixture(KIT)
 def test_unknown_dynamic_form(tmp_path: Path) -> None:
-    result = run_cli("export", str(KIT / "checkpoint.pth.tar"), "--dynamic", "loop", "--out", str(tmp_path / "b"))
-    assert_clean_error(result, 2, "unknown dynamic form 'loop'")
+    result = run_cli("export", str(KIT / "checkpoint.pth.tar"), "--dynamic", "scan", "--out", str(tmp_path / "b"))
+    assert_clean_error(result, 2, "unknown dynamic form 'scan'", "'loop'")
 
 
 @pytest.mark.slow
