@@ -251,3 +251,47 @@ def test_imagenet_recurrent_gate_forms_match_pytorch() -> None:
             out = runner.infer({"input": x.numpy()})
         np.testing.assert_array_equal(out["gates"], gates.numpy())
         np.testing.assert_allclose(out["logits"], logits.numpy(), atol=1e-4, rtol=0)
+
+
+def test_bench_accounts_loop_as_if(kit: dict[str, Any]) -> None:
+    """A Loop iteration runs its block on the whole batch when any sample needs it, as ``if`` does."""
+    from slimdeploy.bench import gated_macs
+
+    plan, gates = kit["plan"].to_dict(), kit["executed"]
+    for batch in (1, 4, 8):
+        assert gated_macs(plan, gates, "loop", batch) == gated_macs(plan, gates, "if", batch)
+    assert gated_macs(plan, gates, "ideal", 1) <= gated_macs(plan, gates, "loop", 1) < gated_macs(plan, gates, "mask", 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["cifar10_feedforward_110", "imagenet_rnn_gate_50"])
+def test_loop_form_of_ffgate2_and_bottleneck_skipnets(arch: str) -> None:
+    """The registered FFGate-II SkipNet (CIFAR, 110 layers) and bottleneck SkipNet (ImageNet,
+    ResNet-50): one Loop per stage over its blocks after the first, exact decisions against
+    PyTorch at batch 3 and 1, logits as close as ``if``'s (random weights: logits reach 1e4, so
+    the tolerance is relative too)."""
+    from slimdeploy.models import get_arch
+
+    torch.manual_seed(0)
+    info = get_arch(arch)
+    model = info.build().eval()
+    with torch.no_grad():  # spread the probabilities so that decisions differ
+        if model.control is not None:
+            model.control.proj.weight.mul_(20)
+        else:
+            for k in range(model.n_blocks):
+                model.gate_module(k).linear_layer.weight.mul_(20)
+    size = tuple(info.input_size)
+    x = torch.randn(3, *size, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        logits, gates, _ = model(x)
+    assert 0 < int(gates.sum()) < gates.numel()
+    graphs, plan = gated_pieces(model, size)
+    starts = np.cumsum([0, *model.layers[:-1]])
+    assert loop_runs(graphs, plan) == [list(range(start + 1, start + count)) for start, count in zip(starts, model.layers)]
+    for form in ("loop", "if"):
+        with OrtRunner(compose_form(form, graphs, plan, size).SerializeToString(), threads=1) as runner:
+            for batch in (3, 1):
+                out = run_in_batches(runner, x.numpy(), batch)
+                np.testing.assert_array_equal(out["gates"], gates.numpy())
+                np.testing.assert_allclose(out["logits"], logits.numpy(), atol=1e-4, rtol=1e-5)

@@ -551,6 +551,7 @@ DEMOS = [
     ("skipnet38_digits", "if"),
     ("skipnet38_digits", "mask"),
     ("skipnet38_digits", "compact"),
+    ("skipnet38_digits", "loop"),
 ]
 
 
@@ -581,6 +582,9 @@ def test_demo_bundles(demo_bundles: dict, name: str, form: str | None) -> None:
         assert len(report.graphs) > 10 and report.findings == []  # every stage linted, all clean
     elif form == "if":
         assert rules == {"if-form"}  # the documented warning only
+    elif form == "loop":
+        # The documented warnings only: trip counts, carried shapes and stacked rows check clean.
+        assert rules == {"if-form", "loop-form"}
     elif form == "compact":
         # Flagged per the facts: NonZero needs an IOutputAllocator and rules out CUDA graphs.
         assert rules == {"data-dependent-shape"}
