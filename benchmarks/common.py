@@ -136,3 +136,61 @@ def estimate_batchnorm(model: Any, images: Any, forward: Any = None, batch_size:
             else:
                 forward(model, batch)
     model.eval()
+
+
+def sized_skipnet(arch: str, samples: int = 256) -> Any:
+    """A CIFAR-layout SkipNet ``arch`` (10 classes) with random weights (seed 0) whose
+    BatchNorm statistics are re-estimated on ``samples`` digits training images with every
+    block running (threshold -1), so activations stay in range through deep stages; in eval
+    mode. Inputs are digits at ``slimdeploy.data.digits_statistics``."""
+    import torch
+
+    from slimdeploy.data import digits_inputs, digits_statistics
+    from slimdeploy.models import get_arch
+
+    torch.manual_seed(0)
+    model = get_arch(arch).build(num_classes=10)
+    mean, std = digits_statistics()
+    train, _ = digits_inputs("train", (3, 32, 32), mean, std, count=samples)
+    estimate_batchnorm(model, train, forward=lambda module, batch: module(batch, -1.0))
+    return model
+
+
+def gated_feeds(x: Any, batch: int, count: int, threshold: float | None = None) -> list[dict[str, Any]]:
+    """``count`` feeds of ``batch`` rows of ``x`` (with ``gate_threshold`` when given)."""
+    import numpy as np
+
+    extra = {} if threshold is None else {"gate_threshold": np.array(threshold, dtype=np.float32)}
+    return [{"input": np.ascontiguousarray(x[i:i + batch]), **extra} for i in range(0, batch * count, batch)]
+
+
+def gates_of(runner: Any, x: Any, threshold: float | None = None) -> Any:
+    """The gate decisions an active gated runner makes on ``x`` (64 rows per call)."""
+    import numpy as np
+
+    extra = {} if threshold is None else {"gate_threshold": np.array(threshold, dtype=np.float32)}
+    return np.concatenate([runner.infer({"input": x[i:i + 64], **extra})["gates"] for i in range(0, len(x), 64)])
+
+
+def gated_speedups(runners: dict[str, Any], plan: dict[str, Any], x: Any, batch: int, count: int,
+                   settings: dict[str, Any], threshold: float | None = None) -> dict[str, Any]:
+    """Time active runners side by side (``compare_runners``) at one batch size; for each
+    runner named after a gated form, the realised speed-up over the ``mask`` runner and the one
+    its MACs predict for the decisions made (``gated_macs``)."""
+    from slimdeploy.bench import compare_runners, gated_macs
+    from slimdeploy.exporters.gated import FORMS
+
+    used = x[: batch * count]
+    gates = gates_of(runners["mask"], used, threshold)
+    timed = compare_runners(runners, gated_feeds(x, batch, count, threshold), warmup=settings["warmup"], rounds=settings["rounds"])
+    mask_macs = gated_macs(plan, gates, "mask", batch)
+    rows = {}
+    for name, result in timed.items():
+        row = {"mean_ms": round(result.mean_ms, 4), "p50_ms": round(result.p50_ms, 4)}
+        if name in FORMS:
+            predicted = mask_macs / gated_macs(plan, gates, name, batch)
+            realised = timed["mask"].mean_ms / result.mean_ms
+            row.update(predicted=round(predicted, 3), realised=round(realised, 3),
+                       realised_over_predicted=round(realised / predicted, 3))
+        rows[name] = row
+    return {"batch": batch, "samples": len(used), "skip_rate": round(float(1 - gates.mean()), 4), "forms": rows}

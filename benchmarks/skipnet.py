@@ -42,7 +42,13 @@ if str(REPO) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import benchmark_arguments, estimate_batchnorm, machine_facts, write_results  # noqa: E402
+from common import (  # noqa: E402
+    benchmark_arguments,
+    gated_speedups,
+    machine_facts,
+    sized_skipnet,
+    write_results,
+)
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "skipnet.json"
 DEMO = "skipnet38_digits"
@@ -81,37 +87,6 @@ def form_runners(module: Any, input_size: tuple[int, ...], threads: int) -> tupl
     return runners, plan.to_dict()
 
 
-def feeds(x: np.ndarray, batch: int, count: int, threshold: float | None = None) -> list[dict[str, np.ndarray]]:
-    extra = {} if threshold is None else {"gate_threshold": np.array(threshold, dtype=np.float32)}
-    return [{"input": np.ascontiguousarray(x[i:i + batch]), **extra} for i in range(0, batch * count, batch)]
-
-
-def gates_of(runner: Any, x: np.ndarray, threshold: float | None = None) -> np.ndarray:
-    extra = {} if threshold is None else {"gate_threshold": np.array(threshold, dtype=np.float32)}
-    return np.concatenate([runner.infer({"input": x[i:i + 64], **extra})["gates"] for i in range(0, len(x), 64)])
-
-
-def measure(runners: dict[str, Any], plan: dict[str, Any], x: np.ndarray, batch: int, count: int,
-            settings: dict[str, Any], threshold: float | None = None) -> dict[str, Any]:
-    """Realised and predicted speed-up of every runner over ``mask`` at one batch size."""
-    from slimdeploy.bench import compare_runners, gated_macs
-
-    used = x[: batch * count]
-    gates = gates_of(runners["mask"], used, threshold)
-    timed = compare_runners(runners, feeds(x, batch, count, threshold), warmup=settings["warmup"], rounds=settings["rounds"])
-    mask_macs = gated_macs(plan, gates, "mask", batch)
-    rows = {}
-    for name, result in timed.items():
-        row = {"mean_ms": round(result.mean_ms, 4), "p50_ms": round(result.p50_ms, 4)}
-        if name in FORMS:
-            predicted = mask_macs / gated_macs(plan, gates, name, batch)
-            realised = timed["mask"].mean_ms / result.mean_ms
-            row.update(predicted=round(predicted, 3), realised=round(realised, 3),
-                       realised_over_predicted=round(realised / predicted, 3))
-        rows[name] = row
-    return {"batch": batch, "samples": len(used), "skip_rate": round(float(1 - gates.mean()), 4), "forms": rows}
-
-
 def demo_model(settings: dict[str, Any], threads: int) -> dict[str, Any]:
     from slimdeploy.data import digits_inputs
     from slimdeploy.engines import TensorMeta, TorchRunner
@@ -127,9 +102,9 @@ def demo_model(settings: dict[str, Any], threads: int) -> dict[str, Any]:
     torch_runner = TorchRunner(loaded.module, meta, ["logits", "gates", "gate_probs"], threads=threads, name="torch").activate()
     try:
         say("batch 1: mask, if and PyTorch eager (masked, as the official code runs)")
-        batch1 = measure({"mask": runners["mask"], "if": runners["if"], "torch": torch_runner}, plan, x, 1, settings["samples_b1"], settings)
+        batch1 = gated_speedups({"mask": runners["mask"], "if": runners["if"], "torch": torch_runner}, plan, x, 1, settings["samples_b1"], settings)
         say("batch 32: every form")
-        batch32 = measure(runners, plan, x, 32, settings["batches_b32"], settings)
+        batch32 = gated_speedups(runners, plan, x, 32, settings["batches_b32"], settings)
     finally:
         torch_runner.deactivate()
         for runner in runners.values():
@@ -140,19 +115,12 @@ def demo_model(settings: dict[str, Any], threads: int) -> dict[str, Any]:
 
 
 def large_model(settings: dict[str, Any], threads: int) -> dict[str, Any]:
-    import torch
-
     from slimdeploy.data import digits_inputs, digits_statistics
-    from slimdeploy.models import get_arch
 
-    torch.manual_seed(0)
-    model = get_arch(LARGE_ARCH).build(num_classes=10)
-    mean, std = digits_statistics()
-    train, _ = digits_inputs("train", (3, 32, 32), mean, std, count=256)
     # Random weights, BatchNorm statistics re-estimated on real images, so activations stay in
-    # range through 54 blocks; every block runs while estimating (threshold -1).
-    estimate_batchnorm(model, train, forward=lambda module, batch: module(batch, -1.0))
-    x, _ = digits_inputs("heldout", (3, 32, 32), mean, std)
+    # range through 54 blocks.
+    model = sized_skipnet(LARGE_ARCH)
+    x, _ = digits_inputs("heldout", (3, 32, 32), *digits_statistics())
     say(f"{LARGE_ARCH}: exporting the pieces and composing the forms")
     runners, plan = form_runners(model, (3, 32, 32), threads)
     probs = np.concatenate([runners["mask"].infer({"input": x[i:i + 64]})["gate_probs"] for i in range(0, 256, 64)])
@@ -164,8 +132,8 @@ def large_model(settings: dict[str, Any], threads: int) -> dict[str, Any]:
             say(f"skip target {target:.0%} (gate_threshold {threshold:.4f})")
             levels.append({
                 "skip_target": target, "gate_threshold": threshold,
-                "batch1": measure(runners, plan, x, 1, max(2, settings["samples_b1"] // 2), settings, threshold),
-                "batch32": measure(runners, plan, x, 32, settings["batches_b32"], settings, threshold),
+                "batch1": gated_speedups(runners, plan, x, 1, max(2, settings["samples_b1"] // 2), settings, threshold),
+                "batch32": gated_speedups(runners, plan, x, 32, settings["batches_b32"], settings, threshold),
             })
     finally:
         for runner in runners.values():

@@ -229,8 +229,8 @@ def gated_macs(plan: dict[str, Any], gates: np.ndarray, form: str, batch_size: i
     Args:
         plan: the manifest's ``gating`` (``n_blocks``, ``skips``, ``macs`` per piece).
         gates: decisions [N, n_blocks - 1] (1 = executed), N a multiple of ``batch_size`` or not.
-        form: ``mask`` (every block and skip path), ``if`` (a block runs on the whole batch when
-            any sample needs it), ``compact`` (block on executing rows, skip path on all rows),
+        form: ``mask`` (every block and skip path), ``if`` and ``loop`` (a block runs on the
+            whole batch when any sample needs it), ``compact`` (block on executing rows, skip path on all rows),
             ``staged`` (block on executing rows, skip path on the others) or ``ideal`` (the same
             as staged: what the decisions themselves predict).
         batch_size: rows per call, which matters for ``if``.
@@ -243,7 +243,7 @@ def gated_macs(plan: dict[str, Any], gates: np.ndarray, form: str, batch_size: i
         exec_macs, skip_macs = macs[f"exec{k}"], macs.get(f"skip{k}", 0) if k in skips else 0
         if form == "mask":
             total += (exec_macs + skip_macs) * n
-        elif form == "if":
+        elif form in ("if", "loop"):
             batches_on = sum(len(chunk) for chunk in np.array_split(on, max(1, -(-n // batch_size))) if chunk.any())
             total += exec_macs * batches_on + skip_macs * n
         elif form == "compact":

@@ -214,7 +214,7 @@ def export(
     arch: Annotated[str | None, typer.Option(help="Architecture (needed when the checkpoint does not name one).")] = None,
     arch_args: ArchArgsOpt = None,
     target: Annotated[str, typer.Option(help="Deployment target: ort (ONNX Runtime) or trt (TensorRT: engines built on the target with slimdeploy build).")] = "ort",
-    dynamic: Annotated[str | None, typer.Option(help="Form of a gated model: mask, if, compact or staged (default for ort: compact; for trt: staged); of an early-exit model: mask, if or staged (default: staged).")] = None,
+    dynamic: Annotated[str | None, typer.Option(help="Form of a gated model: mask, if, compact, staged or loop (default for ort: compact; for trt: staged); of an early-exit model: mask, if or staged (default: staged).")] = None,
     condense_classifier: Annotated[bool, typer.Option("--condense-classifier", help="CondenseNet: prune the classifier as the official converter does (lossy).")] = False,
     no_fold: Annotated[bool, typer.Option("--no-fold", help="Export the layers as they are: CondenseNet without BN/shuffle folding; CondenseNetV2 keeping the 0/1 index matrices; SPConv ResNets (INT8) without folding BN, pooling, split and attention.")] = False,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow a pickled nn.Module checkpoint (runs code from the file).")] = False,

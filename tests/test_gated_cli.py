@@ -78,6 +78,53 @@ def test_bench_reports_skip_rates_and_predicted_macs(staged_bundle: Path) -> Non
     assert stats["predicted_speedup"]["8"] == pytest.approx(stats["macs_mask"] / stats["macs_ideal"])
 
 
+@pytest.mark.slow
+def test_loop_bundle_reproduces_the_kit_and_lints_clean(tmp_path: Path, kit_data: Path) -> None:
+    """--dynamic loop on the official-kit checkpoint: exact decisions at batch 1 and 8, check,
+    lint (the documented warnings only) and bench (MACs accounted as for if)."""
+    import onnx
+
+    out = tmp_path / "rnn38_loop"
+    result = run_cli("export", str(KIT / "checkpoint.pth.tar"), "--dynamic", "loop", "--data", str(kit_data),
+                     "--samples", "8", "--batch-sizes", "1,8", "--out", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "gates at batch 8: agreement 100.00%" in result.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["dynamic"] == "loop" and [g["name"] for g in manifest["graphs"]] == ["model"]
+    model = onnx.load(str(out / "model.onnx"))
+    assert [n.op_type for n in model.graph.node].count("Loop") == 3  # one per stage
+    report = json.loads((out / "report.json").read_text())
+    assert all(g["agreement"] == 1.0 for g in report["decisions"]["gates"])
+    reference = torch.load(KIT / "ref_outputs.pt", weights_only=True)
+    with np.load(out / "golden.npz") as golden:
+        np.testing.assert_array_equal(golden["ref_gates"].T, reference["executed"].numpy().astype(np.uint8))
+
+    assert run_cli("check", str(out)).returncode == 0
+    x = np.load(kit_data)["input"]
+    np.savez(tmp_path / "in.npz", input=x)
+    result = run_cli("run", str(out), "--inputs", str(tmp_path / "in.npz"), "--out", str(tmp_path / "out.npz"), "--batch", "1")
+    assert result.returncode == 0, result.stderr
+    outputs = np.load(tmp_path / "out.npz")
+    np.testing.assert_array_equal(outputs["gates"].T, reference["executed"].numpy().astype(np.uint8))
+    np.testing.assert_allclose(outputs["logits"], reference["logits"].numpy(), atol=1e-4, rtol=0)
+
+    result = run_cli("lint", str(out), "--json", "-")
+    assert result.returncode == 0, result.stderr
+    lint = json.loads(result.stdout)
+    assert lint["errors"] == 0 and {f["rule"] for f in lint["findings"]} == {"if-form", "loop-form"}
+
+    from slimdeploy.bench import gated_macs
+
+    result = run_cli("bench", str(out), "--batch", "1,8", "--warmup", "1", "--iterations", "2", "--no-torch", "--json", "-")
+    assert result.returncode == 0, result.stderr
+    stats = json.loads(result.stdout)["decisions"]
+    assert stats["form"] == "loop"
+    gates = reference["executed"].numpy().T
+    for batch in (1, 8):
+        assert stats["macs_form"][str(batch)] == pytest.approx(gated_macs(manifest["gating"], gates, "if", batch))
+    assert stats["macs_form"]["1"] < stats["macs_mask"]
+
+
 def test_dynamic_option_refused_for_static_models(tmp_path: Path, zoo_resnet_checkpoint: Path) -> None:
     result = run_cli("export", str(zoo_resnet_checkpoint), "--dynamic", "if", "--out", str(tmp_path / "b"))
     assert_clean_error(result, 2, "static")
@@ -85,8 +132,8 @@ def test_dynamic_option_refused_for_static_models(tmp_path: Path, zoo_resnet_che
 
 @pytest.mark.needs_fixture(KIT)
 def test_unknown_dynamic_form(tmp_path: Path) -> None:
-    result = run_cli("export", str(KIT / "checkpoint.pth.tar"), "--dynamic", "loop", "--out", str(tmp_path / "b"))
-    assert_clean_error(result, 2, "unknown dynamic form 'loop'")
+    result = run_cli("export", str(KIT / "checkpoint.pth.tar"), "--dynamic", "scan", "--out", str(tmp_path / "b"))
+    assert_clean_error(result, 2, "unknown dynamic form 'scan'", "'loop'")
 
 
 @pytest.mark.slow

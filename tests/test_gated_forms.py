@@ -16,7 +16,8 @@ import torch
 
 from slimdeploy.engines import OrtRunner, Runner, TensorMeta
 from slimdeploy.engines.staged import StagedGatedRunner
-from slimdeploy.exporters.gated import FORMS, GatedPlan, compose_form, gated_pieces
+from slimdeploy.exporters.gated import FORMS, GatedPlan, compose_form, gated_pieces, loop_runs
+from slimdeploy.exporters.stacking import same_structure, stack_pieces
 from slimdeploy.loading import load_checkpoint
 from tests.conftest import UPSTREAM, require_fixture
 
@@ -126,6 +127,75 @@ def test_graph_structure_of_each_form(kit: dict[str, Any]) -> None:
     assert "If" not in _ops(mask) and "NonZero" not in _ops(mask)
     assert [i.name for i in mask.graph.input] == ["input", "gate_threshold"]
     assert [o.name for o in mask.graph.output] == ["logits", "gates", "gate_probs"]
+    # loop: one Loop per stage over its 5 blocks after the first; the 2 downsampling blocks
+    # are routed as in ``if``; the graph is a fraction of ``if``'s.
+    loop = compose_form("loop", kit["graphs"], kit["plan"], (3, 32, 32))
+    assert _ops(loop).count("Loop") == 3 and _ops(loop).count("If") == len(kit["plan"].skips) == 2
+    assert [o.name for o in loop.graph.output] == ["logits", "gates", "gate_probs"]
+    assert len(loop.graph.node) < len(if_model.graph.node) / 3
+    assert loop.ByteSize() < if_model.ByteSize()
+
+
+def _initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {init.name: onnx.numpy_helper.to_array(init) for init in model.graph.initializer}
+
+
+def test_loop_form_runs_the_repeated_blocks_of_each_stage(kit: dict[str, Any]) -> None:
+    assert loop_runs(kit["graphs"], kit["plan"]) == [[1, 2, 3, 4, 5], [7, 8, 9, 10, 11], [13, 14, 15, 16, 17]]
+    loop = compose_form("loop", kit["graphs"], kit["plan"], (3, 32, 32))
+    weights = _initializers(loop)
+    for node in (n for n in loop.graph.node if n.op_type == "Loop"):
+        assert weights[node.input[0]] == 5 and node.input[1] == ""  # a constant trip count, no condition
+        body = node.attribute[0].g
+        # Body: iteration, condition, then the carried features (and h, c for the recurrent gate).
+        assert len(body.input) == 2 + 1 + len(kit["plan"].state)
+        gathers = [n for n in body.node if n.op_type == "Gather" and n.input[1] == body.input[0].name]
+        assert gathers and all(weights[n.input[0]].shape[0] == 5 for n in gathers)
+        routing = [n for n in body.node if n.op_type == "If"]
+        assert len(routing) == 1  # the block's weights are gathered inside the branch that runs it
+        then_branch = routing[0].attribute[0].g if routing[0].attribute[0].name == "then_branch" else routing[0].attribute[1].g
+        assert any(n.op_type == "Gather" for n in then_branch.node)
+        # The recurrent gate's LSTM is shared by every block: its weights are read, not stacked.
+        for lstm in (n for n in body.node if n.op_type == "LSTM"):
+            assert lstm.input[1] in weights and weights[lstm.input[1]].ndim == 3
+
+
+def test_stacked_weights_are_the_blocks_own(kit: dict[str, Any]) -> None:
+    graphs = kit["graphs"]
+    blocks = [graphs[f"exec{k}"] for k in (7, 8, 9)]
+    stack = stack_pieces(blocks)
+    assert stack is not None and stack.shared == 0 and len(stack.stacked) == 4  # 2 folded convs: weight, bias
+    added = [value.name for value in stack.template.graph.input[1:]]
+    for row, block in enumerate(blocks):
+        own = _initializers(block)
+        by_position = [own[name.replace("group2_layer1", f"group2_layer{1 + row}")] for name in added]
+        for stacked, expected in zip(stack.stacked, by_position):
+            np.testing.assert_array_equal(stacked[row], expected)
+    # The template fed with row j computes block j (to rounding: ONNX Runtime packs constant
+    # convolution weights ahead and computed ones per call, with other kernels).
+    x = np.random.default_rng(0).standard_normal((2, 32, 16, 16)).astype(np.float32)
+    with OrtRunner(stack.template.SerializeToString(), threads=1) as template, OrtRunner(blocks[2].SerializeToString(), threads=1) as third:
+        fed = template.infer({"x": x, **{name: array[2] for name, array in zip(added, stack.stacked)}})
+        np.testing.assert_allclose(fed["y"], third.infer({"x": x})["y"], atol=1e-5, rtol=0)
+    # Blocks of different stages differ in shape: nothing to stack.
+    assert stack_pieces([graphs["exec2"], graphs["exec8"]]) is None
+    assert not same_structure(graphs["exec2"], graphs["exec8"]) and same_structure(graphs["exec2"], graphs["exec3"])
+
+
+def test_loop_form_keeps_a_block_of_another_structure_out_of_the_loop(kit: dict[str, Any]) -> None:
+    """A block whose graph differs (here an extra Identity: the same function) ends the run and
+    is routed as in ``if``; the outputs do not change."""
+    graphs = dict(kit["graphs"])
+    changed = onnx.ModelProto()
+    changed.CopyFrom(graphs["exec3"])
+    changed.graph.node[-1].output[0] = "y_before"
+    changed.graph.node.append(onnx.helper.make_node("Identity", ["y_before"], ["y"]))
+    graphs["exec3"] = changed
+    assert loop_runs(graphs, kit["plan"]) == [[1, 2], [4, 5], [7, 8, 9, 10, 11], [13, 14, 15, 16, 17]]
+    with OrtRunner(compose_form("loop", graphs, kit["plan"], (3, 32, 32)).SerializeToString(), threads=1) as runner:
+        out = run_in_batches(runner, kit["input"], 8)
+    np.testing.assert_array_equal(out["gates"], kit["executed"])
+    np.testing.assert_allclose(out["logits"], kit["logits"], atol=1e-4, rtol=0)
 
 
 def test_plan_roundtrip(kit: dict[str, Any]) -> None:
@@ -181,3 +251,47 @@ def test_imagenet_recurrent_gate_forms_match_pytorch() -> None:
             out = runner.infer({"input": x.numpy()})
         np.testing.assert_array_equal(out["gates"], gates.numpy())
         np.testing.assert_allclose(out["logits"], logits.numpy(), atol=1e-4, rtol=0)
+
+
+def test_bench_accounts_loop_as_if(kit: dict[str, Any]) -> None:
+    """A Loop iteration runs its block on the whole batch when any sample needs it, as ``if`` does."""
+    from slimdeploy.bench import gated_macs
+
+    plan, gates = kit["plan"].to_dict(), kit["executed"]
+    for batch in (1, 4, 8):
+        assert gated_macs(plan, gates, "loop", batch) == gated_macs(plan, gates, "if", batch)
+    assert gated_macs(plan, gates, "ideal", 1) <= gated_macs(plan, gates, "loop", 1) < gated_macs(plan, gates, "mask", 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["cifar10_feedforward_110", "imagenet_rnn_gate_50"])
+def test_loop_form_of_ffgate2_and_bottleneck_skipnets(arch: str) -> None:
+    """The registered FFGate-II SkipNet (CIFAR, 110 layers) and bottleneck SkipNet (ImageNet,
+    ResNet-50): one Loop per stage over its blocks after the first, exact decisions against
+    PyTorch at batch 3 and 1, logits as close as ``if``'s (random weights: logits reach 1e4, so
+    the tolerance is relative too)."""
+    from slimdeploy.models import get_arch
+
+    torch.manual_seed(0)
+    info = get_arch(arch)
+    model = info.build().eval()
+    with torch.no_grad():  # spread the probabilities so that decisions differ
+        if model.control is not None:
+            model.control.proj.weight.mul_(20)
+        else:
+            for k in range(model.n_blocks):
+                model.gate_module(k).linear_layer.weight.mul_(20)
+    size = tuple(info.input_size)
+    x = torch.randn(3, *size, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        logits, gates, _ = model(x)
+    assert 0 < int(gates.sum()) < gates.numel()
+    graphs, plan = gated_pieces(model, size)
+    starts = np.cumsum([0, *model.layers[:-1]])
+    assert loop_runs(graphs, plan) == [list(range(start + 1, start + count)) for start, count in zip(starts, model.layers)]
+    for form in ("loop", "if"):
+        with OrtRunner(compose_form(form, graphs, plan, size).SerializeToString(), threads=1) as runner:
+            for batch in (3, 1):
+                out = run_in_batches(runner, x.numpy(), batch)
+                np.testing.assert_array_equal(out["gates"], gates.numpy())
+                np.testing.assert_allclose(out["logits"], logits.numpy(), atol=1e-4, rtol=1e-5)

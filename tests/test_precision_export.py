@@ -93,9 +93,10 @@ def test_fp16_bundle_passes_check(tmp_path: Path) -> None:
     assert run_cli("check", str(bundle)).returncode == 0
 
 
-def test_int8_of_the_if_form_is_refused() -> None:
-    result = run_cli("export", "zoo:skipnet38_digits", "--out", "/nonexistent/never", "--precision", "int8", "--dynamic", "if")
-    assert_clean_error(result, 2, "--precision int8", "compact, staged or mask")
+@pytest.mark.parametrize(("form", "precision"), [("if", "int8"), ("loop", "int8"), ("loop", "fp16")])
+def test_reduced_precision_of_subgraph_forms_is_refused(form: str, precision: str) -> None:
+    result = run_cli("export", "zoo:skipnet38_digits", "--out", "/nonexistent/never", "--precision", precision, "--dynamic", form)
+    assert_clean_error(result, 2, f"--precision {precision}", f"'{form}' form", "compact, staged or mask")
 
 
 def test_int8_of_a_model_without_known_data_asks_for_calib(tmp_path: Path) -> None:

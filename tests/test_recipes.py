@@ -80,8 +80,11 @@ def test_default_form_per_family_and_target(family: str, target: str, default: s
 def test_forms_a_family_refuses() -> None:
     with pytest.raises(BadInputError, match="unknown dynamic form 'compact' for an early-exit model"):
         recipe_for("early_exit").choose_form("compact", "ort")
-    with pytest.raises(BadInputError, match="unknown dynamic form 'loop' for a gated model"):
-        recipe_for("skipnet").choose_form("loop", "ort")
+    with pytest.raises(BadInputError, match="unknown dynamic form 'scan' for a gated model"):
+        recipe_for("skipnet").choose_form("scan", "ort")
+    with pytest.raises(BadInputError, match="unknown dynamic form 'loop' for an early-exit model"):
+        recipe_for("early_exit").choose_form("loop", "ort")
+    assert recipe_for("skipnet").choose_form("loop", "ort") == recipe_for("skipnet").choose_form("loop", "trt") == "loop"
     with pytest.raises(BadInputError, match="compact"):
         recipe_for("skipnet").choose_form("compact", "trt")
     with pytest.raises(BadInputError, match="this architecture is static"):

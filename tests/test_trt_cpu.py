@@ -355,6 +355,19 @@ def test_if_form_warns_and_builds_with_its_threshold_folded(tmp_path: Path) -> N
     assert_clean_error(result, 2, "'gate_threshold' is fixed at 0.5", "staged")
 
 
+@pytest.mark.slow
+def test_loop_form_warns_for_tensorrt(tmp_path: Path) -> None:
+    out = tmp_path / "loop"
+    result = run_cli("export", "zoo:skipnet38_digits", "--target", "trt", "--dynamic", "loop", "--prepare-only",
+                     "--out", str(out), "--samples", "8", "--batch-sizes", "1,4")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "prefer --dynamic staged" in " ".join(result.stderr.split())
+    manifest = _manifest(out)
+    assert manifest["dynamic"] == "loop"
+    assert any("ILoop" in note and "multi-input convolutions" in note for note in manifest["trt"]["notes"])
+    assert manifest["trt"]["lint"]["passed"]
+
+
 def test_parser_errors_are_reported_in_full(tmp_path: Path, fake_trt: object) -> None:
     from slimdeploy.engines.trt_build import ParseError, build_engine
 

@@ -335,7 +335,7 @@ def test_if_transpose_resize_on_11_1() -> None:
     assert not found(lint_model(built, "10.15"), "if-version")
 
 
-def loop_model(trip_constant: bool, grow: bool = False, trip: int = 3) -> onnx.ModelProto:
+def loop_model(trip_constant: bool, grow: bool = False, trip: int = 3, condition: bool = False) -> onnx.ModelProto:
     body_nodes = [node("Identity", ["c_in"], ["c_out"])]
     if grow:  # the carried value gains a row every iteration
         body_nodes.append(node("Concat", ["v_in", "v_in"], ["v_out"], axis=0))
@@ -345,9 +345,9 @@ def loop_model(trip_constant: bool, grow: bool = False, trip: int = 3) -> onnx.M
     body = helper.make_graph(body_nodes, "body",
                              [vi("i", T.INT64, []), vi("c_in", T.BOOL, []), vi("v_in", F, [1, 4])],
                              [vi("c_out", T.BOOL, []), vi("v_out", F, None), vi("scan", F, None)])
-    nodes = [node("Loop", ["trip", "", "v0"], ["v_final", "scans"], name="loop", body=body)]
+    nodes = [node("Loop", ["trip", "go" if condition else "", "v0"], ["v_final", "scans"], name="loop", body=body)]
     inits = [("v0", np.ones((1, 4), np.float32))]
-    inputs = [vi("dummy", F, [1])]
+    inputs = [vi("dummy", F, [1]), *([vi("go", T.BOOL, [])] if condition else [])]
     if trip_constant:
         inits.append(("trip", np.array(trip, np.int64)))
     else:
@@ -363,6 +363,41 @@ def test_loop_scan_length_and_carried_shape() -> None:
     assert "no count limit" in unbounded.message
     [grow] = found(lint_model(loop_model(trip_constant=True, grow=True)), "loop", "error")
     assert "same shape in every iteration" in grow.message
+    [condition] = found(lint_model(loop_model(trip_constant=True, condition=True)), "loop", "error")
+    assert "run-time condition 'go'" in condition.message and "kWHILE" in condition.message
+
+
+def stacked_loop_model(rows: int, trip: int, routed: bool = False) -> onnx.ModelProto:
+    """A Loop whose body gathers row ``iteration`` of stacked weights ([rows, 4]), as the gated
+    ``loop`` form does; ``routed`` puts the Gather in an If branch (as the form's blocks are)."""
+    gather = node("Gather", ["stacked", "i"], ["w"], name="pick", axis=0)
+    if routed:
+        then_branch = helper.make_graph([gather, node("Add", ["v_in", "w"], ["then_v"])], "then", [], [vi("then_v", F, [1, 4])])
+        else_branch = helper.make_graph([node("Identity", ["v_in"], ["else_v"])], "else", [], [vi("else_v", F, [1, 4])])
+        step = [node("If", ["flag"], ["v_out"], name="route", then_branch=then_branch, else_branch=else_branch)]
+    else:
+        step = [gather, node("Add", ["v_in", "w"], ["v_out"])]
+    body = helper.make_graph([node("Identity", ["c_in"], ["c_out"]), *step, node("Identity", ["v_in"], ["scan"])], "body",
+                             [vi("i", T.INT64, []), vi("c_in", T.BOOL, []), vi("v_in", F, [1, 4])],
+                             [vi("c_out", T.BOOL, []), vi("v_out", F, [1, 4]), vi("scan", F, None)])
+    inits = [("v0", np.ones((1, 4), np.float32)), ("trip", np.array(trip, np.int64)),
+             ("stacked", np.ones((rows, 4), np.float32)), ("flag", np.array(True))]
+    return model([node("Loop", ["trip", "", "v0"], ["v_final", "scans"], name="loop", body=body)],
+                 [vi("dummy", F, [1])], [vi("v_final", F, None), vi("scans", F, None)], inits)
+
+
+def test_loop_gathers_of_stacked_weights_cover_every_iteration() -> None:
+    assert not found(lint_model(stacked_loop_model(rows=3, trip=3)), "loop")
+    [short] = found(lint_model(stacked_loop_model(rows=2, trip=3)), "loop", "error")
+    assert short.node == "loop/body/pick" and "2 rows" in short.message and "runs 3 times" in short.message
+    [nested] = found(lint_model(stacked_loop_model(rows=2, trip=3, routed=True)), "loop", "error")
+    assert nested.node == "loop/body/route/then_branch/pick"
+
+
+def test_loop_that_routes_with_if_gets_the_loop_form_warning() -> None:
+    assert not found(lint_model(stacked_loop_model(rows=3, trip=3)), "loop-form")
+    [warning] = found(lint_model(stacked_loop_model(rows=3, trip=3, routed=True)), "loop-form", "warning")
+    assert warning.node == "loop" and "IIfConditional" in warning.message and "staged" in warning.fix
 
 
 def test_data_dependent_shape_is_a_warning_naming_outputs() -> None:
@@ -439,11 +474,11 @@ def test_int8_only_between_q_and_dq() -> None:
 def test_every_rule_is_documented() -> None:
     docs = (REPO / "docs" / "trt-lint.md").read_text()
     ids = {"trt-version", "opset", "unsupported-op", "op-types", "uint8-tensor", "double-tensor", "conv-groups",
-           "op-restriction", "if-condition", "if-branches", "if-form", "if-version", "loop", "data-dependent-shape",
+           "op-restriction", "if-condition", "if-branches", "if-form", "if-version", "loop", "loop-form", "data-dependent-shape",
            "qdq-zero-point", "qdq-type", "qdq-scale", "int8-outside-qdq", "shape-inference"}
     for rule in ids:
         assert f"`{rule}`" in docs, rule
-    assert len(rule_ids()) == 18  # a new rule needs a test and a docs entry
+    assert len(rule_ids()) == 19  # a new rule needs a test and a docs entry
 
 
 def test_packaged_facts_are_the_documented_ones() -> None:
@@ -516,6 +551,7 @@ DEMOS = [
     ("skipnet38_digits", "if"),
     ("skipnet38_digits", "mask"),
     ("skipnet38_digits", "compact"),
+    ("skipnet38_digits", "loop"),
 ]
 
 
@@ -546,6 +582,9 @@ def test_demo_bundles(demo_bundles: dict, name: str, form: str | None) -> None:
         assert len(report.graphs) > 10 and report.findings == []  # every stage linted, all clean
     elif form == "if":
         assert rules == {"if-form"}  # the documented warning only
+    elif form == "loop":
+        # The documented warnings only: trip counts, carried shapes and stacked rows check clean.
+        assert rules == {"if-form", "loop-form"}
     elif form == "compact":
         # Flagged per the facts: NonZero needs an IOutputAllocator and rules out CUDA graphs.
         assert rules == {"data-dependent-shape"}

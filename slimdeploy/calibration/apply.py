@@ -8,10 +8,11 @@
 INT8 calibrates once (or takes a stored ``CalibrationRecord``) and quantizes each graph in the
 target's form (``int8.quantize_int8``). Single-graph forms (static models, ``compact``,
 ``mask``) are calibrated on the calibration images; each piece of a ``staged`` bundle on the
-rows the staged controller hands it (``staged.piece_feeds``). ``if`` graphs are refused:
-ONNX Runtime's quantizer does not reach inside ``If`` branches, where the gated blocks are.
-Decision heads stay FP32 unless ``quantize_decisions``. FP16 of ``if`` graphs is refused too
-(for now): the converter does not follow outer-scope weights into the branches.
+rows the staged controller hands it (``staged.piece_feeds``). ``if`` and ``loop`` graphs are
+refused: ONNX Runtime's quantizer does not reach inside ``If`` branches and ``Loop`` bodies, where
+the gated blocks are. Decision heads stay FP32 unless ``quantize_decisions``. FP16 of ``if`` and
+``loop`` graphs is refused too (for now): the converter does not follow outer-scope weights into
+the subgraphs, and the graph it makes does not load.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ from slimdeploy.errors import BadInputError
 
 PRECISIONS = ("fp32", "fp16", "int8")
 INT8_FORMS = "compact, staged or mask"
+# Forms whose gated blocks sit in subgraphs, and what those subgraphs are.
+SUBGRAPH_FORMS = {"if": "If branches", "loop": "Loop bodies"}
 
 
 @dataclass
@@ -55,17 +58,18 @@ def check_precision(precision: str, form: str | None) -> None:
     """Refuse a precision this form cannot take, before any work."""
     if precision not in PRECISIONS:
         raise BadInputError(f"unknown precision '{precision}' | Note: expected one of {list(PRECISIONS)}")
-    if precision == "int8" and form == "if":
+    subgraphs = SUBGRAPH_FORMS.get(form or "")
+    if precision == "int8" and subgraphs:
         raise BadInputError(
-            "--precision int8 cannot calibrate the 'if' form: ONNX Runtime's quantizer leaves the "
-            f"blocks inside If branches in FP32 | Fix: pass --dynamic with {INT8_FORMS} (flat graphs "
+            f"--precision int8 cannot calibrate the '{form}' form: ONNX Runtime's quantizer leaves the "
+            f"blocks inside {subgraphs} in FP32 | Fix: pass --dynamic with {INT8_FORMS} (flat graphs "
             "that calibrate completely)"
         )
-    if precision == "fp16" and form == "if":
-        # The branches read the weights from the outer graph, which the FP16 converter casts
-        # without following them into the branches: the graph it makes does not load.
+    if precision == "fp16" and subgraphs:
+        # The subgraphs read the weights from the outer graph, which the FP16 converter casts
+        # without following them inside: the graph it makes does not load.
         raise BadInputError(
-            "--precision fp16 does not convert the 'if' form yet (its If branches read outer-scope "
+            f"--precision fp16 does not convert the '{form}' form yet (its {subgraphs} read outer-scope "
             f"weights) | Fix: pass --dynamic with {INT8_FORMS}"
         )
 

@@ -34,7 +34,7 @@ def make_runner(
 
     Args:
         graphs: graph name → .onnx path or bytes (``"model"`` for single-graph forms).
-        form: ``None`` (static), ``"mask"``, ``"if"``, ``"compact"`` or ``"staged"``.
+        form: ``None`` (static), ``"mask"``, ``"if"``, ``"compact"``, ``"loop"`` or ``"staged"``.
         input_meta: the image input's metadata.
         plan: the gating plan (manifest ``gating``) or the early-exit plan (manifest ``exits``,
             ``kind`` ``"early_exit"``); needed for ``staged``.

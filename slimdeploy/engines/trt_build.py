@@ -233,9 +233,7 @@ def build_plan(graphs: Mapping[str, tuple[str, Any]], spec: BuildSpec, form: str
         engine = engine_file(name)
         entries.append({"name": name, "onnx": onnx_file, "engine": engine, "shapes": shapes,
                         "trtexec": trtexec_command(onnx_file, engine, shapes, spec)})
-    notes = []
-    if form == "if":
-        notes.append(IF_WARNING)
+    notes = [FORM_WARNINGS[form]] if form in FORM_WARNINGS else []
     return {
         "tensorrt": TRT_VERSION_RANGE,
         "strongly_typed": True,
@@ -262,6 +260,14 @@ IF_WARNING = (
     "If → Transpose → Resize on 11.1/11.2: check the engine (slimdeploy build runs check) and "
     "prefer --dynamic staged"
 )
+LOOP_WARNING = (
+    "the 'loop' form builds one engine with an ILoop per run of like gated blocks, an "
+    "IIfConditional per block inside it (TensorRT nests conditionals in loops) and convolutions "
+    "whose weights are gathered per iteration (multi-input convolutions); the 'if' form's caveats "
+    "apply to every iteration: check the engine (slimdeploy build runs check) and prefer --dynamic staged"
+)
+# What the build plan and the export say about a form TensorRT builds with a caveat.
+FORM_WARNINGS = {"if": IF_WARNING, "loop": LOOP_WARNING}
 
 
 def refuse_form(form: str | None) -> None:

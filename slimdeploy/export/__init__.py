@@ -99,7 +99,7 @@ def export(checkpoint: str | Path, out: str | Path, options: ExportOptions | Non
     info = find_arch(loaded.arch)
     recipe = recipe_for(info.family if info else None)
     form = recipe.choose_form(options.dynamic, options.target)
-    check_precision(options.precision, form)  # refuse int8 for 'if' before the long work
+    check_precision(options.precision, form)  # refuse int8 for 'if' and 'loop' before the long work
     recipe.check_options(loaded.arch, options)
     # Calibration data (or stored ranges) is read and checked now, before the long work.
     model_id = {"arch": loaded.arch, "weights_sha256": weights_digest(loaded.module)}
@@ -120,9 +120,9 @@ def export(checkpoint: str | Path, out: str | Path, options: ExportOptions | Non
 
 
 def _target_notes(form: str | None, options: ExportOptions) -> list[str]:
-    """What the target says about the chosen form (TensorRT: the ``if`` form's caveats)."""
-    if options.target != "trt" or form != "if":
+    """What the target says about the chosen form (TensorRT: the ``if`` and ``loop`` forms' caveats)."""
+    if options.target != "trt":
         return []
-    from slimdeploy.engines.trt_build import IF_WARNING
+    from slimdeploy.engines.trt_build import FORM_WARNINGS
 
-    return [IF_WARNING]
+    return [FORM_WARNINGS[form]] if form in FORM_WARNINGS else []

@@ -35,7 +35,7 @@ class ExportOptions:
         target: ``"ort"`` (ONNX Runtime) or ``"trt"`` (TensorRT: the bundle also records how
             to build the engines on the target). Defaults to ``"ort"``.
         dynamic: form of a model that decides per sample (its recipe lists the forms: gated
-            ``mask``, ``if``, ``compact``, ``staged``; early exits ``mask``, ``if``, ``staged``).
+            ``mask``, ``if``, ``compact``, ``staged``, ``loop``; early exits ``mask``, ``if``, ``staged``).
             Defaults to the recipe's default for the target; must be None for static models.
         condense_classifier: CondenseNet: also prune the classifier as the official converter
             does (lossy; parity is then against the condensed PyTorch model). Defaults to False.

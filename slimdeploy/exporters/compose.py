@@ -1,11 +1,11 @@
-"""Build ONNX graphs by composing exported pieces with routing nodes (If, NonZero/Gather/
+"""Build ONNX graphs by composing exported pieces with routing nodes (If, Loop, NonZero/Gather/
 ScatterND, Where).
 
 ``GraphBuilder`` keeps node and value names unique; ``inline`` copies a piece's nodes and
 weights in under a prefix, wiring its inputs to values of the graph being built. ``branch``
-makes a child builder whose nodes become an ``If`` branch: branch nodes may read any value of
-the enclosing graph, and the weights of inlined pieces stay in the outermost graph (ONNX lets
-a subgraph read outer-scope initializers).
+makes a child builder whose nodes become an ``If`` branch or a ``Loop`` body: its nodes may read
+any value of the enclosing graphs, and the weights of inlined pieces stay in the outermost graph
+(ONNX lets a subgraph read outer-scope initializers).
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class GraphBuilder:
 
     # -- control flow -------------------------------------------------------------------
     def branch(self) -> GraphBuilder:
-        """A child builder for an ``If`` branch."""
+        """A child builder for an ``If`` branch or a ``Loop`` body."""
         return GraphBuilder(parent=self)
 
     def if_node(
@@ -102,6 +102,29 @@ class GraphBuilder:
                 [helper.make_tensor_value_info(name, elem, None) for name, elem in zip(named, types)],
             ))
         return self.node("If", [condition], len(then_outputs), hint=hint, then_branch=graphs[0], else_branch=graphs[1])
+
+    def loop_node(
+        self,
+        trip_count: str,
+        body: GraphBuilder,
+        body_inputs: Sequence[onnx.ValueInfoProto],
+        body_outputs: Sequence[onnx.ValueInfoProto],
+        initial: Sequence[str],
+        hint: str = "loop",
+    ) -> list[str]:
+        """A ``Loop`` that runs ``body`` ``trip_count`` times (no condition input).
+
+        ``body_inputs`` are the body's iteration number (0-D INT64), its condition (0-D BOOL) and
+        one input per loop-carried value; ``body_outputs`` are the condition, the carried values'
+        next values and the scan outputs, each named and typed. ``initial`` gives
+        the carried values' first values. Returns the carried values' final values, then the scan
+        outputs (each stacked along a new axis 0, one row per iteration).
+        """
+        carried = len(initial)
+        if len(body_inputs) != 2 + carried or len(body_outputs) < 1 + carried:
+            raise ValueError(f"a Loop body with {carried} carried values takes {2 + carried} inputs and gives at least {1 + carried} outputs")
+        graph = helper.make_graph(body.nodes, self.fresh(f"{hint}_body"), list(body_inputs), list(body_outputs))
+        return self.node("Loop", [trip_count, "", *initial], len(body_outputs) - 1, hint=hint, body=graph)
 
     # -- model --------------------------------------------------------------------------
     def build(

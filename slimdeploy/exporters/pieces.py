@@ -1,7 +1,7 @@
 """Export many small graphs ("pieces") of one model with a single torch.export call.
 
 Dynamic forms are built from pieces — a SkipNet's stem, each residual block, each skip path,
-each gate, the head — so every form (``mask``, ``if``, ``compact``, ``staged``) shares one
+each gate, the head — so every form (``mask``, ``if``, ``compact``, ``staged``, ``loop``) shares one
 definition of the computation and differs only in routing. Exporting each piece separately
 would cost one torch.export per piece (seconds each); instead one wrapper module computes
 every piece on its own inputs, side by side, and each piece is cut out of the resulting graph

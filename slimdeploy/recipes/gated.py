@@ -2,7 +2,8 @@
 
 Forms (``exporters.gated``): ``compact`` (default on ONNX Runtime: it routes per sample inside
 one flat graph), ``if``, ``staged`` (default on TensorRT: one engine per piece, decisions on the
-host, docs/tensorrt-facts.md "Control flow"), ``mask`` (the baseline). Outputs
+host, docs/tensorrt-facts.md "Control flow"), ``loop`` (``if`` with each stage's repeated
+blocks in one ``Loop`` over stacked weights: a small graph), ``mask`` (the baseline). Outputs
 ``logits``, ``gates`` ([B, n-1] uint8, 1 = executed) and ``gate_probs`` ([B, n-1] float32); the
 threshold input ``gate_threshold`` (0-D float32, default 0.5: a block runs iff its gate's
 probability is strictly greater). Held-out samples are chosen so that every gate is seen open
@@ -33,7 +34,7 @@ class GatedRecipe(DeployRecipe):
 
     name: ClassVar[str] = "skipnet"
     decision_kind: ClassVar[str | None] = "gated"
-    forms: ClassVar[tuple[str, ...]] = ("mask", "if", "compact", "staged")
+    forms: ClassVar[tuple[str, ...]] = ("mask", "if", "compact", "staged", "loop")
     default_forms: ClassVar[Mapping[str, str]] = {"ort": "compact", "trt": "staged"}
     output_names: ClassVar[tuple[str, ...]] = ("logits", "gates", "gate_probs")
 

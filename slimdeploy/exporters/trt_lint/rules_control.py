@@ -1,6 +1,7 @@
 """Rules on control flow and data-dependent shapes: ``If`` conditions and branches, the
-documented warning for ``If`` graphs, ``Loop`` scan lengths and carried shapes, and tensors
-whose shape depends on the data (NonZero).
+documented warning for ``If`` graphs, ``Loop`` scan lengths, carried shapes and gathered
+weights, the documented warning for ``Loop`` graphs that route with ``If``, and tensors whose
+shape depends on the data (NonZero).
 
 Facts: trt_ops.json ``requested_ops`` If / Loop / NonZero (parser source 10.1-GA, NvInfer.h and
 pyGraphDoc.h 11.1, NVIDIA/TensorRT issues), docs/tensorrt-facts.md "Control flow".
@@ -23,7 +24,7 @@ from slimdeploy.exporters.trt_lint.core import (
     graph_rule,
     model_rule,
 )
-from slimdeploy.exporters.trt_lint.graph import Dim, Scope, dim_text, walk
+from slimdeploy.exporters.trt_lint.graph import Dim, Scope, attribute, dim_text, walk
 from slimdeploy.exporters.trt_lint.rules_ops import STAGED_FIX
 
 # Operators whose output shape depends on input values (ONNX operator specs): NonZero's
@@ -194,12 +195,15 @@ def if_known_failures(scopes: list[Scope], ctx: Context) -> Iterator[Finding]:
 
 @graph_rule
 def loop_constraints(scope: Scope, ctx: Context) -> Iterator[Finding]:
-    """loop: scan outputs need a static length; loop-carried values keep their shape.
+    """loop: scan outputs need a static length; loop-carried values keep their shape; weights
+    gathered by the iteration number cover every iteration.
 
     Facts: Loop restriction "Scan output length cannot be dynamic. The shape of Loop carried
     dependencies must be the same across all loop iterations."; NvInfer.h 11.1 IRecurrenceLayer
-    "input 1 must have same dims as input 0"; the parser wires the trip count as a kCOUNT limit and
-    treats an INT64-max trip count as "no count limit".
+    "input 1 must have same dims as input 0"; the parser wires the trip count as a kCOUNT limit,
+    treats an INT64-max trip count as "no count limit" and a condition input as a kWHILE limit
+    (a scan output's length then depends on the data). A Gather whose index is past the end of
+    its axis is an error in ONNX; the ``loop`` form gathers row ``iteration`` of stacked weights.
     """
     for node in scope.graph.node:
         if node.op_type != "Loop":
@@ -221,6 +225,14 @@ def loop_constraints(scope: Scope, ctx: Context) -> Iterator[Finding]:
                           + ("no trip count" if not trip else "an INT64-max trip count (no count limit)" if unbounded else f"a computed trip count '{trip}'")
                           + ": TensorRT needs the scan output length to be static",
                           "give the Loop a constant trip count (an initializer), or carry the results instead of scanning them")
+        condition = node.input[1] if len(node.input) > 1 else ""
+        condition_value = scope.constant(condition) if condition else None
+        always = condition_value is not None and condition_value.size == 1 and bool(condition_value.reshape(-1)[0])
+        if scans > 0 and condition and not always:
+            yield Finding("loop", ERROR, name,
+                          f"Loop has {scans} scan output(s) and a run-time condition '{condition}' (a kWHILE limit): the scan "
+                          "output length depends on the data, and TensorRT needs it static",
+                          "leave the condition input empty and stop by the trip count alone")
         for index in range(carried):
             initial = node.input[2 + index]
             if len(body.output) <= 1 + index:
@@ -235,6 +247,54 @@ def loop_constraints(scope: Scope, ctx: Context) -> Iterator[Finding]:
                               f"loop-carried value '{initial}' has shape {dim_text(before)} but the body returns {dim_text(after)} "
                               f"('{produced}'): TensorRT needs the same shape in every iteration",
                               "keep each loop-carried value's shape fixed (pad to the final size)")
+        if trip_value is not None and trip_value.size == 1 and not unbounded and body.input:
+            yield from _gathers_past_the_end(body_scope, body.input[0].name, int(trip_value.reshape(-1)[0]), name)
+
+
+def _gathers_past_the_end(body: Scope, iteration: str, trips: int, loop: str) -> Iterator[Finding]:
+    """Gathers on axis 0 of a constant by the iteration number (anywhere in the body, its
+    branches included) whose axis is shorter than the trip count."""
+    for scope in walk(body):
+        for node in scope.consumers.get(iteration, []):
+            if node.op_type != "Gather" or list(node.input[1:2]) != [iteration] or attribute(node, "axis", 0) != 0:
+                continue
+            data = scope.constant(node.input[0])
+            if data is not None and data.ndim and data.shape[0] < trips:
+                yield Finding("loop", ERROR, scope.node_name(node),
+                              f"Gather reads row 'iteration' of '{node.input[0]}' ({data.shape[0]} rows) in Loop '{loop}', "
+                              f"which runs {trips} times: the last iterations index past the end",
+                              "stack one row per iteration (the trip count must not exceed the stacked axis)")
+
+
+@model_rule
+def loop_form(scopes: list[Scope], ctx: Context) -> Iterator[Finding]:
+    """loop-form: what TensorRT builds of a ``Loop`` that routes with ``If`` (the ``loop`` form).
+
+    Facts: facts file "Control flow": a Loop becomes an ILoop (trip count a kCOUNT limit known
+    before the loop starts, loop-carried values IRecurrenceLayers of fixed shape, checked by the
+    ``loop`` rule); loops may nest conditionals, TensorRT infers the nesting from the data flow
+    (developer guide, "Working with Loops"); convolutions whose weights are computed in the loop
+    are multi-input convolutions (requested_ops Conv, 10.x); the ``If`` caveats of ``if-form``
+    hold in every iteration.
+    """
+    routed = [(scope, node) for scope in scopes for node in scope.graph.node
+              if node.op_type == "Loop" and _routes_with_if(_branches(node).get("body"))]
+    if routed:
+        scope, node = routed[0]
+        yield Finding(
+            "loop-form", WARNING, scope.node_name(node),
+            f"{len(routed)} Loop node(s) that route with If: TensorRT builds an ILoop each (a constant trip count, "
+            "loop-carried values of fixed shape: see the 'loop' rule) with IIfConditionals nested inside, which it supports; "
+            "weights gathered per iteration make multi-input convolutions, and the If caveats (no speed-up from skipping "
+            "reported in some versions) hold in every iteration",
+            f"measure on the target; for dependable savings {STAGED_FIX}",
+        )
+
+
+def _routes_with_if(body: onnx.GraphProto | None) -> bool:
+    """Whether a Loop body (or a graph nested in it) has an If node."""
+    return body is not None and any(node.op_type == "If" for scope in walk(Scope(body, is_main=False))
+                                    for node in scope.graph.node)
 
 
 def _consumers_everywhere(scope: Scope, value: str) -> list[tuple[Scope, onnx.NodeProto]]:
