@@ -30,6 +30,7 @@ from pydantic import (
 )
 
 from slimdeploy.errors import BundleError
+from slimdeploy.forms import EXIT_FORMS, GATED_FORMS
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -38,9 +39,6 @@ ENGINE_DIR = "trt"
 TIMING_CACHE = f"{ENGINE_DIR}/timing.cache"
 DTYPES = ("float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool")
 PRECISIONS = ("fp32", "fp16", "int8")
-# The dynamic forms export writes (export.GATED_FORMS, export.EXIT_FORMS).
-GATED_FORMS = ("mask", "if", "compact", "staged")
-EXIT_FORMS = ("mask", "if", "staged")
 # Bounds that keep a hostile manifest from asking for absurd work (a batch of 10**12 rows).
 MAX_BATCH = 1 << 20
 MAX_DIM = 1 << 31

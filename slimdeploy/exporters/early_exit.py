@@ -39,8 +39,9 @@ from slimdeploy.exporters.compose import GraphBuilder, rename_outputs
 from slimdeploy.exporters.onnx_export import DEFAULT_OPSET, EXAMPLE_BATCH
 from slimdeploy.exporters.pieces import Piece, export_pieces
 from slimdeploy.flops import count_macs_of
+from slimdeploy.forms import EXIT_FORMS
 
-FORMS = ("mask", "if", "staged")
+FORMS = EXIT_FORMS
 OUTPUTS = ("logits", "exit_stage", "exit_confidence")
 THRESHOLDS = "exit_thresholds"
 NOT_REACHED = -1.0

@@ -48,8 +48,9 @@ from slimdeploy.exporters.onnx_export import DEFAULT_OPSET, EXAMPLE_BATCH
 from slimdeploy.exporters.pieces import Piece, export_pieces
 from slimdeploy.exporters.stacking import same_structure, stack_pieces
 from slimdeploy.flops import count_macs_of
+from slimdeploy.forms import GATED_FORMS
 
-FORMS = ("mask", "if", "compact", "staged", "loop")
+FORMS = GATED_FORMS
 COMPOSED_FORMS = ("mask", "if", "compact", "loop")
 # A Loop of one block would only add the loop's overhead: runs shorter than this are routed as in ``if``.
 MIN_LOOP_BLOCKS = 2

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from slimdeploy.forms import EXIT_FORMS
 from slimdeploy.recipes.base import DeployRecipe
 from slimdeploy.recipes.registry import register_recipe
 
@@ -31,7 +32,7 @@ class ExitRecipe(DeployRecipe):
 
     name: ClassVar[str] = "early_exit"
     decision_kind: ClassVar[str | None] = "early_exit"
-    forms: ClassVar[tuple[str, ...]] = ("mask", "if", "staged")
+    forms: ClassVar[tuple[str, ...]] = EXIT_FORMS
     default_forms: ClassVar[Mapping[str, str]] = {"ort": "staged", "trt": "staged"}
     output_names: ClassVar[tuple[str, ...]] = ("logits", "exit_stage", "exit_confidence")
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from slimdeploy.forms import GATED_FORMS
 from slimdeploy.recipes.base import DeployRecipe
 from slimdeploy.recipes.registry import register_recipe
 
@@ -34,7 +35,7 @@ class GatedRecipe(DeployRecipe):
 
     name: ClassVar[str] = "skipnet"
     decision_kind: ClassVar[str | None] = "gated"
-    forms: ClassVar[tuple[str, ...]] = ("mask", "if", "compact", "staged", "loop")
+    forms: ClassVar[tuple[str, ...]] = GATED_FORMS
     default_forms: ClassVar[Mapping[str, str]] = {"ort": "compact", "trt": "staged"}
     output_names: ClassVar[tuple[str, ...]] = ("logits", "gates", "gate_probs")
 
