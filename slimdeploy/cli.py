@@ -463,8 +463,8 @@ def _print_macs(stats: Any, every: str, alone: str) -> None:
     """The MACs per sample of a gated or early-exit bench (computing ``every`` block or stage,
     the decisions ``alone``, the form at each batch) and the speed-up they predict over mask."""
     out_console.print(
-        f"MACs per sample: {every} {stats.macs_mask / 1e6:.2f} M, {alone} {stats.macs_ideal / 1e6:.2f} M, "
-        + ", ".join(f"{stats.form} at batch {b} {v / 1e6:.2f} M" for b, v in stats.macs_form.items())
+        f"MACs per sample: {every} {format_macs(stats.macs_mask, 2)}, {alone} {format_macs(stats.macs_ideal, 2)}, "
+        + ", ".join(f"{stats.form} at batch {b} {format_macs(v, 2)}" for b, v in stats.macs_form.items())
     )
     out_console.print("predicted speed-up over mask: " + ", ".join(
         f"batch {b} {v:.2f}x" for b, v in stats.predicted_speedup.items()))
@@ -570,9 +570,11 @@ def check(
 @app.command()
 def run(
     bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
-    inputs: Annotated[Path, typer.Option("--inputs", help=".npz keyed by graph input name (or an .npy holding the input array).")],
+    inputs: Annotated[Path, typer.Option("--inputs", help=".npz keyed by graph input name (or an .npy holding the input array); float64 arrays are cast to the graph's float32, with a note.")],
     out: Annotated[Path, typer.Option("--out", "-o", help=".npz to write, keyed by graph output name.")],
     batch: Annotated[int, typer.Option(help="Run at most this many rows per call; 0 = all at once.")] = 0,
+    gate_threshold: Annotated[float | None, typer.Option("--gate-threshold", help="Gated bundles: a block runs iff its gate probability is above this (default: the bundle's, 0.5 unless exported otherwise).")] = None,
+    exit_thresholds: Annotated[str | None, typer.Option("--exit-thresholds", help="Early-exit bundles: one confidence threshold per stage, comma-separated (default: the bundle's).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
     device: DeviceOpt = "cpu",
     threads: ThreadsOpt = 0,
@@ -589,6 +591,9 @@ def run(
     check_output_file(out, "--out", force=force)  # before any work
     loaded = load_bundle(bundle)
     feed = read_arrays(inputs)
+    feed.update(_threshold_feed(loaded, gate_threshold, _parse_floats(exit_thresholds, "--exit-thresholds")))
+    for note in _cast_float64(feed, {name: loaded.input_meta(name) for name in loaded.input_names}):
+        err_console.print(f"[yellow]note:[/yellow] {escape(note)}", soft_wrap=True)
     with bundle_runner(loaded, device=device, threads=threads) as runner:
         if batch:
             from slimdeploy.engines.base import check_feed
@@ -603,6 +608,48 @@ def run(
     err_console.print(f"wrote {out}: {shapes}")
 
 
+def _threshold_feed(bundle: Any, gate: float | None, exits: list[float] | None) -> dict[str, np.ndarray]:
+    """The threshold inputs ``--gate-threshold`` and ``--exit-thresholds`` give, checked against
+    the bundle's inputs (a bundle without that input refuses the option)."""
+    import math
+
+    feed: dict[str, np.ndarray] = {}
+    for option, name, value in (("--gate-threshold", "gate_threshold", gate), ("--exit-thresholds", "exit_thresholds", exits)):
+        if value is None:
+            continue
+        if name not in bundle.input_names:
+            raise BadInputError(f"{option} applies to bundles with a '{name}' input; '{bundle.path}' takes "
+                                f"{bundle.input_names} | Fix: leave {option} out")
+        values = [value] if isinstance(value, float) else list(value)
+        if not all(math.isfinite(v) for v in values):
+            raise BadInputError(f"{option} must be finite, got {values} | Fix: e.g. {option} 0.5")
+        meta = bundle.input_meta(name)
+        array = np.asarray(value, dtype=np.float32)
+        if array.ndim != len(meta.shape) or any(isinstance(want, int) and got != want for got, want in zip(array.shape, meta.shape)):
+            want = meta.shape[0] if meta.shape else 1
+            raise BadInputError(f"{option} takes {want} value(s) for this bundle, got {len(values)} | Fix: one per stage, e.g. "
+                                f"{option} {','.join(['0.9'] * int(want))}")
+        feed[name] = array
+    return feed
+
+
+def _cast_float64(feed: dict[str, np.ndarray], metadata: dict[str, Any]) -> list[str]:
+    """Cast float64 arrays of float32 inputs (what NumPy makes by default) to float32, in
+    place; a note for each. Values beyond float32's range are refused rather than made inf."""
+    notes = []
+    for name, meta in metadata.items():
+        array = feed.get(name)
+        if array is None or array.dtype != np.float64 or np.dtype(meta.dtype) != np.float32:
+            continue
+        cast = array.astype(np.float32)
+        if np.isfinite(array).all() and not np.isfinite(cast).all():
+            raise BadInputError(f"'{name}' holds float64 values beyond float32's range (largest |value| "
+                                f"{float(np.abs(array).max()):.3g}) | Fix: save the inputs as float32, preprocessed like the model's")
+        feed[name] = cast
+        notes.append(f"cast '{name}' from float64 to float32, the graph's type (save it as float32 to skip this)")
+    return notes
+
+
 @app.command()
 def bench(
     bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
@@ -613,15 +660,22 @@ def bench(
     no_torch: Annotated[bool, typer.Option("--no-torch", help="Do not time the PyTorch reference (timed by default where torch and the bundle's reference weights are).")] = False,
     baseline: Annotated[Path | None, typer.Option(help="Another bundle of the same model (e.g. its mask form) to time side by side (default: none).")] = None,
     device: DeviceOpt = "cpu",
-    sweep: Annotated[str | None, typer.Option(help="Early-exit bundles: exit thresholds to sweep, comma-separated, or 'default' (0,0.5,0.8,0.9,0.95,0.98,0.99,0.995,0.999,1.01). Default: no sweep.")] = None,
-    plot: Annotated[Path | None, typer.Option(help="With --sweep: draw the sweep to this PNG (needs matplotlib).", callback=_result_file("--plot"))] = None,
+    sweep: Annotated[str | None, typer.Option(help="Early-exit bundles: exit thresholds to sweep, comma-separated, or 'default' (0,0.5,0.8,0.9,0.95,0.98,0.99,0.995,0.999,1.01); the bundle's own thresholds are measured too. Default: no sweep.")] = None,
+    data: Annotated[Path | None, typer.Option(help="With --sweep: .npz (input, labels) or .npy of inputs to sweep over (default: the whole digits held-out split for a bundle checked on digits, else its golden inputs).")] = None,
+    plot: Annotated[Path | None, typer.Option(help="With --sweep: draw the sweep to this PNG (needs matplotlib: pip install 'slimdeploy[plot]').", callback=_result_file("--plot"))] = None,
     json_out: JsonOpt = None,
 ) -> None:
-    """Latency percentiles and throughput on ONNX Runtime (or the TensorRT engines with --device tensorrt), beside PyTorch eager when torch is here; exit shares and threshold sweeps of early-exit bundles."""
+    """Latency percentiles and throughput on ONNX Runtime (or the TensorRT engines with --device tensorrt), beside PyTorch eager when torch is here; exit shares and threshold sweeps of early-exit bundles. Timings taken while other processes kept the CPU busy are flagged (noisy)."""
     from slimdeploy.bench import DEFAULT_SWEEP, bench_bundle, plot_sweep
 
     if plot is not None and sweep is None:
         raise BadInputError("--plot draws a threshold sweep | Fix: add --sweep default (or a list of thresholds)")
+    if data is not None and sweep is None:
+        raise BadInputError("--data gives the inputs of a threshold sweep | Fix: add --sweep default (or a list of thresholds)")
+    if plot is not None:  # before the benchmark, not after it
+        from slimdeploy._optional import optional_import
+
+        optional_import("matplotlib", "draw the threshold sweep (--plot)")
     sweep_values: list[float] | None = None
     if sweep is not None:
         try:
@@ -629,52 +683,76 @@ def bench(
         except ValueError:
             raise BadInputError(f"--sweep '{sweep}' is not a comma-separated list of numbers | Fix: e.g. --sweep 0.5,0.9,0.99") from None
 
-    report = bench_bundle(
-        bundle,
-        batch_sizes=_parse_ints(batch, "--batch"),
-        warmup=warmup,
-        iterations=iterations,
-        threads=threads,
-        torch_reference=False if no_torch else None,
-        baseline=baseline,
-        progress=StepPrinter(quiet=json_out == "-"),
-        device=device,
-        sweep=sweep_values,
-    )
+    with StepPrinter(quiet=json_out == "-") as progress:
+        report = bench_bundle(
+            bundle,
+            batch_sizes=_parse_ints(batch, "--batch"),
+            warmup=warmup,
+            iterations=iterations,
+            threads=threads,
+            torch_reference=False if no_torch else None,
+            baseline=baseline,
+            progress=progress,
+            device=device,
+            sweep=sweep_values,
+            data=data,
+        )
     if plot is not None and report.sweep:
-        plot_sweep(report.sweep, plot)
+        plot_sweep(report.sweep, plot, title=_sweep_title(bundle, report))
+    for warning in report.warnings:
+        err_console.print(f"[yellow]warning:[/yellow] {escape(warning)}", soft_wrap=True)
     if json_out != "-":
-        table = Table(title=f"latency ({report.threads} threads, {iterations} calls after {warmup} warm-up)")
-        for column in ("runner", "batch", "p50 ms", "p90 ms", "p99 ms", "images/s"):
-            table.add_column(column)
-        for r in report.results:
-            table.add_row(r.runner, str(r.batch_size), f"{r.p50_ms:.3f}", f"{r.p90_ms:.3f}", f"{r.p99_ms:.3f}", f"{r.throughput:,.0f}")
-        out_console.print(table)
-        for key, value in report.speedups.items():
-            out_console.print(f"{key}: {value:.2f}x")
-        stats = report.decisions
-        if stats is not None:
-            rates = " ".join(f"{rate:.0%}" for rate in stats.skip_rate_per_block)
-            out_console.print(f"skip rate per gated block ({stats.samples} samples): {rates}; overall {stats.skip_rate:.1%}")
-            _print_macs(stats, "mask", "decisions alone")
-        exits = report.exits
-        if exits is not None:
-            shares = " ".join(f"{share:.0%}" for share in exits.exit_share_per_stage)
-            out_console.print(f"exits per stage ({exits.samples} samples, thresholds {exits.thresholds}): {shares}")
-            _print_macs(exits, "all stages", "exits alone")
-        if report.sweep:
-            sweep_table = Table(title=f"threshold sweep (batch {report.sweep[0].batch_size})")
-            for column in ("threshold", "exits per stage", "MMACs/sample", "accuracy", "latency ms"):
-                sweep_table.add_column(column)
-            for point in report.sweep:
-                accuracy = "-" if point.accuracy is None else f"{point.accuracy:.1%}"
-                sweep_table.add_row(f"{point.thresholds[0]:g}", " ".join(f"{v:.0%}" for v in point.exit_share_per_stage),
-                                    f"{point.macs_average / 1e6:.2f}", accuracy, f"{point.latency_ms:.3f}")
-            out_console.print(sweep_table)
-        for note in report.notes:
-            out_console.print(f"[yellow]note:[/yellow] {escape(note)}")
+        _print_bench(report, iterations, warmup)
+        if plot is not None and report.sweep:
+            out_console.print(f"sweep drawn to {escape(str(plot))}", soft_wrap=True)
     if json_out:
         report.write_json(json_out)
+
+
+def _sweep_title(bundle: Path, report: Any) -> str:
+    """``s2d_resnet20_cifar (staged, fp32): exit threshold sweep on digits:heldout``."""
+    from slimdeploy.bundle.reader import read_manifest
+
+    manifest = read_manifest(Path(bundle))
+    model = manifest.get("model") or {}
+    return (f"{model.get('arch', bundle)} ({manifest.get('dynamic')}, {manifest.get('precision')}): exit threshold sweep "
+            f"on {report.sweep_source}")
+
+
+def _print_bench(report: Any, iterations: int, warmup: int) -> None:
+    """The bench tables and lines on stdout."""
+    load = "" if report.other_load_cores is None else f", other processes {report.other_load_cores:.2f} cores"
+    table = Table(title=f"latency ({report.threads} threads, {iterations} calls after {warmup} warm-up{load})")
+    for column in ("runner", "batch", "p50 ms", "p90 ms", "p99 ms", "images/s"):
+        table.add_column(column)
+    for r in report.results:
+        table.add_row(r.runner, str(r.batch_size), f"{r.p50_ms:.3f}", f"{r.p90_ms:.3f}", f"{r.p99_ms:.3f}", format_count(r.throughput))
+    out_console.print(table)
+    for key, value in report.speedups.items():
+        out_console.print(f"{key}: {value:.2f}x" + (" [yellow](noisy: other processes shared the CPU)[/yellow]" if report.noisy else ""))
+    stats = report.decisions
+    if stats is not None:
+        rates = " ".join(f"{rate:.0%}" for rate in stats.skip_rate_per_block)
+        out_console.print(f"skip rate per gated block ({stats.samples} samples): {rates}; overall {stats.skip_rate:.1%}")
+        _print_macs(stats, "mask", "decisions alone")
+    exits = report.exits
+    if exits is not None:
+        shares = " ".join(f"{share:.0%}" for share in exits.exit_share_per_stage)
+        out_console.print(f"exits per stage ({exits.samples} samples, thresholds {exits.thresholds}): {shares}")
+        _print_macs(exits, "all stages", "exits alone")
+    if report.sweep:
+        first = report.sweep[0]
+        sweep_table = Table(title=f"threshold sweep ({first.samples} samples of {report.sweep_source}, batch {first.batch_size})")
+        for column in ("threshold", "exits per stage", "MACs/sample", "accuracy", "latency ms"):
+            sweep_table.add_column(column)
+        for point in report.sweep:
+            accuracy = "-" if point.accuracy is None else f"{point.accuracy:.1%}"
+            label = f"default ({'/'.join(f'{t:.3g}' for t in point.thresholds)})" if point.default else point.label
+            sweep_table.add_row(label, " ".join(f"{v:.0%}" for v in point.exit_share_per_stage),
+                                format_macs(point.macs_average, 2), accuracy, f"{point.latency_ms:.3f}")
+        out_console.print(sweep_table)
+    for note in report.notes:
+        out_console.print(f"[yellow]note:[/yellow] {escape(note)}", soft_wrap=True)
 
 
 @app.command()

@@ -425,10 +425,7 @@ def load_checkpoint(
     named_arch = own.arch if own is not None else _named_arch(obj)
     name = arch or named_arch
     if not name:
-        raise ArchitectureError(
-            f"'{path}' does not say which architecture it holds | Fix: pass --arch NAME "
-            "(slimdeploy zoo list shows the names)"
-        )
+        raise _no_arch_error(path, state_dict)
     info = get_arch(name)
     notes: list[str] = []
     if not own_format and isinstance(obj.get("state_dict_ema"), Mapping) and obj["state_dict_ema"]:
@@ -462,6 +459,22 @@ def load_checkpoint(
     recorded = "checkpoint" if own is not None and own.preprocessing is not None else "default"
     return LoadedModel(module, info.name, args, preprocessing, source, meta, notes, estimate,
                        dict.fromkeys(PREPROCESSING_FIELDS, recorded))
+
+
+def _no_arch_error(path: str | Path, state_dict: Mapping[str, Any]) -> ArchitectureError:
+    """The error for a checkpoint that names no architecture, naming those its keys point to."""
+    from slimdeploy.models.suggest import suggest_archs
+
+    names = suggest_archs(_strip_prefix(dict(state_dict))[0])
+    if not names:
+        return ArchitectureError(
+            f"'{path}' does not say which architecture it holds, and its keys match none registered | Fix: pass "
+            "--arch NAME (slimdeploy zoo list shows the names)"
+        )
+    others = f" (its keys fit {', '.join(names[1:])} as well)" if len(names) > 1 else ""
+    return ArchitectureError(
+        f"'{path}' does not say which architecture it holds; its keys match {names[0]}{others} | Fix: pass --arch {names[0]}"
+    )
 
 
 def _own_fields(obj: Mapping[str, Any], path: str | Path) -> OwnCheckpoint:
