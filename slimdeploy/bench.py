@@ -399,12 +399,31 @@ def sweep_exits(
 
 
 def plot_sweep(points: Sequence[SweepPoint], path: str | Path, title: str = "early-exit threshold sweep") -> Path:
-    """Draw a sweep (accuracy against average MACs, and against latency) as a PNG.
+    """Draw a sweep (``sweep_figure``) to a PNG at ``path``, written atomically.
 
-    The title says what was swept (pass the model), the sample count and what one sample is
-    worth in accuracy; the bundle's default thresholds are marked apart; threshold labels are
-    drawn only where they do not overlap one already drawn; the accuracy axis spans at least
-    ten samples, so that one sample does not look like a trend.
+    Raises ``BackendUnavailableError`` when matplotlib is not installed.
+    """
+    from slimdeploy._optional import optional_import
+
+    pyplot = optional_import("matplotlib.pyplot", "draw the threshold sweep")
+    figure = sweep_figure(points, title)
+    out = Path(path)
+    try:
+        with atomic_output(out) as tmp:
+            figure.savefig(tmp, dpi=120, format="png")
+    finally:
+        pyplot.close(figure)
+    return out
+
+
+def sweep_figure(points: Sequence[SweepPoint], title: str = "early-exit threshold sweep") -> Any:
+    """A matplotlib figure of a sweep: accuracy against average MACs, and against latency.
+
+    The title says what was swept (pass the model), over how many samples and what one sample
+    is worth in accuracy; the bundle's default thresholds are a star of their own (in the
+    legend); threshold labels are written only where they do not overlap one already written
+    (the default's first); the accuracy axis spans at least ten samples (and 2 %), so that one
+    sample does not look like a trend.
 
     Raises ``BackendUnavailableError`` when matplotlib is not installed.
     """
@@ -418,7 +437,7 @@ def plot_sweep(points: Sequence[SweepPoint], path: str | Path, title: str = "ear
     figure, axes = pyplot.subplots(1, 2, figsize=(11, 4.5))
     swept = [p for p in points if not p.default]
     marked = [p for p in points if p.default]
-    accuracy = [p.accuracy if p.accuracy is not None else float("nan") for p in points]
+    accuracy = [_accuracy_or_nan(p) for p in points]
     for axis, x_of, label in ((axes[0], lambda p: p.macs_average / 1e6, "average MMACs per sample"),
                               (axes[1], lambda p: p.latency_ms, f"latency ms per call (batch {points[0].batch_size})")):
         axis.plot([x_of(p) for p in swept], [_accuracy_or_nan(p) for p in swept], marker="o", label="one threshold for every exit")
@@ -433,14 +452,10 @@ def plot_sweep(points: Sequence[SweepPoint], path: str | Path, title: str = "ear
         # The default's label first: where labels would collide, it is the one kept.
         _label_without_overlap(axis, [(x_of(p), _accuracy_or_nan(p), p.label) for p in [*marked, *swept]])
     axes[0].legend(loc="lower right", fontsize=8)
-    one = f"; one sample = {100 / samples:.2g} % accuracy" if samples else ""
-    figure.suptitle(f"{title}\n{samples} samples{one}", fontsize=11)
+    counted = f"\n{samples} samples; one sample = {100 / samples:.2g} % accuracy" if samples else ""
+    figure.suptitle(f"{title}{counted}", fontsize=11)
     figure.tight_layout()
-    out = Path(path)
-    with atomic_output(out) as tmp:
-        figure.savefig(tmp, dpi=120, format="png")
-    pyplot.close(figure)
-    return out
+    return figure
 
 
 def _accuracy_or_nan(point: SweepPoint) -> float:
@@ -460,11 +475,13 @@ def _accuracy_limits(axis: Any, accuracy: Sequence[float], samples: int) -> None
     axis.set_ylim(bottom, top)
 
 
-def _label_without_overlap(axis: Any, labelled: Sequence[tuple[float, float, str]], min_gap: float = 0.06) -> None:
+def _label_without_overlap(axis: Any, labelled: Sequence[tuple[float, float, str]], min_gap: float = 0.06) -> list[str]:
     """Write each point's label beside it unless it would land within ``min_gap`` (a fraction
-    of the axes) of a label already written: close thresholds are left to the table."""
+    of the axes) of a label already written: close thresholds are left to the table. Returns
+    the labels written."""
     to_axes = axis.transData + axis.transAxes.inverted()
     placed: list[tuple[float, float]] = []
+    written = []
     for x, y, text in labelled:
         if not (np.isfinite(x) and np.isfinite(y)):
             continue
@@ -473,6 +490,8 @@ def _label_without_overlap(axis: Any, labelled: Sequence[tuple[float, float, str
             continue
         placed.append((ax_x, ax_y))
         axis.annotate(text, (x, y), xytext=(4, 4), textcoords="offset points", fontsize=7)
+        written.append(text)
+    return written
 
 
 DEFAULT_SWEEP = (0.0, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 1.01)

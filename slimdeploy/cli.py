@@ -899,8 +899,8 @@ def _print_lint_summary(report: Any, title: str) -> None:
     if len(groups) > LINT_GROUPS_SHOWN:
         rest = groups[LINT_GROUPS_SHOWN:]
         out_console.print(f"  ... and {len(rest)} more kind(s) ({format_count(sum(g.count for g in rest))} finding(s))")
-    for number, fix in enumerate(fixes, 1):
-        out_console.print(f"fix {number}: {escape(fix)}")
+    for number, fix in enumerate(fixes, 1):  # not wrapped: a fix may hold a command to copy
+        out_console.print(f"fix {number}: {escape(fix)}", soft_wrap=True)
 
 
 @zoo_app.command("list")
@@ -972,7 +972,7 @@ def _print_zoo_architectures(rows: list[dict[str, Any]]) -> None:
     from slimdeploy.describe import model_kind
 
     out_console.print()
-    out_console.print("[bold]Architectures by family: pass one as --arch NAME for a checkpoint that does not name its own[/bold]")
+    out_console.print("[bold]Architectures by family (pass one as --arch NAME)[/bold]")
     families: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         families.setdefault(row.get("family") or "-", []).append(row)
