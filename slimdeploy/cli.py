@@ -770,6 +770,11 @@ def inspect(
     from slimdeploy.describe import inspect_bundle, inspect_checkpoint, inspect_onnx
 
     path = _resolve_checkpoint(target)
+    given = [flag for flag, value in (("--arch", arch), ("--arch-args", arch_args), ("--input-size", input_size),
+                                      ("--mean", mean), ("--std", std)) if value is not None]
+    if given and (path.is_dir() or path.suffix.lower() == ".onnx"):
+        raise BadInputError(f"{'/'.join(given)}: options for a checkpoint; '{path}' is a {'bundle' if path.is_dir() else 'graph'} "
+                            "whose inputs are fixed | Fix: leave them out")
     if path.is_dir():
         info = inspect_bundle(path)
     elif path.suffix.lower() == ".onnx":

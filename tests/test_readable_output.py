@@ -116,6 +116,8 @@ def test_inspect_reads_onnx_files(exported_bundle: Path, tmp_path: Path) -> None
 
     (tmp_path / "junk.onnx").write_bytes(b"\x00 not a protobuf")
     assert_clean_error(run_cli("inspect", str(tmp_path / "junk.onnx")), 2, "as an ONNX model")
+    fixed = run_cli("inspect", str(exported_bundle / "model.onnx"), "--input-size", "3,64,64")
+    assert_clean_error(fixed, 2, "--input-size: options for a checkpoint")
 
 
 def test_inspect_bundle_lists_its_graphs_with_readable_numbers(exported_bundle: Path) -> None:
