@@ -150,7 +150,8 @@ class PreprocessingChoice:
 
 
 def choose_preprocessing(loaded: LoadedModel, input_size: tuple[int, ...] | None = None,
-                         mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None) -> PreprocessingChoice:
+                         mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
+                         batch: int = 1) -> PreprocessingChoice:
     """``loaded``'s preprocessing with the options given applied (validated ones: finite
     means, positive stds, sizes in range; ``ExportOptions`` checks them).
 
@@ -159,6 +160,8 @@ def choose_preprocessing(loaded: LoadedModel, input_size: tuple[int, ...] | None
         input_size: (S,) a square side, (H, W), or (C, H, W). Defaults to the checkpoint's.
         mean: one value per channel, or one for all. Defaults to the checkpoint's.
         std: one value per channel, or one for all. Defaults to the checkpoint's.
+        batch: rows the model will run at once, for the memory check of a new input size.
+            Defaults to 1.
 
     Raises:
         BadInputError: a mean or std whose length is neither 1 nor the channel count.
@@ -181,7 +184,7 @@ def choose_preprocessing(loaded: LoadedModel, input_size: tuple[int, ...] | None
         return tuple(float(v) for v in values) * (channels if len(values) == 1 else 1)
 
     if input_size:
-        _check_runs_at(loaded, size)
+        _check_runs_at(loaded, size, batch)
     chosen = Preprocessing(size, per_channel(mean, base.mean, "--mean"), per_channel(std, base.std, "--std"))  # type: ignore[arg-type]
     sources = {"input_size": "option" if input_size else given["input_size"],
                "mean": "option" if mean else given["mean"], "std": "option" if std else given["std"]}
@@ -214,9 +217,9 @@ class LoadedModel:
     preprocessing_source: dict[str, str] = field(default_factory=lambda: dict.fromkeys(PREPROCESSING_FIELDS, "default"))
 
 
-def _check_runs_at(loaded: LoadedModel, size: tuple[int, ...]) -> None:
-    """``BadInputError`` unless ``loaded``'s model fits this machine at ``size`` (sized on the
-    meta device first) and runs one zero image of that size."""
+def _check_runs_at(loaded: LoadedModel, size: tuple[int, ...], batch: int) -> None:
+    """``BadInputError`` unless ``loaded``'s model fits this machine at ``size`` and ``batch``
+    rows (sized on the meta device first) and runs one zero image of that size."""
     import torch
 
     from slimdeploy.errors import BadInputError
@@ -225,7 +228,7 @@ def _check_runs_at(loaded: LoadedModel, size: tuple[int, ...]) -> None:
     info = find_arch(loaded.arch)
     if info is not None:
         _, estimate = estimate_model(lambda: info.build(**loaded.arch_args), size)
-        check_model_fits(estimate, loaded.arch)
+        check_model_fits(estimate, loaded.arch, batch=batch)
     try:
         with torch.inference_mode():
             loaded.module(torch.zeros(1, *size))

@@ -97,7 +97,8 @@ def export(checkpoint: str | Path, out: str | Path, options: ExportOptions | Non
     if loaded.estimate is not None:  # the reference runs REFERENCE_BATCH rows at a time
         check_model_fits(loaded.estimate, loaded.arch, batch=max(REFERENCE_BATCH, *options.batch_sizes))
     # --input-size/--mean/--std over what the checkpoint records (or the defaults), noted.
-    choice = choose_preprocessing(loaded, options.input_size, options.mean, options.std)
+    choice = choose_preprocessing(loaded, options.input_size, options.mean, options.std,
+                                  batch=max(REFERENCE_BATCH, *options.batch_sizes))
     loaded = replace(loaded, preprocessing=choice.preprocessing, preprocessing_source=choice.sources,
                      notes=[*loaded.notes, *choice.notes])
     info = find_arch(loaded.arch)
