@@ -9,6 +9,7 @@ tests/test_readable_output.py.)"""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -69,16 +70,25 @@ def test_preprocessing_options_and_the_default_note(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("options", "fragment"), [
-    (["--std", "0.2,0"], "--std [0.2, 0.0]: expected finite numbers above 0"),
-    (["--mean", "nan"], "--mean [nan]: expected finite numbers"),
-    (["--input-size", "3,0,32"], "--input-size [3, 0, 32]"),
-    (["--input-size", "3,32,32,1"], "--input-size [3, 32, 32, 1]"),
-    (["--mean", "a,b"], "--mean takes comma-separated numbers"),
+    ({"std": (0.2, 0)}, "--std [0.2, 0]: expected finite numbers above 0"),
+    ({"mean": (float("nan"),)}, "--mean [nan]: expected finite numbers"),
+    ({"input_size": (3, 0, 32)}, "--input-size [3, 0, 32]"),
+    ({"input_size": (3, 32, 32, 1)}, "--input-size [3, 32, 32, 1]"),
+    ({"input_size": (3, 10**6, 32)}, "sides up to 16,384"),
 ])
-def test_bad_preprocessing_options_are_refused_before_the_work(options: list[str], fragment: str, tmp_path: Path) -> None:
-    result = run_cli("export", "zoo:spconv_resnet20_digits", "--out", str(tmp_path / "b"), *options)
-    assert_one_line_error(result, 2, fragment)
-    assert not (tmp_path / "b").exists()
+def test_bad_preprocessing_options_are_refused(options: dict, fragment: str) -> None:
+    from slimdeploy.export import ExportOptions
+
+    with pytest.raises(BadInputError, match=re.escape(fragment)):
+        ExportOptions(**options)
+
+
+def test_preprocessing_options_are_refused_before_the_work(tmp_path: Path) -> None:
+    result = run_cli("export", "zoo:spconv_resnet20_digits", "--out", str(tmp_path / "b"), "--std", "0.2,0")
+    assert_one_line_error(result, 2, "--std [0.2, 0.0]: expected finite numbers above 0")
+    assert "loading checkpoint" not in result.stderr and not (tmp_path / "b").exists()
+    result = run_cli("export", "zoo:spconv_resnet20_digits", "--out", str(tmp_path / "b"), "--mean", "a,b")
+    assert_one_line_error(result, 2, "--mean takes comma-separated numbers")
 
 
 @pytest.mark.slow

