@@ -10,6 +10,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+# The load check lives in the package (``slimdeploy bench`` flags noisy timings with it); the
+# scripts import it from here with the rest of what they share.
+from slimdeploy.machine import OtherLoad
+
+__all__ = ["OtherLoad", "benchmark_arguments", "estimate_batchnorm", "machine_facts", "save_json", "write_results"]
+
 
 def cpu_model() -> str:
     """The CPU's model name from /proc/cpuinfo (or what platform knows)."""
@@ -39,42 +45,6 @@ def machine_facts() -> dict[str, Any]:
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "load_average_at_start": list(os.getloadavg()),
     }
-
-
-def _machine_busy_seconds() -> float:
-    """CPU seconds all processes have spent busy since boot (/proc/stat, every core)."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-def _own_cpu_seconds() -> float:
-    """CPU seconds of this process and its reaped children."""
-    times = os.times()
-    return times.user + times.system + times.children_user + times.children_system
-
-
-class OtherLoad:
-    """Cores that other processes kept busy while the block ran.
-
-    Machine-wide busy time (/proc/stat) minus this process's own CPU time (and that of the
-    children it reaped in the block), over the wall time: a figure above ~0.2 on a 2-core
-    machine means the timings shared the CPU and should be rerun.
-
-        with OtherLoad() as other:
-            ...timed work...
-        other.cores
-    """
-
-    def __enter__(self) -> OtherLoad:
-        self.cores = 0.0
-        self._busy, self._own, self._start = _machine_busy_seconds(), _own_cpu_seconds(), time.perf_counter()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        wall = time.perf_counter() - self._start
-        others = (_machine_busy_seconds() - self._busy) - (_own_cpu_seconds() - self._own)
-        self.cores = round(max(0.0, others / wall), 3) if wall > 0 else 0.0
 
 
 def benchmark_arguments(description: str, default_out: Path) -> argparse.ArgumentParser:

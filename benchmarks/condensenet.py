@@ -56,12 +56,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import OtherLoad, benchmark_arguments, estimate_batchnorm, machine_facts, write_results  # noqa: E402
 
+from slimdeploy.machine import NOISY_OTHER_CORES  # noqa: E402
+
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "condensenet.json"
 DEMO = "condensenet_digits"
 LARGE_CONFIG = {"stages": (14, 14, 14), "growth": (8, 16, 32), "bottleneck": 4, "group_1x1": 4,
                 "group_3x3": 4, "condense_factor": 4, "data": "cifar10", "num_classes": 10}
 TARGET_SPEEDUP = 2.0
-NOISY_CORES = 0.2
+NOISY_CORES = NOISY_OTHER_CORES  # the threshold slimdeploy bench flags too
 BATCHES = (1, 32)
 FULL = {"samples_b1": 48, "batches_b32": 4, "rounds": 5, "warmup": 5}
 QUICK = {"samples_b1": 4, "batches_b32": 1, "rounds": 2, "warmup": 1}

@@ -34,6 +34,7 @@ from slimdeploy.limits import (
     check_option,
     check_threads,
 )
+from slimdeploy.machine import NOISY_OTHER_CORES, OtherLoad
 
 DEFAULT_BATCH_SIZES = (1, 32)
 DEFAULT_WARMUP = 10
@@ -52,6 +53,9 @@ class LatencyResult:
     p99_ms: float
     mean_ms: float
     throughput: float  # images per second at the median latency
+    # Cores other processes kept busy while this was timed (``machine.OtherLoad``); None
+    # where that cannot be measured.
+    other_cores: float | None = None
 
 
 @dataclass
@@ -96,7 +100,9 @@ class ExitStats:
 
 @dataclass
 class SweepPoint:
-    """One threshold setting of a sweep."""
+    """One threshold setting of a sweep: ``label`` is the uniform threshold (``"0.9"``), or
+    ``"default"`` for the bundle's own thresholds (``default`` True); ``samples`` the inputs
+    it was measured on."""
 
     thresholds: list[float]
     exit_share_per_stage: list[float]
@@ -104,6 +110,9 @@ class SweepPoint:
     accuracy: float | None
     latency_ms: float
     batch_size: int
+    label: str = ""
+    default: bool = False
+    samples: int = 0
 
 
 @dataclass
@@ -117,7 +126,15 @@ class BenchReport:
     decisions: DecisionStats | None = None
     exits: ExitStats | None = None
     sweep: list[SweepPoint] = field(default_factory=list)
+    # Where the sweep's inputs came from (``digits:heldout``, the --data file, ``golden``).
+    sweep_source: str = ""
     notes: list[str] = field(default_factory=list)
+    # What makes the figures less than trustworthy (other load), printed as warnings.
+    warnings: list[str] = field(default_factory=list)
+    # The most cores other processes kept busy during any timing, and whether that is above
+    # ``machine.NOISY_OTHER_CORES`` (the figures shared the CPU). None: not measurable here.
+    other_load_cores: float | None = None
+    noisy: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """The report as plain data (what ``bench --json`` writes)."""
@@ -134,14 +151,16 @@ def time_runner(
     warmup: int,
     iterations: int,
 ) -> LatencyResult:
-    """Time ``iterations`` calls of an active runner after ``warmup`` untimed ones."""
+    """Time ``iterations`` calls of an active runner after ``warmup`` untimed ones, measuring
+    the cores other processes kept busy meanwhile (``other_cores``)."""
     for _ in range(warmup):
         runner.infer(feed, check_inputs=False)
     times = np.empty(iterations)
-    for i in range(iterations):
-        start = time.perf_counter()
-        runner.infer(feed, check_inputs=False)
-        times[i] = time.perf_counter() - start
+    with OtherLoad() as other:
+        for i in range(iterations):
+            start = time.perf_counter()
+            runner.infer(feed, check_inputs=False)
+            times[i] = time.perf_counter() - start
     batch = len(next(iter(feed.values())))
     p50 = float(np.percentile(times, 50))
     return LatencyResult(
@@ -153,6 +172,7 @@ def time_runner(
         p99_ms=float(np.percentile(times, 99)) * 1e3,
         mean_ms=float(times.mean()) * 1e3,
         throughput=batch / p50,
+        other_cores=other.cores,
     )
 
 
@@ -317,13 +337,15 @@ def sweep_exits(
     batch_size: int = 1,
     warmup: int = 3,
     iterations: int | None = None,
+    default: Sequence[float] | None = None,
 ) -> list[SweepPoint]:
     """Accuracy, average MACs and latency of an active early-exit runner at each threshold in
-    ``values`` (every stage but the last gets it).
+    ``values`` (every stage but the last gets it), and at the bundle's ``default`` thresholds.
 
-    Latency is the mean call time over ``iterations`` calls cycling through ``images`` in
-    batches of ``batch_size`` (exits differ per sample, so the mean is what throughput follows).
-    Average MACs are what the decisions predict for ``staged`` (each sample up to its exit).
+    Latency is the mean call time over one pass through ``images`` in batches of
+    ``batch_size`` (the pass that gives the decisions), or over ``iterations`` calls cycling
+    through them (exits differ per sample, so the mean is what throughput follows). Average
+    MACs are what the decisions predict for ``staged`` (each sample up to its exit).
 
     Args:
         runner: an active runner taking ``input`` and ``exit_thresholds``.
@@ -334,35 +356,74 @@ def sweep_exits(
         batch_size: rows per call. Defaults to 1.
         warmup: untimed calls per setting. Defaults to 3.
         iterations: timed calls per setting. Defaults to one pass over ``images``.
+        default: one threshold per stage, measured as the ``"default"`` point. Defaults to none.
     """
     n_stages = len(macs_per_stage)
-    points = []
+    settings: list[tuple[str, np.ndarray]] = []
     for value in values:
         thresholds = np.full(n_stages, value, dtype=np.float32)
         thresholds[-1] = 0.0
+        settings.append((f"{value:g}", thresholds))
+    if default is not None:
+        settings.append(("default", np.asarray(default, dtype=np.float32).reshape(n_stages)))
+    points = []
+    for label, thresholds in settings:
         feeds = [{"input": images[i:i + batch_size], "exit_thresholds": thresholds} for i in range(0, len(images), batch_size)]
-        outputs = [runner.infer(feed) for feed in feeds]
+        for i in range(warmup):
+            runner.infer(feeds[i % len(feeds)], check_inputs=i > 0)
+        outputs, spent = [], 0.0
+        for feed in feeds:
+            started = time.perf_counter()
+            outputs.append(runner.infer(feed, check_inputs=False))
+            spent += time.perf_counter() - started
+        calls = len(feeds)
+        if iterations:
+            started = time.perf_counter()
+            for i in range(iterations):
+                runner.infer(feeds[i % len(feeds)], check_inputs=False)
+            spent, calls = time.perf_counter() - started, iterations
         stage = np.concatenate([o["exit_stage"] for o in outputs])
         logits = np.concatenate([o["logits"] for o in outputs])
-        for i in range(warmup):
-            runner.infer(feeds[i % len(feeds)], check_inputs=False)
-        calls = iterations or len(feeds)
-        started = time.perf_counter()
-        for i in range(calls):
-            runner.infer(feeds[i % len(feeds)], check_inputs=False)
         points.append(SweepPoint(
             thresholds=[float(t) for t in thresholds],
             exit_share_per_stage=[float((stage == j).mean()) for j in range(n_stages)],
             macs_average=exit_macs(macs_per_stage, stage, "ideal", 1),
             accuracy=float((logits.argmax(1) == labels).mean()) if labels is not None else None,
-            latency_ms=(time.perf_counter() - started) / calls * 1e3,
+            latency_ms=spent / calls * 1e3,
             batch_size=batch_size,
+            label=label,
+            default=label == "default",
+            samples=len(images),
         ))
     return points
 
 
 def plot_sweep(points: Sequence[SweepPoint], path: str | Path, title: str = "early-exit threshold sweep") -> Path:
-    """Draw a sweep (accuracy against average MACs, and against latency) as a PNG.
+    """Draw a sweep (``sweep_figure``) to a PNG at ``path``, written atomically.
+
+    Raises ``BackendUnavailableError`` when matplotlib is not installed.
+    """
+    from slimdeploy._optional import optional_import
+
+    pyplot = optional_import("matplotlib.pyplot", "draw the threshold sweep")
+    figure = sweep_figure(points, title)
+    out = Path(path)
+    try:
+        with atomic_output(out) as tmp:
+            figure.savefig(tmp, dpi=120, format="png")
+    finally:
+        pyplot.close(figure)
+    return out
+
+
+def sweep_figure(points: Sequence[SweepPoint], title: str = "early-exit threshold sweep") -> Any:
+    """A matplotlib figure of a sweep: accuracy against average MACs, and against latency.
+
+    The title says what was swept (pass the model), over how many samples and what one sample
+    is worth in accuracy; the bundle's default thresholds are a star of their own (in the
+    legend); threshold labels are written only where they do not overlap one already written
+    (the default's first); the accuracy axis spans at least ten samples (and 2 %), so that one
+    sample does not look like a trend.
 
     Raises ``BackendUnavailableError`` when matplotlib is not installed.
     """
@@ -371,23 +432,66 @@ def plot_sweep(points: Sequence[SweepPoint], path: str | Path, title: str = "ear
     matplotlib = optional_import("matplotlib", "draw the threshold sweep")
     matplotlib.use("Agg")
     pyplot = optional_import("matplotlib.pyplot", "draw the threshold sweep")
-    figure, (left, right) = pyplot.subplots(1, 2, figsize=(10, 4))
-    accuracy = [p.accuracy if p.accuracy is not None else float("nan") for p in points]
-    for axis, xs, label in ((left, [p.macs_average / 1e6 for p in points], "average MMACs per sample"),
-                            (right, [p.latency_ms for p in points], f"latency ms (batch {points[0].batch_size})")):
-        axis.plot(xs, accuracy, marker="o")
-        for x, y, p in zip(xs, accuracy, points):
-            axis.annotate(f"{p.thresholds[0]:.3g}", (x, y), fontsize=7)
+    ticker = optional_import("matplotlib.ticker", "draw the threshold sweep")
+    samples = max((p.samples for p in points), default=0)
+    figure, axes = pyplot.subplots(1, 2, figsize=(11, 4.5))
+    swept = [p for p in points if not p.default]
+    marked = [p for p in points if p.default]
+    accuracy = [_accuracy_or_nan(p) for p in points]
+    for axis, x_of, label in ((axes[0], lambda p: p.macs_average / 1e6, "average MMACs per sample"),
+                              (axes[1], lambda p: p.latency_ms, f"latency ms per call (batch {points[0].batch_size})")):
+        axis.plot([x_of(p) for p in swept], [_accuracy_or_nan(p) for p in swept], marker="o", label="one threshold for every exit")
+        for point in marked:
+            axis.plot([x_of(point)], [_accuracy_or_nan(point)], marker="*", markersize=14, linestyle="none", color="tab:red",
+                      label="the bundle's default thresholds")
         axis.set_xlabel(label)
         axis.set_ylabel("accuracy")
         axis.grid(True, alpha=0.3)
-    figure.suptitle(title)
+        _accuracy_limits(axis, accuracy, samples)
+        axis.yaxis.set_major_formatter(ticker.PercentFormatter(1.0))
+        # The default's label first: where labels would collide, it is the one kept.
+        _label_without_overlap(axis, [(x_of(p), _accuracy_or_nan(p), p.label) for p in [*marked, *swept]])
+    axes[0].legend(loc="lower right", fontsize=8)
+    counted = f"\n{samples} samples; one sample = {100 / samples:.2g} % accuracy" if samples else ""
+    figure.suptitle(f"{title}{counted}", fontsize=11)
     figure.tight_layout()
-    out = Path(path)
-    with atomic_output(out) as tmp:
-        figure.savefig(tmp, dpi=120, format="png")
-    pyplot.close(figure)
-    return out
+    return figure
+
+
+def _accuracy_or_nan(point: SweepPoint) -> float:
+    return point.accuracy if point.accuracy is not None else float("nan")
+
+
+def _accuracy_limits(axis: Any, accuracy: Sequence[float], samples: int) -> None:
+    """An accuracy axis at least ten samples (and 2 %) tall, inside [0, 1]."""
+    finite = [a for a in accuracy if np.isfinite(a)]
+    if not finite:
+        return
+    low, high = min(finite), max(finite)
+    span = max(high - low, 10 / samples if samples else 0.0, 0.02)
+    middle = (low + high) / 2
+    bottom = max(0.0, min(low, middle - span / 2) - 0.1 * span)
+    top = min(1.0 + 0.02 * span, max(high, bottom + span) + 0.1 * span)
+    axis.set_ylim(bottom, top)
+
+
+def _label_without_overlap(axis: Any, labelled: Sequence[tuple[float, float, str]], min_gap: float = 0.06) -> list[str]:
+    """Write each point's label beside it unless it would land within ``min_gap`` (a fraction
+    of the axes) of a label already written: close thresholds are left to the table. Returns
+    the labels written."""
+    to_axes = axis.transData + axis.transAxes.inverted()
+    placed: list[tuple[float, float]] = []
+    written = []
+    for x, y, text in labelled:
+        if not (np.isfinite(x) and np.isfinite(y)):
+            continue
+        ax_x, ax_y = to_axes.transform((x, y))
+        if any(abs(ax_x - px) < min_gap and abs(ax_y - py) < min_gap / 2 for px, py in placed):
+            continue
+        placed.append((ax_x, ax_y))
+        axis.annotate(text, (x, y), xytext=(4, 4), textcoords="offset points", fontsize=7)
+        written.append(text)
+    return written
 
 
 DEFAULT_SWEEP = (0.0, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 1.01)
@@ -426,6 +530,7 @@ def bench_bundle(
     progress: Callable[[str], None] | None = None,
     device: str = "cpu",
     sweep: Sequence[float] | None = None,
+    data: str | Path | None = None,
 ) -> BenchReport:
     """Benchmark a bundle on ONNX Runtime and, when possible, PyTorch eager.
 
@@ -443,7 +548,15 @@ def bench_bundle(
         device: where the bundle (and the baseline) run: ``"cpu"``/``"cuda"`` (ONNX Runtime) or
             ``"tensorrt"`` (the engines ``slimdeploy build`` made). Defaults to ``"cpu"``.
         sweep: early-exit bundles: thresholds to sweep (``sweep_exits``, at the first batch
-            size; max-softmax values, or entropies for the entropy rule). Defaults to none.
+            size; max-softmax values, or entropies for the entropy rule), and the bundle's
+            default thresholds. Defaults to none.
+        data: .npz (``input``, optional ``labels``) or .npy of inputs the sweep runs on.
+            Defaults to the whole digits held-out split for a bundle checked on digits (where
+            scikit-learn is installed), else the golden inputs (``sweep_inputs``).
+
+    Timings are flagged ``noisy`` (with a warning) when other processes kept more than
+    ``machine.NOISY_OTHER_CORES`` cores busy during any of them; a realised speed-up below the
+    predicted one gets a note on what the prediction leaves out (per-call and routing cost).
     """
     say = progress or (lambda _message: None)
     check_device(device)
@@ -459,6 +572,8 @@ def bench_bundle(
         raise BadInputError("--sweep applies to early-exit bundles (exit thresholds); this bundle has none | Fix: leave out --sweep")
     golden_input = bundle.golden()["input"]
     check_batch_memory(batch_sizes, golden_input[:1].nbytes)
+    # The sweep's inputs are read and checked before any timing.
+    sweep_images, sweep_labels, sweep_source = sweep_inputs(bundle, data) if sweep else (None, None, "")
     report = BenchReport(bundle=str(bundle.path), threads=threads)
     backend = "tensorrt" if device == "tensorrt" else "onnxruntime"
     runners: list[Runner] = [bundle_runner(bundle, device=device, threads=threads)]
@@ -489,6 +604,7 @@ def bench_bundle(
             for batch_size in batch_sizes:
                 say(f"{runner.name} at batch {batch_size}")
                 report.results.append(time_runner(runner, tiled_feed(bundle, batch_size), warmup, iterations))
+    _flag_other_load(report)
     by_key = {(r.runner, r.batch_size): r for r in report.results}
     main = runners[0].name
     for batch_size in batch_sizes:
@@ -510,8 +626,87 @@ def bench_bundle(
             report.exits = exit_stats(bundle, outputs, batch_sizes, golden.get("labels"))
             report.notes.append(f"exit shares and accuracy are over the {len(golden['input'])} golden inputs")
             if sweep:
-                say(f"threshold sweep over {len(sweep)} settings")
+                say(f"threshold sweep over {len(sweep)} settings and the default, on {len(sweep_images)} samples of {sweep_source}")
                 plan = bundle.manifest["exits"]
                 macs = [int(plan["macs"][f"stage{j}"]) for j in range(plan["n_stages"])]
-                report.sweep = sweep_exits(runner, golden["input"], golden.get("labels"), macs, sweep, batch_size=batch_sizes[0])
+                default = bundle.manifest["decisions"]["thresholds"]["exit_thresholds"]
+                with OtherLoad() as other:
+                    report.sweep = sweep_exits(runner, sweep_images, sweep_labels, macs, sweep, batch_size=batch_sizes[0],
+                                               default=default)
+                report.sweep_source = sweep_source
+                _flag_other_load(report, other.cores)
+    report.notes.extend(overhead_notes(bundle, report))
     return report
+
+
+def sweep_inputs(bundle: Bundle, data: str | Path | None) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """Inputs (and labels, where they mean something) for a threshold sweep, and their source:
+    ``data`` when given; else the whole digits held-out split at the bundle's preprocessing when
+    its parity ran on digits and scikit-learn is here (500 samples, not the golden few); else
+    the golden inputs. Checked like parity inputs (shapes, dtypes, finite, rows)."""
+    from slimdeploy.engines.base import check_feed
+    from slimdeploy.files import read_arrays
+    from slimdeploy.parity import check_rows
+
+    golden_info = bundle.manifest["golden"]
+    if data is not None:
+        arrays = read_arrays(data)
+        if "input" not in arrays:
+            raise BadInputError(f"'{data}' has no array 'input' (has {sorted(arrays)}) | Fix: save the inputs with "
+                                "np.savez(path, input=x, labels=y)")
+        images, labels, source = arrays["input"], arrays.get("labels"), Path(data).name
+    elif str(golden_info.get("source", "")).startswith("digits:heldout") and is_available("sklearn"):
+        from slimdeploy.data import digits_inputs
+
+        prep = bundle.manifest["preprocessing"]
+        images, labels = digits_inputs("heldout", tuple(prep["input_size"]), tuple(prep["mean"]), tuple(prep["std"]))
+        labels, source = labels if golden_info.get("labels") else None, "digits:heldout"
+    else:
+        golden = bundle.golden()
+        images, labels, source = golden["input"], golden.get("labels"), "golden"
+    check_feed({"input": images}, {"input": bundle.input_meta("input")})
+    check_rows({"input": images}, {}, labels, source=f"sweep inputs ({source})")
+    return np.ascontiguousarray(images), labels, source
+
+
+def _flag_other_load(report: BenchReport, cores: float | None = None) -> None:
+    """Fold the other load measured during the timings (and ``cores``) into the report, and warn
+    once when it is above ``NOISY_OTHER_CORES``."""
+    measured = [value for value in (*(r.other_cores for r in report.results), cores) if value is not None]
+    if not measured:
+        return
+    report.other_load_cores = max(measured)
+    if report.other_load_cores > NOISY_OTHER_CORES and not report.noisy:
+        report.noisy = True
+        report.warnings.append(
+            f"other processes kept up to {report.other_load_cores:.2f} cores busy while timing (above "
+            f"{NOISY_OTHER_CORES}): these figures shared the CPU, and ratios can be off by any factor | Fix: rerun "
+            "when the machine is idle"
+        )
+
+
+def overhead_notes(bundle: Bundle, report: BenchReport) -> list[str]:
+    """A note for every batch size where the realised speed-up over a ``mask`` baseline falls
+    short of the one the decisions predict: the prediction counts MACs only, not the cost per
+    call (one graph per piece for ``staged``) and the routing of rows between them, which
+    dominate at small batches and on small models."""
+    stats = report.decisions or report.exits
+    if stats is None:
+        return []
+    notes = []
+    graphs = len(bundle.manifest.get("graphs") or [])
+    for key, realised in report.speedups.items():
+        if not key.startswith("vs_baseline_mask_batch"):
+            continue
+        batch = key.rsplit("batch", 1)[1]
+        predicted = stats.predicted_speedup.get(batch)
+        if predicted is None or realised >= 0.9 * predicted:
+            continue
+        per_call = (f"runs {graphs} graphs per call and routes the rows between them on the host" if stats.form == "staged"
+                    else f"adds routing ({stats.form}) that the mask form does not")
+        notes.append(
+            f"realised {realised:.2f}x < predicted {predicted:.2f}x at batch {batch}: the prediction counts MACs only; "
+            f"this form {per_call}, a cost per call that dominates when a call computes little (small batches, small "
+            "models). Compare at a larger --batch to see the MACs saved"
+        )
+    return notes

@@ -68,6 +68,9 @@ SAFETENSORS_SUFFIX = ".safetensors"
 MAX_SIDE = 16_384
 MAX_CHANNELS = 4_096
 
+# The parts of ``Preprocessing``, each recorded with where it came from.
+PREPROCESSING_FIELDS = ("input_size", "mean", "std")
+
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 Side = Annotated[StrictInt, Field(ge=1, le=MAX_SIDE)]
 
@@ -128,6 +131,71 @@ class Preprocessing:
         mean, std = (CIFAR_MEAN, CIFAR_STD) if small else (IMAGENET_MEAN, IMAGENET_STD)
         return cls(tuple(input_size), mean, std)
 
+    def describe(self) -> str:
+        """``3x32x32, mean 0.491/0.482/0.447, std 0.247/0.243/0.262``: what the export prints."""
+        def values(numbers: tuple[float, ...]) -> str:
+            return "/".join(f"{v:.3g}" for v in numbers)
+
+        return f"{'x'.join(map(str, self.input_size))}, mean {values(self.mean)}, std {values(self.std)}"
+
+
+@dataclass(frozen=True)
+class PreprocessingChoice:
+    """The preprocessing an export or inspect uses, where each part came from
+    (``"checkpoint"``, ``"default"`` or ``"option"``: --input-size/--mean/--std), and notes."""
+
+    preprocessing: Preprocessing
+    sources: dict[str, str]
+    notes: tuple[str, ...] = ()
+
+
+def choose_preprocessing(loaded: LoadedModel, input_size: tuple[int, ...] | None = None,
+                         mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
+                         batch: int = 1) -> PreprocessingChoice:
+    """``loaded``'s preprocessing with the options given applied (validated ones: finite
+    means, positive stds, sizes in range; ``ExportOptions`` checks them).
+
+    Args:
+        loaded: the loaded checkpoint (its preprocessing, and where that came from).
+        input_size: (S,) a square side, (H, W), or (C, H, W). Defaults to the checkpoint's.
+        mean: one value per channel, or one for all. Defaults to the checkpoint's.
+        std: one value per channel, or one for all. Defaults to the checkpoint's.
+        batch: rows the model will run at once, for the memory check of a new input size.
+            Defaults to 1.
+
+    Raises:
+        BadInputError: a mean or std whose length is neither 1 nor the channel count.
+    """
+    from slimdeploy.errors import BadInputError
+
+    base, given = loaded.preprocessing, loaded.preprocessing_source
+    size = tuple(base.input_size)
+    if input_size:
+        size = (size[0], input_size[0], input_size[0]) if len(input_size) == 1 else (
+            (size[0], *input_size) if len(input_size) == 2 else tuple(input_size))
+    channels = size[0]
+
+    def per_channel(values: tuple[float, ...] | None, current: tuple[float, ...], option: str) -> tuple[float, ...]:
+        if not values:
+            return current if len(current) == channels else tuple([current[0]] * channels)
+        if len(values) not in (1, channels):
+            raise BadInputError(f"{option} takes one value or one per channel ({channels}), got {len(values)} | "
+                                f"Fix: e.g. {option} {','.join(['0.5'] * channels)}")
+        return tuple(float(v) for v in values) * (channels if len(values) == 1 else 1)
+
+    if input_size:
+        _check_runs_at(loaded, size, batch)
+    chosen = Preprocessing(size, per_channel(mean, base.mean, "--mean"), per_channel(std, base.std, "--std"))  # type: ignore[arg-type]
+    sources = {"input_size": "option" if input_size else given["input_size"],
+               "mean": "option" if mean else given["mean"], "std": "option" if std else given["std"]}
+    notes = []
+    defaulted = [name for name in ("mean", "std") if sources[name] == "default"]
+    if defaulted:
+        which = "CIFAR" if base.mean == CIFAR_MEAN else "ImageNet"
+        notes.append(f"'{Path(loaded.source).name}' records no normalisation: using the {which} {'/'.join(defaulted)} "
+                     f"({chosen.describe()}) | Fix: pass --mean and --std (and --input-size) as the model was trained")
+    return PreprocessingChoice(chosen, sources, tuple(notes))
+
 
 @dataclass
 class LoadedModel:
@@ -143,6 +211,33 @@ class LoadedModel:
     # Sizes read on the meta device before building (``limits.ModelEstimate``); None for a
     # pickled module.
     estimate: Any = None
+    # Where each part of ``preprocessing`` (input_size, mean, std) came from: "checkpoint"
+    # (slimdeploy's format records it), "default" (a foreign checkpoint: CIFAR or ImageNet
+    # statistics by input size) or "option" (``choose_preprocessing``).
+    preprocessing_source: dict[str, str] = field(default_factory=lambda: dict.fromkeys(PREPROCESSING_FIELDS, "default"))
+
+
+def _check_runs_at(loaded: LoadedModel, size: tuple[int, ...], batch: int) -> None:
+    """``BadInputError`` unless ``loaded``'s model fits this machine at ``size`` and ``batch``
+    rows (sized on the meta device first) and runs one zero image of that size."""
+    import torch
+
+    from slimdeploy.errors import BadInputError
+    from slimdeploy.models.registry import find_arch
+
+    info = find_arch(loaded.arch)
+    if info is not None:
+        _, estimate = estimate_model(lambda: info.build(**loaded.arch_args), size)
+        check_model_fits(estimate, loaded.arch, batch=batch)
+    try:
+        with torch.inference_mode():
+            loaded.module(torch.zeros(1, *size))
+    except Exception as exc:  # a size the layers cannot take: shape errors of every kind
+        first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise BadInputError(
+            f"--input-size {'x'.join(map(str, size))}: '{loaded.arch}' cannot run on inputs of this size ({first}) "
+            f"| Fix: pass the size the model was trained at (C,H,W, e.g. {','.join(map(str, loaded.preprocessing.input_size))})"
+        ) from None
 
 
 def save_checkpoint(
@@ -333,10 +428,7 @@ def load_checkpoint(
     named_arch = own.arch if own is not None else _named_arch(obj)
     name = arch or named_arch
     if not name:
-        raise ArchitectureError(
-            f"'{path}' does not say which architecture it holds | Fix: pass --arch NAME "
-            "(slimdeploy zoo list shows the names)"
-        )
+        raise _no_arch_error(path, state_dict)
     info = get_arch(name)
     notes: list[str] = []
     if not own_format and isinstance(obj.get("state_dict_ema"), Mapping) and obj["state_dict_ema"]:
@@ -367,7 +459,25 @@ def load_checkpoint(
     else:
         preprocessing = Preprocessing.default_for(size)  # type: ignore[arg-type]
     meta = dict(own.meta) if own is not None else {}
-    return LoadedModel(module, info.name, args, preprocessing, source, meta, notes, estimate)
+    recorded = "checkpoint" if own is not None and own.preprocessing is not None else "default"
+    return LoadedModel(module, info.name, args, preprocessing, source, meta, notes, estimate,
+                       dict.fromkeys(PREPROCESSING_FIELDS, recorded))
+
+
+def _no_arch_error(path: str | Path, state_dict: Mapping[str, Any]) -> ArchitectureError:
+    """The error for a checkpoint that names no architecture, naming those its keys point to."""
+    from slimdeploy.models.suggest import suggest_archs
+
+    names = suggest_archs(_strip_prefix(dict(state_dict))[0])
+    if not names:
+        return ArchitectureError(
+            f"'{path}' does not say which architecture it holds, and its keys match none registered | Fix: pass "
+            "--arch NAME (slimdeploy zoo list shows the names)"
+        )
+    others = f" (its keys fit {', '.join(names[1:])} as well)" if len(names) > 1 else ""
+    return ArchitectureError(
+        f"'{path}' does not say which architecture it holds; its keys match {names[0]}{others} | Fix: pass --arch {names[0]}"
+    )
 
 
 def _own_fields(obj: Mapping[str, Any], path: str | Path) -> OwnCheckpoint:

@@ -551,6 +551,7 @@ def check_parity(
     criteria = _checked_criteria(DEFAULT_CRITERIA.get(precision, {}) if criteria is None else criteria)
     started = time.perf_counter()
     samples = check_rows(feed, reference, labels, batch_inputs)
+    batch_sizes = capped_batch_sizes(batch_sizes, samples)
     report = ParityReport(
         reference=reference_name,
         candidate=runner.name,
@@ -610,6 +611,17 @@ def check_parity(
             report.failures.append(f"top-1 agreement {report.task.top1_agreement:.2%} is below {least:.0%}")
     report.seconds = time.perf_counter() - started
     return report
+
+
+def capped_batch_sizes(batch_sizes: Sequence[int], samples: int) -> list[int]:
+    """``batch_sizes`` capped at ``samples`` (a batch of 16 over 8 samples runs as one batch of
+    8, and is reported so), each once, in the order given."""
+    capped: list[int] = []
+    for size in batch_sizes:
+        size = min(int(size), max(samples, 1))
+        if size not in capped:
+            capped.append(size)
+    return capped
 
 
 def _checked_criteria(criteria: Mapping[str, Any]) -> dict[str, float]:

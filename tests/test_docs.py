@@ -261,3 +261,34 @@ def test_the_outside_path_check_finds_each_kind(tmp_path: Path) -> None:
         "tests/bad.py:2: /" + "work/",
         "tests/bad.py:3: REPO." + "parent",
     ])
+
+
+def bash_blocks(doc: Path) -> list[list[str]]:
+    """The lines of each ``bash``/``sh`` fenced block of a Markdown document."""
+    pieces = re.split(r"^```", doc.read_text(), flags=re.M)
+    return [piece.partition("\n")[2].splitlines() for i, piece in enumerate(pieces)
+            if i % 2 and piece.partition("\n")[0].strip() in ("bash", "sh")]
+
+
+def test_readme_examples_use_shipped_models_write_under_bundles_and_name_their_extras() -> None:
+    """Every command of the README's examples runs as written after the README's install: a
+    ``zoo:`` checkpoint it names is shipped, what it writes goes under ``bundles/`` (never into
+    the repository root), and a command that needs an extra has the extra's install beside it."""
+    from slimdeploy.zoo import zoo_checkpoint_path
+
+    extras = {"--plot": "[plot]"}
+    problems = []
+    for block in bash_blocks(REPO / "README.md"):
+        for number, line in enumerate(block):
+            if "slimdeploy " not in line:
+                continue
+            for name in re.findall(r"zoo:(\w+)", line):
+                if not zoo_checkpoint_path(name).is_file():
+                    problems.append(f"{line!r} names zoo:{name}, which is not shipped")
+            for option, path in re.findall(r"(--out|--plot|--json|--junit) (\S+)", line):
+                if path != "-" and not path.startswith("bundles/"):
+                    problems.append(f"{line!r} writes {option} {path} outside bundles/")
+            for option, extra in extras.items():
+                if option in line and not any("pip install" in before and extra in before for before in block[:number]):
+                    problems.append(f"{line!r} needs the {extra} extra and its block does not install it first")
+    assert not problems, "; ".join(problems)

@@ -65,6 +65,11 @@ def test_check_run_and_threshold_of_staged_bundle(tmp_path: Path, staged_bundle:
     reference = torch.load(KIT / "ref_outputs.pt", weights_only=True)
     np.testing.assert_array_equal(default["gates"].T, reference["executed"].numpy().astype(np.uint8))
     assert strict["gates"].sum() < default["gates"].sum()  # a stricter threshold skips more
+    # --gate-threshold is the same threshold as an option.
+    result = run_cli("run", str(staged_bundle), "--inputs", str(tmp_path / "default.npz"), "--out",
+                     str(tmp_path / "option_out.npz"), "--gate-threshold", "0.9")
+    assert result.returncode == 0, result.stderr
+    np.testing.assert_array_equal(np.load(tmp_path / "option_out.npz")["gates"], strict["gates"])
 
 
 @pytest.mark.slow

@@ -19,6 +19,7 @@ from torch.nn import functional
 
 from slimdeploy.errors import ArchitectureError, DuplicateRegistrationError
 from slimdeploy.models import get_arch, list_models, register_model
+from slimdeploy.models.suggest import fingerprint, stored_fingerprints
 from slimdeploy.nn import DepthwiseSeparable, SPConv3x3
 
 # Keep the sweep fast: builders that take a `resolution` are built at this size, and the
@@ -123,8 +124,12 @@ def test_every_architecture_runs(name: str) -> None:
     info = get_arch(name)
     model, (channels, height, width) = _fast_build(name)
     # The module's input_size at default arguments must agree with the registry.
-    default_model_size = getattr(info.build(), "input_size", info.input_size)
+    default_model = info.build()
+    default_model_size = getattr(default_model, "input_size", info.input_size)
     assert tuple(default_model_size) == tuple(info.input_size)
+    # Its key fingerprint is the one stored for suggesting --arch from a checkpoint's keys.
+    assert fingerprint(default_model.state_dict()) == stored_fingerprints().get(name), (
+        f"{name}'s keys changed: rebuild slimdeploy/models/key_patterns.json (slimdeploy.models.suggest.write_fingerprints)")
 
     x = torch.randn(3, channels, height, width)
     with torch.no_grad():

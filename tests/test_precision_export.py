@@ -42,6 +42,16 @@ def test_int8_bundle_passes_check_and_its_ranges_are_reused(tmp_path: Path) -> N
         full = {m: choice["candidates"][m]["logits_error"] for m in ("MinMax", "Percentile")}
         assert choice["chosen"] == min(full, key=full.get) and calibration["op_types"] == "all"
     assert "U8S8" in result.stdout and f"calibrated with {calibration['method']} on 60 samples" in result.stdout
+    # What decided the verdict is shown; ONNX Runtime's calibration prints and NumPy's warnings are not.
+    assert "parity PASSED on the int8 criteria: top-1 agreement >= 97 %" in result.stdout
+    for chatter in ("Collecting tensor data", "histogram", "RuntimeWarning", "invalid value encountered"):
+        assert chatter not in result.stdout + result.stderr, chatter
+    # Its TensorRT lint: one screen, and the fix is the TensorRT export, not quantize_static by hand.
+    lint = run_cli("lint", str(bundle), env={"COLUMNS": "100"})
+    assert lint.returncode == 1 and "Traceback" not in lint.stderr
+    assert len(lint.stdout.splitlines()) <= 40 and "quantize_static" not in lint.stdout
+    assert f"--precision int8 --target trt --calib {bundle}/calibration.json" in lint.stdout
+    assert "ONNX Runtime INT8 bundle" in lint.stdout
     assert manifest["precision"] == "int8" and calibration["source"] == "digits:calib[:60]"
     assert calibration["size"] == 60 and calibration["synthetic"] is False
     assert calibration["vs_fp32"]["top1"] >= 0.95

@@ -54,21 +54,45 @@ def test_run_with_other_thresholds_and_bad_shape(bundles: dict[str, Path], tmp_p
     np.savez(feed, input=golden["input"], exit_thresholds=np.array([0.5, 0.5], np.float32))
     result = run_cli("run", str(bundles["if"]), "--inputs", str(feed), "--out", str(tmp_path / "bad.npz"))
     assert_clean_error(result, 2, "exit_thresholds")
+    # The thresholds as an option (over the file's), and float64 inputs cast with a note.
+    np.savez(feed, input=golden["input"].astype(np.float64))
+    result = run_cli("run", str(bundles["staged"]), "--inputs", str(feed), "--out", str(tmp_path / "opt.npz"),
+                     "--exit-thresholds", "1.5,1.5,0")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (np.load(tmp_path / "opt.npz")["exit_stage"] == 2).all()
+    assert "note: cast 'input' from float64 to float32" in result.stderr
+    wrong = run_cli("run", str(bundles["staged"]), "--inputs", str(feed), "--out", str(tmp_path / "no.npz"),
+                    "--exit-thresholds", "0.5,0.5")
+    assert_clean_error(wrong, 2, "--exit-thresholds takes 3 value(s)")
 
 
 @pytest.mark.slow
 def test_bench_sweep(bundles: dict[str, Path], tmp_path: Path) -> None:
     report_path = tmp_path / "bench.json"
     result = run_cli("bench", str(bundles["staged"]), "--no-torch", "--batch", "1,8", "--warmup", "1", "--iterations", "3",
-                     "--sweep", "0.5,0.99,1.01", "--json", str(report_path))
+                     "--sweep", "0.5,0.99,1.01", "--json", str(report_path), "--plot", str(tmp_path / "sweep.png"))
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(report_path.read_text())
     exits = report["exits"]
     assert sum(exits["exit_share_per_stage"]) == pytest.approx(1.0)
     assert exits["macs_ideal"] < exits["macs_mask"] == sum(exits["macs_per_stage"])
     sweep = report["sweep"]
-    assert [p["thresholds"][0] for p in sweep] == pytest.approx([0.5, 0.99, 1.01])
-    assert sweep[-1]["exit_share_per_stage"] == [0.0, 0.0, 1.0] and sweep[-1]["macs_average"] == exits["macs_mask"]
-    assert sweep[0]["macs_average"] <= sweep[1]["macs_average"] <= sweep[2]["macs_average"]
+    swept, (default,) = sweep[:-1], sweep[-1:]
+    assert [p["thresholds"][0] for p in swept] == pytest.approx([0.5, 0.99, 1.01])
+    assert swept[-1]["exit_share_per_stage"] == [0.0, 0.0, 1.0] and swept[-1]["macs_average"] == exits["macs_mask"]
+    assert swept[0]["macs_average"] <= swept[1]["macs_average"] <= swept[2]["macs_average"]
+    # Over the whole held-out split, not the 32 golden samples, with the bundle's own thresholds marked.
+    manifest = json.loads((bundles["staged"] / "manifest.json").read_text())
+    assert report["sweep_source"] == "digits:heldout" and {p["samples"] for p in sweep} == {500}
+    assert default["default"] and default["thresholds"] == pytest.approx(manifest["decisions"]["thresholds"]["exit_thresholds"])
+    assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    # --data gives the sweep's inputs (and labels).
+    golden = np.load(bundles["staged"] / "golden.npz")
+    np.savez(tmp_path / "mine.npz", input=golden["input"][:20], labels=golden["labels"][:20])
+    mine = run_cli("bench", str(bundles["staged"]), "--no-torch", "--batch", "1", "--warmup", "1", "--iterations", "2",
+                   "--sweep", "0.9", "--data", str(tmp_path / "mine.npz"), "--json", "-")
+    assert mine.returncode == 0, mine.stderr
+    report = json.loads(mine.stdout)
+    assert report["sweep_source"] == "mine.npz" and [p["samples"] for p in report["sweep"]] == [20, 20]
     gated = run_cli("bench", str(bundles["staged"]), "--plot", str(tmp_path / "x.png"))
     assert_clean_error(gated, 2, "--sweep")

@@ -212,7 +212,13 @@ def test_build_without_tensorrt_exits_3(tmp_path: Path, static_trt_bundle: Path)
     result = run_cli("build", str(bundle), env={"PYTHONPATH": f"{site}:{REPO}"})
     assert_clean_error(result, 3, "tensorrt", "pip install 'slimdeploy[trt]'", "comes with JetPack")
     assert (bundle / "manifest.json").read_text() == before and not (bundle / "trt").exists()
-    result = run_cli("check", str(bundle), "--device", "tensorrt")
+    # Checking engines needs TensorRT first: without it, that is what the error says (exit 3),
+    # not "build them on this machine", which would fail the same way.
+    result = run_cli("check", str(bundle), "--device", "tensorrt", env={"PYTHONPATH": f"{site}:{REPO}"})
+    assert_clean_error(result, 3, "TensorRT is not installed here", "it holds no engines yet")
+    assert "build them on this machine" not in result.stderr
+    # With TensorRT (the stand-in) and no engines yet, the fix is to build them.
+    result = run_cli("check", str(bundle), "--device", "tensorrt", env=FAKE_ENV)
     assert_clean_error(result, 2, "no TensorRT engines", "slimdeploy build")
 
 

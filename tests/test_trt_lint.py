@@ -589,6 +589,8 @@ def test_demo_bundles(demo_bundles: dict, name: str, form: str | None) -> None:
         # Flagged per the facts: NonZero needs an IOutputAllocator and rules out CUDA graphs.
         assert rules == {"data-dependent-shape"}
         assert all("staged" in f.fix for f in report.findings)
+        # One per gated block, all saying the same: read as one group with its count.
+        assert [(g.rule, g.count) for g in report.groups()] == [("data-dependent-shape", len(report.findings))]
     else:
         assert report.findings == []
     # The same holds for the oldest target, where the 10.1 matrix applies; a target newer than

@@ -28,10 +28,20 @@ def bundle_runner(bundle: Bundle, device: str = "cpu", threads: int = 0, replay:
     graphs: dict[str, Path] = {graph["name"]: bundle.file(graph["file"]) for graph in bundle.graphs}
     backend, batch_range = "onnxruntime", None
     if device == TENSORRT:
-        from slimdeploy.engines.trt_build import engine_batch_range
+        from slimdeploy.engines.trt_build import engine_batch_range, is_available
 
         build = manifest.get("trt") or {}
         engines = build.get("engines")
+        if not is_available():  # say so first: building engines here would fail the same way
+            from slimdeploy._optional import INSTALL_HINTS
+            from slimdeploy.errors import BackendUnavailableError
+
+            held = f"it holds {len(engines)} engine(s) built elsewhere" if engines else "it holds no engines yet"
+            raise BackendUnavailableError(
+                f"--device tensorrt: TensorRT is not installed here ({held}) | Note: engines run, and are built, on "
+                f"the GPU machine they are for | Fix: run this on that machine (slimdeploy build {bundle.path} first if "
+                f"needed), check the ONNX graphs here without --device, or install TensorRT: {INSTALL_HINTS['tensorrt']}"
+            )
         if not engines:
             raise BundleError(
                 f"bundle '{bundle.path}' has no TensorRT engines | Fix: build them on this machine with "

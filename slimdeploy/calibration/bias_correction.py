@@ -245,7 +245,15 @@ def _representable(bias: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
     """The bias as the graph will hold it: FP32, or rounded to its INT32 grid."""
     if scale is None:
         return bias.astype(np.float32)
-    return (np.clip(np.round(bias / scale), INT32.min, INT32.max) * scale).astype(np.float32)
+    return (_int32_steps(bias, scale) * scale).astype(np.float32)
+
+
+def _int32_steps(bias: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """``bias`` in steps of ``scale``, rounded and clipped to INT32. A channel whose scale is 0
+    (all its weights 0, so its input scale times 0) holds 0: dividing by it would give NaN."""
+    bias, scale = np.broadcast_arrays(np.asarray(bias, dtype=np.float64), np.asarray(scale, dtype=np.float64))
+    steps = np.divide(bias, scale, out=np.zeros(bias.shape), where=scale > 0)
+    return np.clip(np.round(steps), INT32.min, INT32.max)
 
 
 def _probe(model: onnx.ModelProto, layers: Sequence[_Layer]) -> onnx.ModelProto:
@@ -307,5 +315,5 @@ def _write_biases(model: onnx.ModelProto, layers: Sequence[_Layer]) -> None:
         if layer.scale is None:
             value = layer.bias.astype(np.float32)
         else:
-            value = np.clip(np.round(layer.bias.astype(np.float64) / layer.scale), INT32.min, INT32.max).astype(np.int32)
+            value = _int32_steps(layer.bias, layer.scale).astype(np.int32)
         inits[layer.initializer].CopyFrom(numpy_helper.from_array(value.reshape(numpy_helper.to_array(inits[layer.initializer]).shape), layer.initializer))

@@ -13,10 +13,11 @@ TensorRT), so a bundle for the other target is made from the record without reca
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
-import sys
 import tempfile
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,12 +155,16 @@ def _scalar(value: Any) -> float:
 
 @contextlib.contextmanager
 def quiet_quantizer() -> Iterator[None]:
-    """Silence ONNX Runtime's quantization warnings (per-tensor chatter) for a block, and send
-    the histogram calibrators' prints to stderr: stdout carries results (``--json -``)."""
+    """Silence ONNX Runtime's quantization tools for a block: their warnings (per-tensor
+    chatter), the histogram calibrators' prints ("Collecting tensor data and making histogram
+    ...") and the NumPy RuntimeWarnings their statistics raise on tensors that are constant
+    over the data (calibrate.py: "invalid value encountered in divide"). None of it is for the
+    user: what matters is in the export's own progress and notes; stdout carries results."""
     level = logging.root.manager.disable
     logging.disable(logging.WARNING)
     try:
-        with contextlib.redirect_stdout(sys.stderr):
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore", RuntimeWarning)
             yield
     finally:
         logging.disable(level)

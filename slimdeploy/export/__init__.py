@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +87,7 @@ def export(checkpoint: str | Path, out: str | Path, options: ExportOptions | Non
     from slimdeploy.exporters.forms import export_graphs
     from slimdeploy.held_out import REFERENCE_BATCH, held_out_samples
     from slimdeploy.limits import check_model_fits
-    from slimdeploy.loading import load_checkpoint
+    from slimdeploy.loading import choose_preprocessing, load_checkpoint
     from slimdeploy.models import find_arch
     from slimdeploy.recipes import recipe_for
     from slimdeploy.transforms.deploy import deploy_model
@@ -96,6 +96,11 @@ def export(checkpoint: str | Path, out: str | Path, options: ExportOptions | Non
     loaded = load_checkpoint(checkpoint, arch=options.arch, arch_args=options.arch_args, trust_pickle=options.trust_pickle)
     if loaded.estimate is not None:  # the reference runs REFERENCE_BATCH rows at a time
         check_model_fits(loaded.estimate, loaded.arch, batch=max(REFERENCE_BATCH, *options.batch_sizes))
+    # --input-size/--mean/--std over what the checkpoint records (or the defaults), noted.
+    choice = choose_preprocessing(loaded, options.input_size, options.mean, options.std,
+                                  batch=max(REFERENCE_BATCH, *options.batch_sizes))
+    loaded = replace(loaded, preprocessing=choice.preprocessing, preprocessing_source=choice.sources,
+                     notes=[*loaded.notes, *choice.notes])
     info = find_arch(loaded.arch)
     recipe = recipe_for(info.family if info else None)
     form = recipe.choose_form(options.dynamic, options.target)

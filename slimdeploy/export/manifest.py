@@ -76,7 +76,8 @@ def bundle_contents(out: Path, deployed: DeployedModel, held_out: HeldOut, check
             "graph_macs": deployed.graph_macs,
             "meta": loaded.meta,
         },
-        "preprocessing": loaded.preprocessing.to_dict(),
+        # What the inputs must be, and where each part came from (checkpoint, default, option).
+        "preprocessing": {**loaded.preprocessing.to_dict(), "source": dict(loaded.preprocessing_source)},
         "target": options.target,
         "dynamic": exported.form,
         "precision": options.precision,
@@ -97,7 +98,7 @@ def bundle_contents(out: Path, deployed: DeployedModel, held_out: HeldOut, check
         **deployed.recipe.plan_fields(exported.plan),
         "stages": list(exported.graphs) if exported.form == "staged" else [],
         "golden": {
-            "file": GOLDEN, "samples": len(held_out.inputs), "batch_sizes": list(options.batch_sizes),
+            "file": GOLDEN, "samples": len(held_out.inputs), "batch_sizes": list(report.batch_sizes),
             "source": held_out.source, "labels": held_out.labels is not None, "reference": "torch",
         },
         "tolerances": report.tolerances,

@@ -70,6 +70,12 @@ class ExportOptions:
             (decision heads stay FP32).
         bias_correction: INT8: shift each quantized Conv/Gemm's bias by its mean output error
             per channel against FP32 on the calibration images. Defaults to True.
+        input_size: the image input's size: (S,) a square side, (H, W), or (C, H, W). Defaults
+            to the checkpoint's (slimdeploy's format records it; otherwise the architecture's).
+        mean: per-channel mean subtracted after scaling pixels to [0, 1], one value per channel
+            or one for all. Defaults to the checkpoint's; a foreign checkpoint gets the CIFAR
+            statistics (inputs of 64 pixels or less) or ImageNet's, with a note.
+        std: per-channel std divided by, as ``mean``. Defaults as ``mean``.
     """
 
     arch: str | None = None
@@ -95,6 +101,9 @@ class ExportOptions:
     calib_method: str = AUTO_CALIB
     quantize_decisions: bool = False
     bias_correction: bool = True
+    input_size: Sequence[int] | None = None
+    mean: Sequence[float] | None = None
+    std: Sequence[float] | None = None
 
     def __post_init__(self) -> None:
         from slimdeploy.calibration import check_precision
@@ -110,6 +119,8 @@ class ExportOptions:
             from slimdeploy.calibration.ranges import check_method
 
             check_method(self.calib_method)
+        for name, value in (("input_size", self.input_size), ("mean", self.mean), ("std", self.std)):
+            object.__setattr__(self, name, check_preprocessing_option(name, value))
         # Own copies, so that the caller's containers cannot change a frozen value.
         object.__setattr__(self, "arch_args", dict(self.arch_args or {}))
         object.__setattr__(self, "batch_sizes", tuple(self.batch_sizes))
@@ -129,3 +140,30 @@ class ExportOptions:
         if self.samples is not None:
             return self.samples
         return DEFAULT_SAMPLES if self.precision == "fp32" else DEFAULT_SAMPLES_REDUCED
+
+
+def check_preprocessing_option(name: str, value: Sequence[Any] | None) -> tuple[Any, ...] | None:
+    """``--input-size`` (1 to 3 whole sizes from 1 to ``loading.MAX_SIDE``; channels up to
+    ``loading.MAX_CHANNELS``), ``--mean`` (finite numbers) or ``--std`` (finite numbers above
+    0), as a tuple; None when not given. ``BadInputError`` naming the option otherwise."""
+    import math
+
+    from slimdeploy.loading import MAX_CHANNELS, MAX_SIDE
+
+    if value is None:
+        return None
+    flag = f"--{name.replace('_', '-')}"
+    values = tuple(value)
+    if name == "input_size":
+        ok = 1 <= len(values) <= 3 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values)
+        limits = [MAX_CHANNELS, MAX_SIDE, MAX_SIDE][3 - len(values):] if ok else []
+        if not ok or any(v > limit for v, limit in zip(values, limits)):
+            raise BadInputError(f"{flag} {list(values)}: expected C,H,W (or H,W, or one side), whole numbers from 1, sides up to "
+                                f"{MAX_SIDE:,} and channels up to {MAX_CHANNELS:,} | Fix: e.g. {flag} 3,224,224")
+        return values
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+    if not values or not numbers or (name == "std" and any(v <= 0 for v in values)):
+        rule = "finite numbers above 0" if name == "std" else "finite numbers"
+        raise BadInputError(f"{flag} {list(values)}: expected {rule}, one per channel or one for all | Fix: e.g. "
+                            f"{flag} {'0.229,0.224,0.225' if name == 'std' else '0.485,0.456,0.406'}")
+    return tuple(float(v) for v in values)

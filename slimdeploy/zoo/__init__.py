@@ -194,8 +194,9 @@ def zoo_checkpoint_path(name: str) -> Path:
 
 
 def zoo_listing(notes: list[str] | None = None) -> list[dict[str, Any]]:
-    """Rows for ``slimdeploy zoo list``: every registered architecture, then every shipped
-    checkpoint, each a dict with the keys of ``LISTING_KEYS`` (docs/design.md §8).
+    """Rows for ``slimdeploy zoo list``: every shipped checkpoint, then every registered
+    architecture by family (families and names in alphabetical order), each a dict with the
+    keys of ``LISTING_KEYS`` (docs/design.md §8).
 
     ``kind`` is ``"architecture"`` or ``"checkpoint"``; ``checkpoint`` is the absolute path of
     the shipped file, or ``None`` for an architecture. Without torch the architectures are left
@@ -217,7 +218,7 @@ def zoo_listing(notes: list[str] | None = None) -> list[dict[str, Any]]:
             if notes is not None:
                 first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
                 notes.append(f"architectures not listed: torch is installed but cannot be imported ({first})")
-        for arch_name in names:
+        for arch_name in sorted(names, key=lambda name: (get_arch(name).family, name)):
             info = get_arch(arch_name)
             archs[arch_name] = info
             rows.append({
@@ -235,9 +236,10 @@ def zoo_listing(notes: list[str] | None = None) -> list[dict[str, Any]]:
                 "description": info.description,
                 "metrics": None,
             })
+    checkpoints = []
     for entry in list_zoo():
         info = archs.get(entry.arch)
-        rows.append({
+        checkpoints.append({
             "name": entry.name,
             "kind": "checkpoint",
             "arch": entry.arch,
@@ -252,7 +254,7 @@ def zoo_listing(notes: list[str] | None = None) -> list[dict[str, Any]]:
             "description": entry.description,
             "metrics": dict(entry.metrics),
         })
-    return rows
+    return [*checkpoints, *rows]
 
 
 __all__ = [

@@ -136,7 +136,33 @@ def lint_path(path: str | Path, trt_version: str | None = None) -> LintReport:
     if version_notes:
         version_notes[0].graph = ""
         report.findings = [f for f in report.findings if f.rule != "trt-version" or f is version_notes[0]]
+    _fix_for_target(report, bundle.manifest, path)
     return report
+
+
+# Rules an ONNX Runtime INT8 bundle breaks by design: its U8S8 form (unsigned activations,
+# zero points not 0, INT32 biases) is what ONNX Runtime's kernels want, not TensorRT's S8S8.
+ORT_INT8_RULES = frozenset({"qdq-zero-point", "qdq-type", "qdq-scale", "int8-outside-qdq", "uint8-tensor"})
+
+
+def _fix_for_target(report: LintReport, manifest: Mapping[str, Any], path: Path) -> None:
+    """Fixes that fit what the bundle is: an ONNX Runtime INT8 bundle is not repaired by hand
+    but re-exported in TensorRT's form (its calibration ranges reused); a note says so."""
+    if manifest.get("target") != "ort" or not report.findings:
+        return
+    source = (manifest.get("model") or {}).get("source") or "CHECKPOINT"
+    if manifest.get("precision") == "int8":
+        reexport = (f"re-export with --target trt, TensorRT's INT8 form (S8S8), reusing this bundle's calibration "
+                    f"ranges: slimdeploy export {source} --precision int8 --target trt --calib {path}/calibration.json")
+        for finding in report.findings:
+            if finding.rule in ORT_INT8_RULES:
+                finding.fix = reexport
+        report.notes.append(f"'{path}' is an ONNX Runtime INT8 bundle (--target ort: U8S8, what ONNX Runtime's kernels "
+                            "run fast); TensorRT parses only symmetric signed INT8, so its quantization findings are "
+                            "expected: re-export it with --target trt rather than edit the graph")
+    else:
+        report.notes.append(f"'{path}' was exported for ONNX Runtime (--target ort) | Fix: for TensorRT, re-export "
+                            f"with --target trt (slimdeploy export {source} --target trt), which also lints every graph")
 
 
 def lint_graphs(graphs: Mapping[str, onnx.ModelProto]) -> dict[str, Any]:

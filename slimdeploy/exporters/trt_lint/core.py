@@ -7,6 +7,7 @@ model on all its scopes.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -55,6 +56,8 @@ class LintReport:
         findings: errors and warnings, in rule order per graph.
         matrix: the operator matrix applied (``"10.15"`` or ``"10.1"``). Defaults to "".
         graphs: the graphs linted (names). Defaults to [].
+        notes: what the findings mean for this target (an ONNX Runtime bundle linted for
+            TensorRT). Defaults to [].
     """
 
     target: str
@@ -62,6 +65,7 @@ class LintReport:
     findings: list[Finding] = field(default_factory=list)
     matrix: str = ""
     graphs: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def errors(self) -> list[Finding]:
@@ -79,12 +83,64 @@ class LintReport:
     def __bool__(self) -> bool:
         return self.passed
 
+    def groups(self) -> list[FindingGroup]:
+        """The findings grouped (``group_findings``): what a person reads first."""
+        return group_findings(self.findings)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "target": self.target, "trt_version": self.trt_version, "matrix": self.matrix,
             "graphs": list(self.graphs), "passed": self.passed, "errors": len(self.errors),
-            "warnings": len(self.warnings), "findings": [f.to_dict() for f in self.findings],
+            "warnings": len(self.warnings), "notes": list(self.notes),
+            "groups": [group.to_dict() for group in self.groups()],
+            "findings": [f.to_dict() for f in self.findings],
         }
+
+
+# What differs between findings of the same kind: the names of tensors and nodes (quoted), and
+# counts and values. Masked, the messages of one kind read the same.
+_QUOTED = re.compile(r"'[^']*'")
+_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+
+
+@dataclass
+class FindingGroup:
+    """Findings that say the same thing about different nodes: one rule, severity and fix, and
+    the same message but for names and numbers.
+
+    Attributes:
+        severity, rule, fix: shared by every finding of the group.
+        count: how many findings.
+        graphs: the graphs they are in, in order of first appearance.
+        first: the first finding (its message and node stand for the group).
+    """
+
+    severity: str
+    rule: str
+    fix: str
+    count: int
+    graphs: list[str]
+    first: Finding
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"severity": self.severity, "rule": self.rule, "count": self.count, "graphs": list(self.graphs),
+                "message": self.first.message, "node": self.first.node, "fix": self.fix}
+
+
+def group_findings(findings: Iterable[Finding]) -> list[FindingGroup]:
+    """Identical findings (same severity, rule, fix, and message once names and numbers are
+    masked) as one group with a count; errors first, then in order of first appearance."""
+    groups: dict[tuple[str, str, str, str], FindingGroup] = {}
+    for finding in findings:
+        key = (finding.severity, finding.rule, finding.fix, _NUMBER.sub("#", _QUOTED.sub("'…'", finding.message)))
+        group = groups.get(key)
+        if group is None:
+            groups[key] = FindingGroup(finding.severity, finding.rule, finding.fix, 1, [finding.graph], finding)
+            continue
+        group.count += 1
+        if finding.graph not in group.graphs:
+            group.graphs.append(finding.graph)
+    return sorted(groups.values(), key=lambda group: group.severity != ERROR)
 
 
 @dataclass
