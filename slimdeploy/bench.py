@@ -397,6 +397,7 @@ def bench_bundle(
     progress: Callable[[str], None] | None = None,
     device: str = "cpu",
     sweep: Sequence[float] | None = None,
+    arch: str | None = None,
 ) -> BenchReport:
     """Benchmark a bundle on ONNX Runtime and, when possible, PyTorch eager.
 
@@ -415,6 +416,9 @@ def bench_bundle(
             ``"tensorrt"`` (the engines ``slimdeploy build`` made). Defaults to ``"cpu"``.
         sweep: early-exit bundles: thresholds to sweep (``sweep_exits``, at the first batch
             size; max-softmax values, or entropies for the entropy rule). Defaults to none.
+        arch: for a model built by the user's code, the factory that builds it, so that PyTorch
+            can be timed (the bundle's record of it is never imported on its own). Defaults to
+            none: such a bundle is timed without PyTorch, with a note.
     """
     say = progress or (lambda _message: None)
     threads = threads or os.cpu_count() or 1
@@ -430,11 +434,15 @@ def bench_bundle(
         base_runner = bundle_runner(other, device=device, threads=threads)
         base_runner.name = f"baseline:{other.manifest.get('dynamic') or backend}"
         runners.append(base_runner)
+    factory = bundle.manifest["model"].get("factory")
     want_torch = torch_reference if torch_reference is not None else (
-        is_available("torch") and bool(bundle.manifest.get("reference_weights"))
+        is_available("torch") and bool(bundle.manifest.get("reference_weights")) and (not factory or arch is not None)
     )
     if want_torch:
-        runners.append(reference_runner(bundle, threads=threads))
+        runners.append(reference_runner(bundle, threads=threads, arch=arch))
+    elif torch_reference is None and factory and arch is None:
+        report.notes.append(f"PyTorch reference not timed: the model is built by your code ({factory}), which bench "
+                            f"imports only when named | Fix: pass --arch {factory} to time it")
     elif torch_reference is False:
         report.notes.append("PyTorch reference not timed (not asked for)")
     else:

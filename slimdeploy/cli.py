@@ -58,6 +58,8 @@ MinBatchOpt = Annotated[int | None, typer.Option("--min-batch", help="TensorRT: 
 OptBatchOpt = Annotated[int | None, typer.Option("--opt-batch", help="TensorRT: batch the kernels are tuned for (export: 8; build: the bundle's).")]
 MaxBatchOpt = Annotated[int | None, typer.Option("--max-batch", help="TensorRT: largest batch the engines accept (export: 32; build: the bundle's).")]
 WorkspaceOpt = Annotated[int | None, typer.Option("--workspace", help="TensorRT: workspace memory limit in MiB (export: 1024; build: the bundle's).")]
+# check and bench: a bundle of the user's own model records its factory but never imports it.
+ReferenceArchOpt = Annotated[str | None, typer.Option("--arch", help="A bundle of your own model (exported with --arch module.path:factory or file.py:factory): that factory, imported to run the PyTorch reference (check --data without ref_ arrays, bench's PyTorch column). Default: not imported.")]
 ArchArgsOpt = Annotated[str | None, typer.Option("--arch-args", help="Constructor arguments as a JSON object (default: the checkpoint's, and what its keys and shapes determine).")]
 AtolOpt = Annotated[float | None, typer.Option(help="Absolute tolerance for every output (default by precision: fp32 1e-4, fp16 5e-2, int8 0.25).")]
 RtolOpt = Annotated[float | None, typer.Option(help="Relative tolerance for every output (default by precision: fp32 1e-3, fp16 1e-2, int8 0.1).")]
@@ -205,7 +207,7 @@ def _print_precision(precision: str, calibration: dict[str, Any]) -> None:
 def export(
     checkpoint: Annotated[str, typer.Argument(help="Checkpoint file, or zoo:NAME for a shipped demo model.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Bundle directory to create.")] = Path("bundle"),
-    arch: Annotated[str | None, typer.Option(help="Architecture (needed when the checkpoint does not name one).")] = None,
+    arch: Annotated[str | None, typer.Option(help="Architecture (needed when the checkpoint does not name one): a registered name, or your own code as module.path:factory or path/to/file.py:factory (the checkpoint is then a state_dict).")] = None,
     arch_args: ArchArgsOpt = None,
     target: Annotated[str, typer.Option(help="Deployment target: ort (ONNX Runtime) or trt (TensorRT: engines built on the target with slimdeploy build).")] = "ort",
     dynamic: Annotated[str | None, typer.Option(help="Form of a gated model: mask, if, compact or staged (default for ort: compact; for trt: staged); of an early-exit model: mask, if or staged (default: staged).")] = None,
@@ -387,6 +389,7 @@ def check(
     threads: ThreadsOpt = 0,
     json_out: JsonOpt = None,
     junit: Annotated[Path | None, typer.Option(help="Write a JUnit XML report here (for CI).", callback=_result_file("--junit"))] = None,
+    arch: ReferenceArchOpt = None,
 ) -> None:
     """Re-check a bundle's parity from the bundle alone (no torch needed). Exit 1 on failure."""
     from slimdeploy.parity import check_bundle
@@ -399,6 +402,7 @@ def check(
         device=device,
         threads=threads,
         progress=StepPrinter(quiet=json_out == "-"),
+        arch=arch,
     )
     _print_parity(report, json_out)
     if json_out:
@@ -454,6 +458,7 @@ def bench(
     sweep: Annotated[str | None, typer.Option(help="Early-exit bundles: exit thresholds to sweep, comma-separated, or 'default' (0,0.5,0.8,0.9,0.95,0.98,0.99,0.995,0.999,1.01). Default: no sweep.")] = None,
     plot: Annotated[Path | None, typer.Option(help="With --sweep: draw the sweep to this PNG (needs matplotlib).", callback=_result_file("--plot"))] = None,
     json_out: JsonOpt = None,
+    arch: ReferenceArchOpt = None,
 ) -> None:
     """Latency percentiles and throughput on ONNX Runtime (or the TensorRT engines with --device tensorrt), beside PyTorch eager when torch is here; exit shares and threshold sweeps of early-exit bundles."""
     from slimdeploy.bench import DEFAULT_SWEEP, bench_bundle, plot_sweep
@@ -478,6 +483,7 @@ def bench(
         progress=StepPrinter(quiet=json_out == "-"),
         device=device,
         sweep=sweep_values,
+        arch=arch,
     )
     if plot is not None and report.sweep:
         plot_sweep(report.sweep, plot)
