@@ -144,8 +144,8 @@ def _refuse_unexited_output(traced: TracedNetwork, stage_of: dict[fx.Node, int],
     outside = sorted((n for n in returned if n in traced.data and n not in stage_of), key=order.__getitem__)
     if outside:
         raise ExportError(
-            f"{traced.name}.forward returns what layers after the last Exit ('{last}') compute, from "
-            f"{traced.where(outside[0])} ({outside[0].name}) on | Note: the last Exit always answers, so the final "
+            f"{traced.name}.forward returns what layers after the last Exit ('{last}') compute, "
+            f"{traced.where(outside[0])} to {traced.where(outside[-1])} | Note: the last Exit always answers, so the final "
             "classifier is an Exit too | Fix: wrap the final classifier in Exit(...)")
 
 
