@@ -92,13 +92,13 @@ class GatedNet(nn.Module):
         self.input_size = INPUT_SIZE
         if controlled:
             self.controller = LSTMController()
-        self.stem = conv_bn(3, 8)
-        self.block1 = GatedBlock(Residual(8), self._gate(8))
-        self.transition = conv_bn(8, 16, 2)
-        self.block2 = GatedBlock(Residual(16, 2), self._gate(16),
-                                 skip=nn.Sequential(nn.Conv2d(16, 16, 1, 2, bias=False), nn.BatchNorm2d(16)))
-        self.block3 = GatedBlock(Residual(16), self._gate(16))
-        self.fc = nn.Linear(16, num_classes)
+        self.stem = conv_bn(3, 16)
+        self.block1 = GatedBlock(Residual(16), self._gate(16))
+        self.transition = conv_bn(16, 32, 2)
+        self.block2 = GatedBlock(Residual(32, 2), self._gate(32),
+                                 skip=nn.Sequential(nn.Conv2d(32, 32, 1, 2, bias=False), nn.BatchNorm2d(32)))
+        self.block3 = GatedBlock(Residual(32), self._gate(32))
+        self.fc = nn.Linear(32, num_classes)
 
     def _gate(self, channels: int) -> nn.Module:
         return ControlledGate(Embed(channels, 8), self.controller) if hasattr(self, "controller") else PoolGate(channels)
@@ -173,16 +173,18 @@ def initialised(model: nn.Module, seed: int = 0) -> nn.Module:
 def balance(model: nn.Module, images: np.ndarray) -> nn.Module:
     """Decisions both ways on ``images``: each gate moved (in call order) so that it opens for
     about half of them (a feed-forward gate's bias shifted; a controlled gate's embedding bias
-    moved along the direction that raises its logit); exit thresholds at quantiles of the exits'
-    confidences, so that samples leave at every exit."""
+    moved along the direction that raises its logit), then sharpened; exit thresholds at
+    quantiles of the exits' confidences, so that samples leave at every exit."""
     x = torch.from_numpy(images)
     controller = getattr(model, "controller", None)
-    if controller is not None:  # random weights vary too little from sample to sample
+    if controller is not None:  # random weights vary too little from sample to sample: sharpen
         with torch.no_grad():
-            controller.proj.weight.mul_(30)
-            for module in model.modules():
-                if isinstance(module, Embed):
-                    module.fc.weight.mul_(10)
+            spread = min(float(logit.std()) for logit in _gate_logits(model, x))
+            if spread < 1:
+                controller.proj.weight.mul_(30)
+                for module in model.modules():
+                    if isinstance(module, Embed):
+                        module.fc.weight.mul_(10)
     for k, block in enumerate(m for m in model.modules() if isinstance(m, GatedBlock)):
         if isinstance(block.gate, PoolGate):
             with torch.no_grad():
@@ -191,6 +193,8 @@ def balance(model: nn.Module, images: np.ndarray) -> nn.Module:
         bias = block.gate.embed.fc.bias
         bias.grad = None
         _median_logit(model, x, k, grad=True).backward()
+        if bias.grad is None or not bool(torch.isfinite(bias.grad).all()) or float(bias.grad.norm()) == 0:
+            continue
         direction, start = bias.grad / bias.grad.norm(), bias.detach().clone()
         low, high = -50.0, 50.0
         with torch.no_grad():
@@ -198,6 +202,7 @@ def balance(model: nn.Module, images: np.ndarray) -> nn.Module:
                 middle = (low + high) / 2
                 bias.copy_(start + middle * direction)
                 low, high = (middle, high) if _median_logit(model, x, k) < 0 else (low, middle)
+    _sharpen(model, x)
     exits = [m for m in model.modules() if isinstance(m, Exit)]
     if exits:
         with torch.no_grad(), record_decisions() as record:
@@ -207,13 +212,79 @@ def balance(model: nn.Module, images: np.ndarray) -> nn.Module:
             confidence = exit_module.confidence(logits)
             share = 1.0 / (len(exits) - j)  # of the samples still here, this share leaves
             quantile = share if exit_module.rule == "entropy" else 1 - share
-            exit_module.threshold = float(torch.quantile(confidence[remaining], quantile))
-            leave = confidence <= exit_module.threshold if exit_module.rule == "entropy" else confidence >= exit_module.threshold
+            threshold = float(torch.quantile(confidence[remaining], quantile))
+            exit_module.threshold.fill_(threshold)
+            leave = confidence <= threshold if exit_module.rule == "entropy" else confidence >= threshold
             remaining &= ~leave
     return model
 
 
+def trained(model: nn.Module, epochs: int = 12, seed: int = 0) -> nn.Module:
+    """``model`` trained on the digits training split with Adam: every exit's cross-entropy, and
+    for gated blocks (straight-through, as ``GatedBlock`` trains) a penalty that keeps each
+    gate open for half the samples, so that the gates learn which half; then ``balance`` on
+    the calibration split. Logits that mean something are what reduced precision is judged on."""
+    from slimdeploy.data import digits_inputs, digits_statistics
+
+    torch.manual_seed(seed)
+    mean, std = digits_statistics()
+    images, labels = digits_inputs("train", INPUT_SIZE, mean, std)
+    x, y = torch.from_numpy(images), torch.from_numpy(labels)
+    optimizer = torch.optim.Adam(model.parameters(), lr=5e-3)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * ((len(x) + 63) // 64))
+    model.train()
+    for _ in range(epochs):
+        for rows in torch.randperm(len(x)).split(64):
+            with record_decisions() as record:
+                out = model(x[rows])
+            loss = sum(nn.functional.cross_entropy(logits, y[rows]) for logits in (record.exit_logits or [out]))
+            if record.probs:
+                probs = record.gate_probs()
+                hard = torch.stack(record.executed, dim=1).to(probs.dtype)
+                rate = (hard + probs - probs.detach()).mean(dim=0)
+                loss = loss + 4 * ((rate - 0.5) ** 2).sum()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    return balance(model.eval(), digits_inputs("calib", INPUT_SIZE, mean, std)[0])
+
+
+def _sharpen(model: nn.Module, x: torch.Tensor, spread: float = 4.0) -> None:
+    """Scale each gate's logit (weights and bias together, so every decision stays as it is) until
+    its spread over ``x`` is at least ``spread``: probabilities far from the threshold, as a
+    trained gate's are, rather than a crowd around it that any rounding flips."""
+    blocks = [m for m in model.modules() if isinstance(m, GatedBlock)]
+    with torch.no_grad():
+        for k, block in enumerate(blocks):
+            if not isinstance(block.gate, PoolGate):
+                continue
+            scale = spread / max(float(_gate_logits(model, x)[k].std()), 1e-3)
+            if scale > 1:
+                block.gate.fc.weight.mul_(scale)
+                block.gate.fc.bias.mul_(scale)
+        controller = getattr(model, "controller", None)
+        if controller is not None:
+            scale = spread / max(min(float(logit.std()) for logit in _gate_logits(model, x)), 1e-3)
+            if scale > 1:  # the projection is after the LSTM: the state, and so every decision, stays
+                controller.proj.weight.mul_(scale)
+                controller.proj.bias.mul_(scale)
+
+
+def _gate_logits(model: nn.Module, x: torch.Tensor, grad: bool = False) -> list[torch.Tensor]:
+    """Every gate's logit [B] before its sigmoid, in call order (the last linear layer's output:
+    exact where a probability has saturated)."""
+    logits: list[torch.Tensor] = []
+    layers = [m.fc for m in model.modules() if isinstance(m, PoolGate)] + [m.proj for m in model.modules() if isinstance(m, LSTMController)]
+    hooks = [layer.register_forward_hook(lambda _m, _i, out: logits.append(out[:, 0])) for layer in layers]
+    try:
+        with torch.set_grad_enabled(grad), record_decisions():
+            model(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return logits
+
+
 def _median_logit(model: nn.Module, x: torch.Tensor, k: int, grad: bool = False) -> torch.Tensor:
-    with torch.set_grad_enabled(grad), record_decisions() as record:
-        model(x)
-    return torch.logit(record.probs[k].clamp(1e-6, 1 - 1e-6)).median()
+    return _gate_logits(model, x, grad)[k].median()

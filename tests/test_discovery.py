@@ -119,12 +119,12 @@ def test_gated_plan_follows_the_network(gated_kit: dict[str, Any]) -> None:
     assert plan.skips == [1, 2]
     controlled = isinstance(gated_kit["model"].block1.gate, ControlledGate)
     assert (plan.state, plan.state_width) == ((["h", "c"], 6) if controlled else ([], 0))
-    # MACs per piece, by hand: the transition is a 3x3 conv 8->16 of stride 2 onto 8x8.
-    transition = 8 * 8 * 16 * (8 * 9)
-    residual8 = 2 * 16 * 16 * 8 * (8 * 9)
-    assert plan.macs["skip1"] == transition and plan.macs["exec1"] == residual8 + transition
-    assert plan.macs["skip2"] == 4 * 4 * 16 * 16 and plan.macs["stem"] == 16 * 16 * 8 * (3 * 9)
-    assert plan.macs["head"] == 16 * 10
+    # MACs per piece, by hand: the transition is a 3x3 conv 16->32 of stride 2 onto 8x8.
+    transition = 8 * 8 * 32 * (16 * 9)
+    residual16 = 2 * 16 * 16 * 16 * (16 * 9)
+    assert plan.macs["skip1"] == transition and plan.macs["exec1"] == residual16 + transition
+    assert plan.macs["skip2"] == 4 * 4 * 32 * 32 and plan.macs["stem"] == 16 * 16 * 16 * (3 * 9)
+    assert plan.macs["head"] == 32 * 10
 
 
 def test_discovered_network_is_the_gated_model_api(gated_kit: dict[str, Any]) -> None:
@@ -199,6 +199,7 @@ def test_adapter_reference_is_the_network(exit_kit: dict[str, Any]) -> None:
     reference = own_exits(exit_kit["model"], x, network.exit_thresholds)
     np.testing.assert_array_equal(stage.numpy(), reference["exit_stage"])
     np.testing.assert_allclose(logits.numpy(), reference["logits"], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(confidence.numpy(), reference["exit_confidence"], atol=1e-6, rtol=0)
 
 
 def test_exit_thresholds_are_a_runtime_input(exit_kit: dict[str, Any]) -> None:

@@ -48,7 +48,7 @@ class DiscoveredExitNet(EarlyExitNet):
             raise ExportError(f"the exits of {traced.name} use different rules {rules} | Note: a deployment compares every "
                               "exit's confidence the same way | Fix: give every Exit the same rule")
         self.exit_rule = rules[0]
-        self.exit_thresholds = [e.threshold for e in self.exit_modules]
+        self.exit_thresholds = [float(e.threshold) for e in self.exit_modules]
         self.n_stages = len(nodes)
         stage_of = _stage_of(traced, nodes)
         _refuse_unexited_output(traced, stage_of, self.paths[-1])

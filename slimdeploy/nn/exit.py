@@ -32,9 +32,13 @@ class Exit(nn.Module):
     Args:
         head: module mapping features to logits [B, classes].
         rule: ``"max_softmax"`` or ``"entropy"``. Defaults to ``"max_softmax"``.
-        threshold: default threshold (a deployment may change it at run time). Defaults to 0.9.
-        register_head: register ``head`` as a submodule (keys ``head.*``); False leaves it where
-            the model registered it, for models whose keys are fixed. Defaults to True.
+        threshold: default threshold (a deployment may change it at run time); a 0-D buffer,
+            so that a threshold tuned after training is saved with the weights (set it with
+            ``exit.threshold.fill_(0.8)``). Defaults to 0.9.
+        register_head: register ``head`` as a submodule and save the threshold in the
+            state_dict (keys ``head.*``, ``threshold``); False leaves the head where the model
+            registered it and the threshold out of the state_dict, for models whose keys are
+            fixed. Defaults to True.
 
     Raises:
         TypeError: when ``head`` is not an ``nn.Module``; ValueError on an unknown rule.
@@ -46,7 +50,7 @@ class Exit(nn.Module):
         if not isinstance(head, nn.Module):
             raise TypeError(f"an Exit's head must be an nn.Module, got {type(head).__name__} | Fix: wrap it in an nn.Module")
         self.rule = check_exit_rule(rule)
-        self.threshold = float(threshold)
+        self.register_buffer("threshold", torch.tensor(float(threshold)), persistent=register_head)
         if register_head:
             self.head = head
         else:
