@@ -162,6 +162,8 @@ def initialised(model: nn.Module, seed: int = 0) -> nn.Module:
     in eval mode."""
     torch.manual_seed(seed)
     for module in model.modules():
+        if hasattr(module, "reset_parameters"):  # whatever the random state was when it was built
+            module.reset_parameters()
         if isinstance(module, nn.BatchNorm2d):
             with torch.no_grad():
                 module.running_mean.uniform_(-0.2, 0.2)
