@@ -243,7 +243,7 @@ def trained(model: nn.Module, epochs: int = 12, seed: int = 0) -> nn.Module:
             if record.probs:
                 probs = record.gate_probs()
                 hard = torch.stack(record.executed, dim=1).to(probs.dtype)
-                rate = (hard + probs - probs.detach()).mean(dim=0)
+                rate = (hard + (probs - probs.detach())).mean(dim=0)
                 loss = loss + 4 * ((rate - 0.5) ** 2).sum()
             optimizer.zero_grad()
             loss.backward()

@@ -47,8 +47,6 @@ class DiscoveredExitNet(EarlyExitNet):
         if len(rules) > 1:
             raise ExportError(f"the exits of {traced.name} use different rules {rules} | Note: a deployment compares every "
                               "exit's confidence the same way | Fix: give every Exit the same rule")
-        self.exit_rule = rules[0]
-        self.exit_thresholds = [float(e.threshold) for e in self.exit_modules]
         self.n_stages = len(nodes)
         stage_of = _stage_of(traced, nodes)
         _refuse_unexited_output(traced, stage_of, self.paths[-1])

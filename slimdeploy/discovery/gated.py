@@ -1,6 +1,7 @@
 """A network with ``GatedBlock``s, cut at its gated blocks into the gated model API that
-``exporters.gated.gated_pieces`` consumes (``stem``, ``n_blocks``, ``block(k)``, ``run_block``,
-``skip``, ``gate_init_state``, ``gate``, ``head``).
+``exporters.gated.gated_pieces`` consumes (``nn.gated_network.GatedNetwork``: ``stem``,
+``n_blocks``, ``block(k)``, ``run_block``, ``skip``, ``gate_init_state``, ``gate``, ``head``),
+the API the built-in SkipNet has too.
 
 With gated blocks G1..Gm in call order, the forward is cut into:
 
@@ -33,6 +34,7 @@ from slimdeploy.discovery.trace import Segment, TracedNetwork
 from slimdeploy.errors import ExportError
 from slimdeploy.nn.decisions import DEFAULT_GATE_THRESHOLD, record_decisions
 from slimdeploy.nn.gated_block import GatedBlock
+from slimdeploy.nn.gated_network import GatedNetwork
 
 # The exported state carries at most two tensors of one width (an LSTM's h and c; GatedPlan).
 MAX_STATE_TENSORS = 2
@@ -46,7 +48,7 @@ class BlockPaths:
     downsample: Any
 
 
-class DiscoveredGatedNet(nn.Module):
+class DiscoveredGatedNet(GatedNetwork):
     """The gated model API over a network's ``GatedBlock``s (see the module docstring).
 
     Args:
@@ -75,15 +77,13 @@ class DiscoveredGatedNet(nn.Module):
         self._stem = traced.segment(members[0], [traced.image], [inputs[0]])
         self._after = [traced.segment(members[k], [nodes[k - 1]], [inputs[k]]) for k in range(1, len(nodes))]
         self._head = traced.segment(members[-1], [nodes[-1]], [logits])
-        # Not registered here: it is the model's (and one of its parameters' names is enough).
-        self.__dict__["controller"] = _shared_controller(model, self.blocks, self.paths)
+        _check_controller(model, self.blocks, self.paths)
 
-    # --- the gated model API ------------------------------------------------------------------
+    # --- the gated model API (GatedNetwork) -------------------------------------------------
 
     @property
-    def n_blocks(self) -> int:
-        """The gated blocks and the empty block 0."""
-        return len(self.blocks) + 1
+    def gated_blocks(self) -> list[GatedBlock]:
+        return self.blocks
 
     def block(self, k: int) -> BlockPaths:
         """Block k's skip path: computing something (``downsample`` set) or the identity."""
@@ -97,32 +97,13 @@ class DiscoveredGatedNet(nn.Module):
         """The image -> the first gated block's input."""
         return self._stem.run(self.model, x)[0]
 
-    def run_block(self, k: int, x: torch.Tensor) -> torch.Tensor:
-        """Block k executed: its body, then the code up to the next gated block."""
-        return x if k == 0 else self._continue(k, self.blocks[k - 1].body(x))
-
-    def skip(self, k: int, x: torch.Tensor) -> torch.Tensor:
-        """Block k skipped: its skip path, then the code up to the next gated block."""
-        return self._continue(k, self.blocks[k - 1].skip_path(x))
-
-    def gate_init_state(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The controller's state at the start of a forward (``()`` without one)."""
-        return () if self.controller is None else tuple(self.controller.init_state(x))
-
-    def gate(self, k: int, features: torch.Tensor, state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        """Gate k (of gated block k + 1) on that block's input: (probability [B], new state)."""
-        block = self.blocks[k]
-        if block.controlled:
-            prob, state = block.gate(features, state)
-            return prob, tuple(state)
-        return block.gate(features), state
+    def after_block(self, k: int, x: torch.Tensor) -> torch.Tensor:
+        """The code between gated block k and the next (none after the last)."""
+        return self._after[k - 1].run(self.model, x)[0] if k - 1 < len(self._after) else x
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """The last gated block's output -> logits."""
         return self._head.run(self.model, x)[0]
-
-    def _continue(self, k: int, x: torch.Tensor) -> torch.Tensor:
-        return self._after[k - 1].run(self.model, x)[0] if k - 1 < len(self._after) else x
 
     # --- the reference ------------------------------------------------------------------------
 
@@ -199,12 +180,11 @@ def _refuse_crossings(traced: TracedNetwork, gated: list[fx.Node]) -> None:
                 "alone | Fix: move that connection inside the block (its body and skip path), or leave the block ungated")
 
 
-def _shared_controller(model: nn.Module, blocks: list[GatedBlock], paths: list[str]) -> Any:
-    """The one controller every ``ControlledGate`` uses (None without any); refuse several, or
-    one that is not part of the model."""
+def _check_controller(model: nn.Module, blocks: list[GatedBlock], paths: list[str]) -> None:
+    """Refuse ``ControlledGate``s with several controllers, or one that is not part of the model."""
     controllers = {id(b.gate.controller): (b.gate.controller, p) for b, p in zip(blocks, paths) if b.controlled}
     if not controllers:
-        return None
+        return
     if len(controllers) > 1:
         shown = [path for _, path in controllers.values()][:2]
         raise ExportError(f"the ControlledGates of {shown} use different controllers | Note: a deployment carries one "
@@ -213,7 +193,6 @@ def _shared_controller(model: nn.Module, blocks: list[GatedBlock], paths: list[s
     if not any(module is controller for module in model.modules()):
         raise ExportError(f"the controller of the ControlledGate in '{path}' is not part of the model, so its weights "
                           "are neither trained nor saved with it | Fix: assign it to the model (self.controller = controller)")
-    return controller
 
 
 def check_gated(adapter: DiscoveredGatedNet, example: torch.Tensor) -> None:

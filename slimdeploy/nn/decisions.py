@@ -73,7 +73,7 @@ class DecisionRecord:
         probabilities (straight-through): a compute penalty for training."""
         probs = self.gate_probs()
         hard = torch.stack(self.executed, dim=1).to(probs.dtype)
-        return (hard + probs - probs.detach()).mean()
+        return (hard + (probs - probs.detach())).mean()
 
 
 @contextmanager

@@ -50,7 +50,8 @@ class Exit(nn.Module):
         if not isinstance(head, nn.Module):
             raise TypeError(f"an Exit's head must be an nn.Module, got {type(head).__name__} | Fix: wrap it in an nn.Module")
         self.rule = check_exit_rule(rule)
-        self.register_buffer("threshold", torch.tensor(float(threshold)), persistent=register_head)
+        # float64, so that the threshold given is the threshold read back.
+        self.register_buffer("threshold", torch.tensor(float(threshold), dtype=torch.float64), persistent=register_head)
         if register_head:
             self.head = head
         else:

@@ -15,7 +15,7 @@ to gate in call order and starts afresh for every forward.
 
 Eager forward is the reference, not the fast path: in eval mode both paths are computed and each
 sample takes one (``torch.where``, exact); in training mode the decision is hard and its
-gradient straight-through (``g = hard + prob - prob.detach()``, output ``g * body(x) +
+gradient straight-through (``g = hard + (prob - prob.detach())``, output ``g * body(x) +
 (1 - g) * skip(x)``), so training routes samples as inference does. slimdeploy's exported forms
 compute only the path each sample takes (docs/design.md §3).
 """
@@ -57,6 +57,15 @@ class ControlledGate(nn.Module):
         """(probability [B] that the block executes, the controller's new state)."""
         prob, new_state = self.controller(self.embed(x), state)
         return prob, tuple(new_state)
+
+
+def run_gate(gate: nn.Module, x: torch.Tensor, state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """One gate on ``x``: (probability [B] of executing, the state after it). A
+    ``ControlledGate`` takes the controller's state and returns its next one; any other gate
+    leaves ``state`` as it is."""
+    if isinstance(gate, ControlledGate):
+        return gate(x, state)
+    return gate(x), state
 
 
 class GatedBlock(nn.Module):
@@ -110,9 +119,9 @@ class GatedBlock(nn.Module):
                     "(slimdeploy.nn.record_decisions)")
             key = id(self.gate.controller)
             state = record.states[key] if key in record.states else self.gate.init_state(x)
-            prob, record.states[key] = self.gate(x, state)
+            prob, record.states[key] = run_gate(self.gate, x, state)
         else:
-            prob = self.gate(x)
+            prob, _ = run_gate(self.gate, x, ())
         if prob.dim() != 1 or prob.shape[0] != x.shape[0]:
             raise ValueError(f"the gate of a GatedBlock returned shape {list(prob.shape)}, expected [batch] = "
                              f"[{x.shape[0]}] probabilities | Fix: end the gate with flatten() and index the "
@@ -131,8 +140,9 @@ class GatedBlock(nn.Module):
                              "(e.g. a 1x1 convolution with the body's stride)")
         rows = (-1,) + (1,) * (executed.dim() - 1)
         if self.training:
-            hard = execute.to(prob.dtype)
-            weight = (hard + prob - prob.detach()).view(rows)
+            # hard + (prob - prob.detach()): exactly 0 or 1 forward ((1 + p) - p need not be 1 in
+            # floating point), the gradient of prob backward.
+            weight = (execute.to(prob.dtype) + (prob - prob.detach())).view(rows)
             out = weight * executed + (1 - weight) * skipped
         else:
             out = torch.where(execute.view(rows), executed, skipped)
