@@ -30,7 +30,7 @@ def test_skipnet_blocks_are_gated_blocks(arch: str) -> None:
     # The reference forward is the blocks' own: one gated block, recorded, decides as forward does.
     with torch.no_grad():
         x = torch.randn(4, 3, 32, 32)
-        logits, gates, probs = model(x, 0.5)
+        _, gates, probs = model(x, 0.5)
         features = model.run_block(0, model.stem(x))
         with record_decisions(0.5) as record:
             model.gated_blocks[0](features)
