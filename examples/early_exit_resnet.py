@@ -108,7 +108,7 @@ def choose_thresholds(model: nn.Module, images: torch.Tensor, labels: torch.Tens
         model.eval()(images)
     for exit_, logits in zip(exits[:-1], record.exit_logits):
         confidence, right = exit_.confidence(logits), logits.argmax(dim=1) == labels
-        for candidate in torch.linspace(0.5, 0.999, 100):
+        for candidate in torch.linspace(0.8, 0.999, 200):
             leaving = confidence >= candidate
             if bool(leaving.any()) and float(right[leaving].float().mean()) >= target:
                 exit_.threshold.fill_(float(candidate))

@@ -96,7 +96,7 @@ def gated_mobilenet_v2(num_classes: int = 10, width: float = 1.0) -> GatedMobile
 
 
 def training_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, epoch: int, epochs: int,
-                  penalty: float = 0.3) -> torch.Tensor:
+                  penalty: float = 1.0) -> torch.Tensor:
     """Cross-entropy, and from the second epoch on ``penalty`` times the fraction of gated blocks
     executed (the first epoch trains with every block open: threshold -1)."""
     open_phase = epoch == 0 and epochs > 1
