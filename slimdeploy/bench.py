@@ -531,6 +531,7 @@ def bench_bundle(
     device: str = "cpu",
     sweep: Sequence[float] | None = None,
     data: str | Path | None = None,
+    arch: str | None = None,
 ) -> BenchReport:
     """Benchmark a bundle on ONNX Runtime and, when possible, PyTorch eager.
 
@@ -553,6 +554,9 @@ def bench_bundle(
         data: .npz (``input``, optional ``labels``) or .npy of inputs the sweep runs on.
             Defaults to the whole digits held-out split for a bundle checked on digits (where
             scikit-learn is installed), else the golden inputs (``sweep_inputs``).
+        arch: for a model built by the user's code, the factory that builds it, so that PyTorch
+            can be timed (the bundle's record of it is never imported on its own). Defaults to
+            none: such a bundle is timed without PyTorch, with a note.
 
     Timings are flagged ``noisy`` (with a warning) when other processes kept more than
     ``machine.NOISY_OTHER_CORES`` cores busy during any of them; a realised speed-up below the
@@ -584,17 +588,21 @@ def bench_bundle(
         base_runner = bundle_runner(other, device=device, threads=threads)
         base_runner.name = f"baseline:{other.manifest.get('dynamic') or backend}"
         runners.append(base_runner)
+    factory = bundle.manifest["model"].get("factory")
     want_torch = torch_reference if torch_reference is not None else (
-        is_available("torch") and bool(bundle.manifest.get("reference_weights"))
+        is_available("torch") and bool(bundle.manifest.get("reference_weights")) and (not factory or arch is not None)
     )
     if want_torch:
         try:
-            runners.append(reference_runner(bundle, threads=threads))
+            runners.append(reference_runner(bundle, threads=threads, arch=arch))
         except BackendUnavailableError as exc:
             if torch_reference:  # asked for explicitly: say why it cannot be
                 raise
             # torch is installed but does not import (a broken install): time the bundle alone.
             report.notes.append(f"PyTorch reference not timed (torch is installed but cannot be imported: {str(exc).split(' | ')[0]})")
+    elif torch_reference is None and factory and arch is None:
+        report.notes.append(f"PyTorch reference not timed: the model is built by your code ({factory}), which bench "
+                            f"imports only when named | Fix: pass --arch {factory} to time it")
     elif torch_reference is False:
         report.notes.append("PyTorch reference not timed (not asked for)")
     else:

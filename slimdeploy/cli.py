@@ -61,6 +61,8 @@ MinBatchOpt = Annotated[int | None, typer.Option("--min-batch", help="TensorRT: 
 OptBatchOpt = Annotated[int | None, typer.Option("--opt-batch", help="TensorRT: batch the kernels are tuned for (export: 8; build: the bundle's).")]
 MaxBatchOpt = Annotated[int | None, typer.Option("--max-batch", help="TensorRT: largest batch the engines accept (export: 32; build: the bundle's).")]
 WorkspaceOpt = Annotated[int | None, typer.Option("--workspace", help="TensorRT: workspace memory limit in MiB (export: 1024; build: the bundle's).")]
+# check and bench: a bundle of the user's own model records its factory but never imports it.
+ReferenceArchOpt = Annotated[str | None, typer.Option("--arch", help="A bundle of your own model (exported with --arch module.path:factory or file.py:factory): that factory, imported to run the PyTorch reference (check --data without ref_ arrays, bench's PyTorch column). Default: not imported.")]
 ArchArgsOpt = Annotated[str | None, typer.Option("--arch-args", help="Constructor arguments as a JSON object (default: the checkpoint's, and what its keys and shapes determine).")]
 InputSizeOpt = Annotated[str | None, typer.Option("--input-size", help="Image input size C,H,W (or H,W, or one side) (default: the checkpoint's, else the architecture's).")]
 MeanOpt = Annotated[str | None, typer.Option("--mean", help="Per-channel mean after scaling pixels to [0, 1], comma-separated, or one for all (default: the checkpoint's; a foreign checkpoint gets CIFAR's up to 64 pixels, else ImageNet's, with a note).")]
@@ -333,7 +335,7 @@ def _print_precision(precision: str, calibration: dict[str, Any]) -> None:
 def export(
     checkpoint: Annotated[str, typer.Argument(help="Checkpoint file, or zoo:NAME for a shipped demo model.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Bundle directory to create.")] = Path("bundle"),
-    arch: Annotated[str | None, typer.Option(help="Architecture (needed when the checkpoint does not name one).")] = None,
+    arch: Annotated[str | None, typer.Option(help="Architecture (needed when the checkpoint does not name one): a registered name, or your own code as module.path:factory or path/to/file.py:factory (the checkpoint is then a state_dict).")] = None,
     arch_args: ArchArgsOpt = None,
     input_size: InputSizeOpt = None,
     mean: MeanOpt = None,
@@ -544,6 +546,7 @@ def check(
     threads: ThreadsOpt = 0,
     json_out: JsonOpt = None,
     junit: Annotated[Path | None, typer.Option(help="Write a JUnit XML report here (for CI).", callback=_result_file("--junit"))] = None,
+    arch: ReferenceArchOpt = None,
 ) -> None:
     """Re-check a bundle's parity from the bundle alone (no torch needed). Exit 1 on failure."""
     from slimdeploy.parity import check_bundle
@@ -557,6 +560,7 @@ def check(
             device=device,
             threads=threads,
             progress=progress,
+            arch=arch,
         )
     _print_parity(report, json_out)
     if json_out:
@@ -664,6 +668,7 @@ def bench(
     data: Annotated[Path | None, typer.Option(help="With --sweep: .npz (input, labels) or .npy of inputs to sweep over (default: the whole digits held-out split for a bundle checked on digits, else its golden inputs).")] = None,
     plot: Annotated[Path | None, typer.Option(help="With --sweep: draw the sweep to this PNG (needs matplotlib: pip install 'slimdeploy[plot]').", callback=_result_file("--plot"))] = None,
     json_out: JsonOpt = None,
+    arch: ReferenceArchOpt = None,
 ) -> None:
     """Latency percentiles and throughput on ONNX Runtime (or the TensorRT engines with --device tensorrt), beside PyTorch eager when torch is here; exit shares and threshold sweeps of early-exit bundles. Timings taken while other processes kept the CPU busy are flagged (noisy)."""
     from slimdeploy.bench import DEFAULT_SWEEP, bench_bundle, plot_sweep
@@ -693,6 +698,7 @@ def bench(
             torch_reference=False if no_torch else None,
             baseline=baseline,
             progress=progress,
+            arch=arch,
             device=device,
             sweep=sweep_values,
             data=data,

@@ -180,19 +180,23 @@ def inspect_checkpoint(
     from slimdeploy.flops import count_macs, count_macs_of
     from slimdeploy.loading import choose_preprocessing, load_checkpoint
     from slimdeploy.models import find_arch
+    from slimdeploy.recipes import recipe_for
 
     loaded = load_checkpoint(path, arch=arch, arch_args=arch_args, trust_pickle=trust_pickle)
     choice = choose_preprocessing(loaded, input_size, mean, std)
     loaded.preprocessing, loaded.notes = choice.preprocessing, [*loaded.notes, *choice.notes]
     info = find_arch(loaded.arch)
     torch = __import__("torch")
-    if hasattr(loaded.module, "forward_all"):
+    info = find_arch(loaded.arch)
+    # What the bundle would run: a network built with GatedBlocks or Exits, with its decisions.
+    module = recipe_for(info.family if info else None, loaded.module).reference_module(loaded)
+    if hasattr(module, "forward_all"):
         # Early-exit models: forward stops at the first confident stage; count every stage.
-        macs = count_macs_of(loaded.module, loaded.module.forward_all, torch.zeros(1, *loaded.preprocessing.input_size))
+        macs = count_macs_of(module, module.forward_all, torch.zeros(1, *loaded.preprocessing.input_size))
     else:
-        macs = count_macs(loaded.module, loaded.preprocessing.input_size)
+        macs = count_macs(module, loaded.preprocessing.input_size)
     with torch.inference_mode():
-        out = loaded.module(torch.zeros(1, *loaded.preprocessing.input_size))
+        out = module(torch.zeros(1, *loaded.preprocessing.input_size))
     logits = out[0] if isinstance(out, (tuple, list)) else out
     family = info.family if info else "custom"
     return {

@@ -27,14 +27,24 @@ CondenseNet's ``model`` field, CondenseNetV2's ``arch``: ``cdnv2_a``...). ``stat
 (the moving average, preferred as upstream evaluates it), ``state_dict`` and ``model`` entries
 are unwrapped, a DataParallel ``module.`` prefix is stripped, missing ``num_batches_tracked``
 buffers are tolerated (PyTorch < 0.4 did not save them) and the legacy non-zip container is read.
+
+Your own code: ``arch="module.path:factory"`` or ``arch="path/to/file.py:factory"`` (CLI
+``--arch``) imports the factory you name, calls it with the arch args and loads the checkpoint
+into what it returns as a state_dict (``load_factory_model``): code you chose to run, never code
+a file brings. A checkpoint that records such a factory (slimdeploy's format, or a bundle's
+``reference.pt``) is refused unless the caller names the factory again.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib
+import importlib.util
 import pickle
 import re
+import sys
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, BinaryIO, Literal
@@ -406,6 +416,8 @@ def load_checkpoint(
     torch = optional_import("torch", "load a checkpoint")
     from slimdeploy.models.registry import get_arch
 
+    if arch is not None and is_factory_spec(arch):
+        return load_factory_model(path, arch, arch_args)
     obj = read_checkpoint(path, trust_pickle=trust_pickle)
     source = str(path)
 
@@ -427,6 +439,10 @@ def load_checkpoint(
     _refuse_nonfinite(state_dict, path, torch)
     named_arch = own.arch if own is not None else _named_arch(obj)
     name = arch or named_arch
+    if is_factory_spec(name):
+        raise ArchitectureError(
+            f"'{path}' holds a model built by user code ({name}); slimdeploy imports code only where you name it | "
+            f"Fix: pass --arch {name} if you trust that code")
     if not name:
         raise _no_arch_error(path, state_dict)
     info = get_arch(name)
@@ -601,3 +617,138 @@ def weights_digest(module: Any) -> str:
         # Raw bytes whatever the dtype (bfloat16 has no numpy type).
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+# --- your own code: --arch module.path:factory or path/to/file.py:factory ----------------------
+
+_MODULE_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+def is_factory_spec(name: Any) -> bool:
+    """True when ``name`` names user code (``module.path:factory`` or ``file.py:factory``)
+    rather than a registered architecture (registered names hold no ``:``)."""
+    if not isinstance(name, str) or ":" not in name:
+        return False
+    where, _, factory = name.rpartition(":")
+    return bool(where) and factory.isidentifier()
+
+
+def import_factory(spec: str) -> Callable[..., Any]:
+    """The callable ``spec`` names, imported; every way that fails is an ``ArchitectureError``
+    (exit 2) saying what to fix."""
+    where, _, name = spec.rpartition(":")
+    if where.endswith(".py"):
+        module = _import_file(Path(where), spec)
+    elif not _MODULE_PATH.match(where):
+        raise ArchitectureError(f"--arch {spec}: '{where}' is neither a module path nor a .py file | Note: expected "
+                                "package.module:factory or path/to/file.py:factory | Fix: correct --arch")
+    else:
+        try:
+            module = importlib.import_module(where)
+        except Exception as exc:
+            raise ArchitectureError(
+                f"cannot import '{where}' (--arch {spec}): {_one_line(exc)} | Note: a module path must be importable "
+                "here (installed, or on PYTHONPATH) | Fix: install it or set PYTHONPATH, or name the file: --arch "
+                "path/to/file.py:" + name) from exc
+    factory = getattr(module, name, None)
+    if factory is None:
+        defined = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_")
+                         and getattr(v, "__module__", None) == module.__name__)[:6]
+        raise ArchitectureError(f"'{where}' has no '{name}' (--arch {spec}) | Note: it defines {defined} | Fix: name the "
+                                "function that builds your model")
+    if not callable(factory):
+        raise ArchitectureError(f"'{name}' in '{where}' is a {type(factory).__name__}, not callable (--arch {spec}) | "
+                                "Fix: name the function (or class) that builds your model")
+    return factory
+
+
+def _import_file(file: Path, spec: str) -> Any:
+    """Import a .py file once per process, under a name made from its resolved path."""
+    if not file.is_file():
+        raise ArchitectureError(f"--arch {spec}: no file '{file}' | Fix: check the path (relative to the current folder)")
+    resolved = file.resolve()
+    stem = re.sub(r"\W", "_", resolved.stem)
+    module_name = f"slimdeploy_arch_{stem}_{hashlib.sha256(str(resolved).encode()).hexdigest()[:10]}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    loader_spec = importlib.util.spec_from_file_location(module_name, resolved)
+    if loader_spec is None or loader_spec.loader is None:
+        raise ArchitectureError(f"--arch {spec}: cannot load '{file}' as Python | Fix: name a .py file")
+    module = importlib.util.module_from_spec(loader_spec)
+    sys.modules[module_name] = module  # dataclasses and pickling look the module up by name
+    try:
+        loader_spec.loader.exec_module(module)
+    except (Exception, SystemExit) as exc:
+        del sys.modules[module_name]
+        raise ArchitectureError(f"importing '{file}' (--arch {spec}) failed: {_one_line(exc)} | Fix: run "
+                                f"python {file} to see the error, and correct the file") from exc
+    return module
+
+
+def build_from_factory(spec: str, arch_args: Mapping[str, Any] | None = None) -> Any:
+    """The ``nn.Module`` the factory ``spec`` builds with ``arch_args`` (in eval mode)."""
+    torch = optional_import("torch", "build a model")
+    factory = import_factory(spec)
+    try:
+        module = factory(**dict(arch_args or {}))
+    except (Exception, SystemExit) as exc:
+        raise ArchitectureError(f"{spec}(**{dict(arch_args or {})}) raised {_one_line(exc)} | Fix: check the factory and "
+                                "--arch-args") from exc
+    if not isinstance(module, torch.nn.Module):
+        raise ArchitectureError(f"{spec} returned a {type(module).__name__}, not an nn.Module | Fix: make the factory "
+                                "return the model")
+    return module.eval()
+
+
+def load_factory_model(path: str | Path, spec: str, arch_args: Mapping[str, Any] | None = None) -> LoadedModel:
+    """Build the model with the factory ``spec`` and load the checkpoint at ``path`` into it as
+    a state_dict (read with weights_only; pickled objects are refused).
+
+    Arguments are the checkpoint's (slimdeploy format) overridden by ``arch_args``. The input size
+    and normalisation are the checkpoint's (slimdeploy format), else the model's ``input_size``
+    attribute with the default statistics, else 3x224x224.
+    """
+    torch = optional_import("torch", "load a checkpoint")
+    obj = read_checkpoint(path)
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"'{path}' holds a {type(obj).__name__}, not a state_dict | Fix: save model.state_dict()")
+    # The same checks as a registered architecture's checkpoint: the declared schema, finite
+    # weights, and the model sized on the meta device before anything is allocated.
+    own = _own_fields(obj, path) if obj.get("format") == FORMAT_NAME else None
+    raw_state_dict = _find_state_dict(obj, path, torch)
+    _refuse_nonfinite(raw_state_dict, path, torch)
+    state_dict, stripped = _strip_prefix(raw_state_dict)
+    args = {**(dict(own.arch_args) if own is not None else {}), **dict(arch_args or {})}
+    declared = own.preprocessing.input_size if own is not None and own.preprocessing else None
+    try:
+        _, estimate = estimate_model(lambda: build_from_factory(spec, args), declared)
+    except ArchitectureError:  # a factory that needs real tensors: the real build below says what failed
+        estimate = None
+    if estimate is not None:
+        check_model_fits(estimate, spec)
+    module = build_from_factory(spec, args)
+    notes = [f"built by {spec} (--arch: your code)"]
+    if stripped:
+        notes.append(f"stripped the '{stripped}' key prefix")
+    missing_tracked = _load_state_dict(module, state_dict, spec, path)
+    if missing_tracked:
+        notes.append(f"{missing_tracked} num_batches_tracked buffers were missing; kept defaults")
+    module.eval()
+    recorded = "default"
+    if own is not None and own.preprocessing is not None:
+        preprocessing = Preprocessing.from_dict(own.preprocessing.model_dump())
+        recorded = "checkpoint"
+    elif getattr(module, "input_size", None) is not None:
+        preprocessing = Preprocessing.default_for(tuple(module.input_size))  # type: ignore[arg-type]
+    else:
+        preprocessing = Preprocessing.default_for((3, 224, 224))
+        notes.append("the input size is not known: assumed 3x224x224 (set input_size = (C, H, W) on the model, or "
+                     "save the checkpoint with slimdeploy.loading.save_checkpoint)")
+    meta = dict(own.meta) if own is not None else {}
+    return LoadedModel(module, spec, args, preprocessing, str(path), meta, notes, estimate,
+                       dict.fromkeys(PREPROCESSING_FIELDS, recorded))
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__

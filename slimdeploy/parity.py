@@ -707,6 +707,7 @@ def check_bundle(
     device: str = "cpu",
     threads: int = 0,
     progress: Any = None,
+    arch: str | None = None,
 ) -> ParityReport:
     """Re-check a bundle against its golden reference, or against ``data``. Needs no torch
     unless ``data`` holds inputs without reference outputs.
@@ -722,6 +723,9 @@ def check_bundle(
             ``slimdeploy build`` recorded. Defaults to ``"cpu"``.
         threads: intra-op threads. Defaults to 0 (ONNX Runtime's choice).
         progress: optional callable told each step. Defaults to silence.
+        arch: for a model built by the user's code, the factory that builds it
+            (``module.path:factory`` or ``file.py:factory``), which references computed from
+            ``data`` need; the bundle's record of it is never imported on its own. Defaults to none.
     """
     from slimdeploy.bundle import bundle_runner, load_bundle
     from slimdeploy.limits import check_device, check_threads
@@ -734,7 +738,7 @@ def check_bundle(
     bundle = load_bundle(path)
     manifest = bundle.manifest
     stored, stored_rule = _stored_tolerances(bundle)
-    arrays, reference_name = _check_arrays(bundle, data, threads)
+    arrays, reference_name = _check_arrays(bundle, data, threads, arch)
     feed = {name: arrays[name] for name in bundle.input_names if name in arrays}
     reference = {name[len("ref_"):]: value for name, value in arrays.items() if name.startswith("ref_")}
     labels = arrays.get("labels")
@@ -776,7 +780,7 @@ def _stored_tolerances(bundle: Any) -> tuple[dict[str, tuple[float, float]] | No
     return checked, known
 
 
-def _check_arrays(bundle: Any, data: str | Path | None, threads: int) -> tuple[dict[str, np.ndarray], str]:
+def _check_arrays(bundle: Any, data: str | Path | None, threads: int, arch: str | None = None) -> tuple[dict[str, np.ndarray], str]:
     """Inputs, ``ref_*`` reference outputs and labels for a check, and where the reference came from."""
     from slimdeploy.bundle import reference_runner
     from slimdeploy.engines.base import check_feed
@@ -802,7 +806,7 @@ def _check_arrays(bundle: Any, data: str | Path | None, threads: int) -> tuple[d
     if any(name.startswith("ref_") for name in arrays):
         return arrays, path.name
     # No stored reference: compute it with the bundle's PyTorch weights (torch needed).
-    with reference_runner(bundle, threads=threads) as runner:
+    with reference_runner(bundle, threads=threads, arch=arch) as runner:
         outputs = run_batches(runner, feed, 64, bundle.batch_inputs)
     arrays.update({f"ref_{name}": value for name, value in outputs.items()})
     return arrays, "torch"

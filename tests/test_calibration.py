@@ -132,3 +132,19 @@ def test_stored_ranges_fit_only_the_graph_they_were_collected_on() -> None:
     other.graph.node.append(helper.make_node("Neg", ["r"], ["logits"], name="neg"))
     with pytest.raises(BadInputError, match="collected on another graph"):
         apply_precision({"model": other}, "int8", calibration=record, bias_correction=False)
+
+
+def test_histogram_methods_refuse_a_tensor_float32_cannot_bin() -> None:
+    """Percentile and Entropy bin each tensor in float32: a tensor that barely varies at a large
+    magnitude (a sharp gate's logit) cannot be binned. Percentile says so in one line (auto then
+    leaves it out); MinMax ranges it."""
+    from slimdeploy.calibration.ranges import HistogramRangeError
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "sharp",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    x = (15439.2 + np.random.default_rng(0).random((8, 4)) * 0.05).astype(np.float32)
+    assert collect_ranges(model, [{"x": x}], "MinMax")["y"] == (float(x.min()), float(x.max()))
+    with pytest.raises(HistogramRangeError, match=r"Percentile calibrator cannot histogram a tensor of graph 'sharp'.*Fix: pass --calib-method MinMax"):
+        collect_ranges(model, [{"x": x}], "Percentile")

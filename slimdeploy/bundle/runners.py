@@ -10,6 +10,9 @@ from typing import Any
 from slimdeploy.bundle.reader import TENSORRT, Bundle
 from slimdeploy.errors import BundleError
 
+# The transform that marks a network whose decisions were discovered (recipes.discovered).
+DISCOVER = "discover"
+
 
 def bundle_runner(bundle: Bundle, device: str = "cpu", threads: int = 0, replay: bool = False) -> Any:
     """The runner that executes this bundle: ONNX Runtime on its graph, or the staged
@@ -64,9 +67,17 @@ def bundle_runner(bundle: Bundle, device: str = "cpu", threads: int = 0, replay:
     )
 
 
-def reference_runner(bundle: Bundle, threads: int = 0) -> Any:
+def reference_runner(bundle: Bundle, threads: int = 0, arch: str | None = None) -> Any:
     """A ``TorchRunner`` over the bundle's ``reference.pt`` (needs torch); raises
-    ``BundleError`` when the bundle carries no reference weights."""
+    ``BundleError`` when the bundle carries no reference weights.
+
+    Args:
+        bundle: a loaded bundle.
+        threads: torch intra-op threads; 0 keeps torch's setting. Defaults to 0.
+        arch: the factory that builds a model of the user's code (``module.path:factory`` or
+            ``file.py:factory``, CLI ``--arch``): the bundle records it, but its code is imported
+            only when the caller names it. Defaults to none (registered architectures).
+    """
     from slimdeploy.engines.torch_runner import TorchRunner
     from slimdeploy.loading import load_checkpoint
 
@@ -76,6 +87,13 @@ def reference_runner(bundle: Bundle, threads: int = 0) -> Any:
             f"bundle '{bundle.path}' carries no PyTorch reference weights | Fix: re-export without "
             "--no-reference-weights"
         )
-    loaded = load_checkpoint(bundle.file(relative))
+    loaded = load_checkpoint(bundle.file(relative), arch=arch)
+    module = loaded.module
+    if DISCOVER in bundle.manifest["model"]["transforms"]:
+        # A network built with the decision protocol: its forward with the decisions recorded
+        # gives the bundle's outputs (recipes.discovered).
+        from slimdeploy.discovery import discover
+
+        module = discover(module, tuple(loaded.preprocessing.input_size))
     inputs = {name: bundle.input_meta(name) for name in bundle.input_names}
-    return TorchRunner(loaded.module, inputs, bundle.output_names, threads=threads, name="torch")
+    return TorchRunner(module, inputs, bundle.output_names, threads=threads, name="torch")

@@ -26,7 +26,12 @@ from typing import Any
 import numpy as np
 import onnx
 
-from slimdeploy.errors import BadInputError
+from slimdeploy.errors import BadInputError, ExportError
+
+
+class HistogramRangeError(ExportError):
+    """A histogram calibrator (Percentile, Entropy) cannot bin a tensor whose values span too
+    little of their magnitude for float32 (a near-constant large activation). Exit code 2."""
 
 METHODS = ("MinMax", "Entropy", "Percentile")
 # Percentile (99.999th, ONNX Runtime's histogram calibrator) clips the rare outliers that MinMax
@@ -137,7 +142,15 @@ def collect_ranges(model: onnx.ModelProto, feeds: Iterable[Mapping[str, np.ndarr
             source, None, augmented_model_path=str(Path(tmp) / "augmented.onnx"),
             calibrate_method=getattr(CalibrationMethod, method),
         )
-        calibrator.collect_data(Reader())
+        try:
+            calibrator.collect_data(Reader())
+        except ValueError as exc:  # numpy's histogram of a near-constant large float32 tensor
+            if method == "MinMax":
+                raise
+            raise HistogramRangeError(
+                f"the {method} calibrator cannot histogram a tensor of graph '{model.graph.name}' ({exc}) | Note: "
+                "a tensor whose values barely vary at a large magnitude cannot be binned in float32 | Fix: pass "
+                "--calib-method MinMax") from exc
         tensors = calibrator.compute_data()
         del calibrator
     ranges = {name: (_scalar(data.range_value[0]), _scalar(data.range_value[1])) for name, data in tensors.data.items()}

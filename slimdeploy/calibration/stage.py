@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from slimdeploy.calibration.ranges import HistogramRangeError
 from slimdeploy.errors import BadInputError
 from slimdeploy.parity import run_batches
 
@@ -155,13 +156,19 @@ def best_calibration(convert: Callable[..., Any], fp32: ExportedGraphs, images: 
 
     scores: dict[str, dict[str, float]] = {}
     candidates: dict[str, Any] = {}
+    methods = []
     for method in AUTO_METHODS:
         name = label(method, placements[0])
-        candidates[name] = convert(method, placements[0])
+        try:
+            candidates[name] = convert(method, placements[0])
+        except HistogramRangeError as exc:  # MinMax always works: the others may drop out
+            say(f"{name}: left out ({str(exc).split(' | ')[0]})")
+            continue
+        methods.append(method)
         scores[name] = score(candidates[name], name)
     chosen = min(scores, key=lambda name: scores[name]["logits_error"])
     if not acceptable(scores[chosen]):
-        for method in AUTO_METHODS:
+        for method in methods:
             name = label(method, placements[1])
             candidates[name] = convert(method, placements[1], stored=candidates[label(method, placements[0])].record)
             scores[name] = score(candidates[name], name)

@@ -15,7 +15,9 @@ Each stage is a function in the folder of its stage, with a typed value between 
     bundle_contents      export/manifest.py       → files and manifest, written atomically
 
 What is special about a family (transforms, forms, outputs, decisions, sample cover, MACs,
-manifest fields) is its deploy recipe (``slimdeploy.recipes``); this module names none. The
+manifest fields) is its deploy recipe (``slimdeploy.recipes``); this module names none. A
+network of no registered family that is built with the decision protocol (``slimdeploy.nn``:
+``GatedBlock``, ``Exit``) gets the recipe that discovers its decisions. The
 options travel as one frozen ``ExportOptions``. A bundle whose parity fails is still written, so
 it can be inspected; the caller decides the exit code (the CLI exits 1). The ONNX of a TensorRT
 bundle is checked in ONNX Runtime exactly as for ``ort``; its engines are built on the target.
@@ -102,7 +104,7 @@ def export(checkpoint: str | Path, out: str | Path, options: ExportOptions | Non
     loaded = replace(loaded, preprocessing=choice.preprocessing, preprocessing_source=choice.sources,
                      notes=[*loaded.notes, *choice.notes])
     info = find_arch(loaded.arch)
-    recipe = recipe_for(info.family if info else None)
+    recipe = recipe_for(info.family if info else None, loaded.module)
     form = recipe.choose_form(options.dynamic, options.target)
     check_precision(options.precision, form)  # refuse int8 for 'if' and 'loop' before the long work
     recipe.check_options(loaded.arch, options)

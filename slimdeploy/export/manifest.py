@@ -18,6 +18,7 @@ import numpy as np
 
 from slimdeploy.bundle import GOLDEN, REFERENCE_WEIGHTS, REPORT
 from slimdeploy.calibration.stage import CALIBRATION_FILE
+from slimdeploy.loading import is_factory_spec
 from slimdeploy.versions import versions
 
 if TYPE_CHECKING:
@@ -67,7 +68,10 @@ def bundle_contents(out: Path, deployed: DeployedModel, held_out: HeldOut, check
             "transforms": deployment.transforms,
             "folds": deployment.folds,
             "family": arch_info.family if arch_info else "custom",
-            "dynamic": bool(arch_info.dynamic) if arch_info else False,
+            "dynamic": deployed.recipe.decision_kind is not None,
+            # The user's code that builds the model (--arch module:factory), None for a
+            # registered architecture: check --data and bench need it named again to run it.
+            "factory": loaded.arch if is_factory_spec(loaded.arch) else None,
             "source": Path(loaded.source).name,
             "params": deployed.macs.params,
             "macs": deployed.macs.macs,
@@ -118,13 +122,15 @@ def bundle_contents(out: Path, deployed: DeployedModel, held_out: HeldOut, check
     }
     if checked.record is not None:
         files[CALIBRATION_FILE] = checked.record
-    if options.reference_weights and arch_info is not None:
+    if options.reference_weights and (arch_info is not None or is_factory_spec(loaded.arch)):
         # The PyTorch weights ride along (weights_only format) so that, where torch is
-        # installed, `check --data` can compute fresh references and `bench` can time PyTorch.
+        # installed, `check --data` can compute fresh references and `bench` can time PyTorch
+        # (a model built by the user's code: when they name that code again).
         from slimdeploy.loading import save_checkpoint
 
         buffer = io.BytesIO()
-        save_checkpoint(buffer, deployment.reference, deployment.reference_arch, deployment.reference_args,
+        stored = deployment.reference if deployment.stored_module is None else deployment.stored_module
+        save_checkpoint(buffer, stored, deployment.reference_arch, deployment.reference_args,
                         loaded.preprocessing, loaded.meta)
         files[REFERENCE_WEIGHTS] = buffer.getvalue()
         manifest["reference_weights"] = REFERENCE_WEIGHTS

@@ -29,7 +29,9 @@ class ExportOptions:
     """How to export a checkpoint. Every field has the CLI flag's default.
 
     Attributes:
-        arch: registered architecture; needed when the checkpoint does not name one.
+        arch: registered architecture, needed when the checkpoint does not name one; or your
+            own code, ``module.path:factory`` or ``path/to/file.py:factory``: the factory is
+            imported and called with ``arch_args`` and the checkpoint is its state_dict.
         arch_args: constructor arguments overriding the checkpoint's and the inferred ones.
             Defaults to none.
         target: ``"ort"`` (ONNX Runtime) or ``"trt"`` (TensorRT: the bundle also records how

@@ -20,6 +20,7 @@ from torch import nn
 
 from slimdeploy.models.mobilenet import MobileNetV1
 from slimdeploy.models.registry import register_model
+from slimdeploy.nn.exit import Exit
 from slimdeploy.nn.exit_stage import EarlyExitNet, ExitHead, Key, check_exit_rule
 
 DEFAULT_EXITS = (3, 7)
@@ -56,16 +57,19 @@ class BranchyMobileNetV1(EarlyExitNet):
         self.n_stages = len(self.exits) + 1
         self.num_classes = num_classes
         self.input_size = self.backbone.input_size
-        self.exit_rule = check_exit_rule(exit_rule)
+        check_exit_rule(exit_rule)
         thresholds = list(exit_thresholds) if exit_thresholds is not None else [DEFAULT_THRESHOLD] * self.n_stages
         if len(thresholds) != self.n_stages:
             raise ValueError(f"exit_thresholds needs {self.n_stages} values (one per stage), got {len(thresholds)}")
-        self.exit_thresholds = [float(t) for t in thresholds]
         # Stage j runs blocks [bounds[j], bounds[j + 1]).
         self.bounds = [0, *self.exits, blocks]
         self.heads = nn.ModuleList(
             ExitHead(self.backbone.features[e - 1].pw_conv.out_channels, num_classes) for e in self.exits
         )
+        # The extra heads and the backbone's classifier as the decision protocol's exits
+        # (slimdeploy.nn.Exit), keys kept as they are.
+        heads = [*self.heads, _BackboneClassifier(self.backbone)]
+        self.exit_modules = [Exit(head, exit_rule, t, register_head=False) for head, t in zip(heads, thresholds)]
 
     def needs(self, stage: int) -> list[Key]:
         return [(stage - 1, 0)] if stage else []
@@ -80,11 +84,18 @@ class BranchyMobileNetV1(EarlyExitNet):
         h = self.backbone.stem(x) if stage == 0 else carried[(stage - 1, 0)]
         for block in range(self.bounds[stage], self.bounds[stage + 1]):
             h = self.backbone.features[block](h)
-        if stage == self.n_stages - 1:
-            logits = self.backbone.classifier(self.backbone.dropout(torch.flatten(self.backbone.pool(h), 1)))
-        else:
-            logits = self.heads[stage](h)
-        return logits, [h]
+        return self.exit_modules[stage](h), [h]
+
+
+class _BackboneClassifier(nn.Module):
+    """The backbone's own head (pool, dropout, classifier) as the last exit's head."""
+
+    def __init__(self, backbone: MobileNetV1) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.backbone.classifier(self.backbone.dropout(torch.flatten(self.backbone.pool(h), 1)))
 
 
 @register_model("branchy_mobilenet_v1", family="early_exit", input_size=(3, 224, 224), dynamic=True)

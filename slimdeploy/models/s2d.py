@@ -11,7 +11,8 @@ so this file defines the network from its configuration:
   stage j owns channels ``[splits[l][j-1], splits[l][j])``.
 - ``reuse[l][j]``: earlier stages whose layer l-1 output stage j's layer l also reads
   (concatenated in stage order before its own); ``reuse[0]`` is all empty (the stem reads the image).
-- one ``ExitHead`` per stage on the stage's last-layer features;
+- one ``ExitHead`` per stage on the stage's last-layer features, used as an ``nn.Exit`` (the
+  decision protocol's exit, with the rule and the stage's threshold);
 - ``exit_rule`` (``max_softmax`` or ``entropy``) and ``exit_thresholds`` (one per stage, the
   last ignored: the last stage always answers).
 
@@ -33,6 +34,7 @@ import torch
 from torch import nn
 
 from slimdeploy.models.registry import register_model
+from slimdeploy.nn.exit import Exit
 from slimdeploy.nn.exit_stage import EarlyExitNet, ExitHead, Key, check_exit_rule
 
 DEFAULT_FRACTIONS = (0.25, 0.5, 1.0)
@@ -119,10 +121,9 @@ class S2DResNetCifar(EarlyExitNet):
         self.splits = [list(map(int, s)) for s in (splits or default_splits(widths))]
         self.n_layers, self.n_stages = len(layers), len(self.splits[0])
         self.reuse = [[sorted(map(int, r)) for r in layer] for layer in (reuse or dense_reuse(self.n_layers, self.n_stages))]
-        self.exit_rule = check_exit_rule(exit_rule)
+        check_exit_rule(exit_rule)
         thresholds = list(exit_thresholds) if exit_thresholds is not None else [DEFAULT_THRESHOLD] * self.n_stages
         self._validate(widths, thresholds)
-        self.exit_thresholds = [float(t) for t in thresholds]
         self.num_classes = num_classes
         self.stages = nn.ModuleList()
         for j in range(self.n_stages):
@@ -136,6 +137,8 @@ class S2DResNetCifar(EarlyExitNet):
                     stage.append(_BlockLayer(reads, out, stride))
             self.stages.append(stage)
         self.heads = nn.ModuleList(ExitHead(self.width(j, self.n_layers - 1), num_classes) for j in range(self.n_stages))
+        # The heads as the decision protocol's exits (slimdeploy.nn.Exit), keys kept as they are.
+        self.exit_modules = [Exit(head, exit_rule, t, register_head=False) for head, t in zip(self.heads, thresholds)]
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
@@ -179,7 +182,7 @@ class S2DResNetCifar(EarlyExitNet):
                 continue
             inputs = [carried[(i, layer - 1)] for i in self.reuse[layer][stage]] + [features[-1]]
             features.append(module(torch.cat(inputs, dim=1) if len(inputs) > 1 else inputs[0]))
-        return self.heads[stage](features[-1]), features
+        return self.exit_modules[stage](features[-1]), features
 
 
 def _s2d(depth: int, num_classes: int, splits: Any, reuse: Any, exit_rule: str, exit_thresholds: Any) -> S2DResNetCifar:

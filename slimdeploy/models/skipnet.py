@@ -28,7 +28,13 @@ The model API, which every export form builds on:
 - ``forward(x, gate_threshold=0.5) -> (logits [B, classes], gates [B, n_gated] uint8,
   gate_probs [B, n_gated] float32)``, ``n_gated = n_blocks - 1``, column j about block j + 1;
 - the pieces it is written with: ``stem``, ``n_blocks``, ``block(k)``, ``run_block(k, x)``,
-  ``skip(k, x)``, ``gate_init_state(x)``, ``gate(k, features, state)``, ``head``.
+  ``skip(k, x)``, ``gate_init_state(x)``, ``gate(k, features, state)``, ``head``
+  (``nn.gated_network.GatedNetwork``, the API of any network built with ``GatedBlock``s).
+
+The decisions are the decision protocol's (``slimdeploy.nn``): blocks 1..n-1 are
+``GatedBlock``s over the official modules (gate k - 1, the block, its ``downsample`` as the skip
+path), recurrent gates ``ControlledGate``s of the shared LSTM; they register nothing, so the
+state_dict keys stay the official ones.
 
 Unlike the official code, batch size 1 works (no bare ``squeeze()``).
 """
@@ -43,6 +49,9 @@ from torch import nn
 from torch.nn import functional
 
 from slimdeploy.models.registry import register_model
+from slimdeploy.nn.decisions import record_decisions
+from slimdeploy.nn.gated_block import ControlledGate, GatedBlock, run_gate
+from slimdeploy.nn.gated_network import GatedNetwork
 from slimdeploy.nn.gated_residual import (
     GatedBasicBlock,
     GatedBottleneck,
@@ -78,7 +87,18 @@ _LAYOUT: dict[str, dict[str, Any]] = {
 }
 
 
-class SkipNet(nn.Module):
+class _GateEmbedding(nn.Module):
+    """A recurrent gate's per-block embedding as a ``ControlledGate``'s ``embed``: [B, embed_dim]."""
+
+    def __init__(self, module: RecurrentGateEmbedding) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module.embed(x)
+
+
+class SkipNet(GatedNetwork):
     """A gated ResNet with the official SkipNet module layout.
 
     Args:
@@ -168,6 +188,14 @@ class SkipNet(nn.Module):
         self.avgpool = nn.AvgPool2d(layout["head_pool"])
         self.fc = nn.Linear(in_planes, num_classes)
         self._init_weights()
+        # The official modules seen through the decision protocol (slimdeploy.nn): gate k as a
+        # gate (a ControlledGate of the shared LSTM for recurrent gates), block k + 1 as a
+        # GatedBlock. They register nothing, so the keys stay the official ones.
+        self.__dict__["_gates"] = [self._protocol_gate(k) for k in range(self.n_blocks)]
+        self.__dict__["_gated_blocks"] = [
+            GatedBlock(self.block(k), self._gates[k - 1], self.block(k).downsample, register_parts=False)
+            for k in range(1, self.n_blocks)
+        ]
 
     def _make_gate(self, channels: int, side: int, embed_dim: int) -> nn.Module:
         if self.gate_type == "ffgate1":
@@ -175,6 +203,13 @@ class SkipNet(nn.Module):
         if self.gate_type == "ffgate2":
             return FeedforwardGateII(channels, side)
         return RecurrentGateEmbedding(channels, side, embed_dim)
+
+    def _protocol_gate(self, k: int) -> nn.Module:
+        module = self.gate_module(k)
+        if self.control is None:
+            return module
+        assert isinstance(module, RecurrentGateEmbedding)
+        return ControlledGate(_GateEmbedding(module), self.control)
 
     def _init_weights(self) -> None:
         # The official initialisation: normal convolutions with std sqrt(2 / (k*k*out)), BN
@@ -200,6 +235,11 @@ class SkipNet(nn.Module):
         return len(self.block_names)
 
     @property
+    def gated_blocks(self) -> list[GatedBlock]:
+        """Blocks 1..n-1 as ``GatedBlock``s (block k gated by gate k - 1)."""
+        return self._gated_blocks
+
+    @property
     def n_gated(self) -> int:
         """Number of gated blocks: every block but the first."""
         return len(self.block_names) - 1
@@ -217,13 +257,9 @@ class SkipNet(nn.Module):
         x = torch.relu(self.bn1(self.conv1(x)))
         return x if self.maxpool is None else self.maxpool(x)
 
-    def run_block(self, k: int, x: torch.Tensor) -> torch.Tensor:
-        """Block k executed."""
-        return self.block(k)(x)
-
-    def skip(self, k: int, x: torch.Tensor) -> torch.Tensor:
-        """Block k skipped: its downsample path where it has one, else ``x``."""
-        return self.block(k).skip(x)
+    def first_block(self, x: torch.Tensor) -> torch.Tensor:
+        """Block 0, which always runs."""
+        return self.block(0)(x)
 
     def gate_init_state(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The state carried from gate to gate at the start of a forward: ``()`` for
@@ -236,13 +272,9 @@ class SkipNet(nn.Module):
     def gate(
         self, k: int, features: torch.Tensor, state: tuple[torch.Tensor, ...]
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        """Gate k on block k's output: (probability [B] that block k + 1 executes, new state)."""
-        module = self.gate_module(k)
-        if self.control is None:
-            return module(features), state
-        assert isinstance(module, RecurrentGateEmbedding)
-        h, c = state
-        return self.control(module.embed(features), (h, c))
+        """Gate k on block k's output: (probability [B] that block k + 1 executes, new state).
+        Every block has a gate, the last one's deciding nothing (official_forward evaluates it)."""
+        return run_gate(self._gates[k], features, state)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Output of the last block -> logits [B, num_classes]."""
@@ -257,30 +289,23 @@ class SkipNet(nn.Module):
         1 = executed, gate_probs [B, n_gated] float32 probability of executing).
 
         Column j describes block j + 1. Every block is computed and each sample takes the
-        executed or the skip path (exact, but saves nothing: the export forms do that). The last
-        block's gate decides nothing, so it is not evaluated here.
+        executed or the skip path (``GatedBlock``: exact, but saves nothing: the export forms do
+        that). The last block's gate decides nothing, so it is not evaluated here.
 
         Args:
             x: images [B, 3, H, W].
             gate_threshold: a block executes iff its probability is strictly greater. A float
                 or a 0-D tensor (a graph input once exported). Defaults to 0.5.
         """
-        x = self.stem(x)
-        state = self.gate_init_state(x)
-        x = self.run_block(0, x)
-        decisions: list[torch.Tensor] = []
-        probs: list[torch.Tensor] = []
-        for k in range(1, self.n_blocks):
-            prob, state = self.gate(k - 1, x, state)
-            execute = prob > gate_threshold
-            x = torch.where(execute[:, None, None, None], self.run_block(k, x), self.skip(k, x))
-            decisions.append(execute)
-            probs.append(prob)
-        logits = self.head(x)
-        if not probs:  # a single-block network decides nothing
+        with record_decisions(gate_threshold) as record:
+            x = self.run_block(0, self.stem(x))
+            for block in self.gated_blocks:
+                x = block(x)
+            logits = self.head(x)
+        if not record.executed:  # a single-block network decides nothing
             empty = logits.new_zeros((logits.shape[0], 0))
             return logits, empty.to(torch.uint8), empty
-        return logits, torch.stack(decisions, dim=1).to(torch.uint8), torch.stack(probs, dim=1)
+        return logits, record.gates(), record.gate_probs()
 
     # --- the official return signature, for tests against upstream ------------------------
 

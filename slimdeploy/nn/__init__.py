@@ -1,10 +1,16 @@
-"""Canonical building blocks shared by the reference architectures (one block per file).
+"""Canonical building blocks shared by the reference architectures (one block per file), and
+the decision protocol any network can use to be deployed with its gates and exits:
+``GatedBlock`` (with ``ControlledGate`` for gates that share state), ``Exit`` and
+``record_decisions`` (docs/design.md §3, "Your own dynamic network").
 
 Importing this package imports torch.
 """
 
 from slimdeploy.nn.condensed_conv import CondensedConv, CondensedLinear
+from slimdeploy.nn.decisions import DecisionRecord, record_decisions
 from slimdeploy.nn.depthwise_separable import DepthwiseSeparable
+from slimdeploy.nn.exit import Exit
+from slimdeploy.nn.gated_block import ControlledGate, GatedBlock
 from slimdeploy.nn.gated_residual import (
     GatedBasicBlock,
     GatedBottleneck,
@@ -26,10 +32,14 @@ __all__ = [
     "CondensedConv",
     "CondensedLinear",
     "CondensedSFR",
+    "ControlledGate",
+    "DecisionRecord",
     "DepthwiseSeparable",
+    "Exit",
     "FeedforwardGateI",
     "FeedforwardGateII",
     "GatedBasicBlock",
+    "GatedBlock",
     "GatedBottleneck",
     "GatedResidual",
     "LearnedGroupConv",
@@ -39,4 +49,5 @@ __all__ = [
     "SparseFeatureReactivation",
     "SqueezeExcite",
     "projection_shortcut",
+    "record_decisions",
 ]

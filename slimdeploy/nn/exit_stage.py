@@ -14,6 +14,7 @@ decide on the same numbers.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -66,8 +67,9 @@ class EarlyExitNet(nn.Module):
     """Base of early-exit networks: stages run in order, each ending in a classifier; a sample
     leaves at the first stage whose confidence passes its threshold.
 
-    Subclasses set ``n_stages``, ``num_classes``, ``exit_rule`` and ``exit_thresholds`` (a list,
-    one per stage) and implement ``run_stage``, ``needs`` and ``provides``; ``reads_input`` says
+    Subclasses set ``n_stages``, ``num_classes`` and ``exit_modules`` (one ``nn.exit.Exit`` per
+    stage, whose rule and thresholds are ``exit_rule`` and ``exit_thresholds``; the rule is the
+    first exit's) and implement ``run_stage``, ``needs`` and ``provides``; ``reads_input`` says
     whether a stage reads the image (the exporters and the staged controller feed it only then).
 
     ``forward(x, exit_thresholds=None) -> (logits, exit_stage, exit_confidence)`` really stops:
@@ -78,8 +80,25 @@ class EarlyExitNet(nn.Module):
 
     n_stages: int
     num_classes: int
-    exit_rule: str
-    exit_thresholds: list[float]
+    exit_modules: Sequence[Any]  # nn.exit.Exit, one per stage
+
+    @property
+    def exit_rule(self) -> str:
+        """How every exit's confidence is compared (``max_softmax`` or ``entropy``)."""
+        return self.exit_modules[0].rule
+
+    @property
+    def exit_thresholds(self) -> list[float]:
+        """Each stage's default threshold (the last is ignored: the last stage always answers)."""
+        return [float(e.threshold) for e in self.exit_modules]
+
+    @exit_thresholds.setter
+    def exit_thresholds(self, values: Sequence[float]) -> None:
+        values = [float(v) for v in values]
+        if len(values) != len(self.exit_modules):
+            raise ValueError(f"exit_thresholds needs {len(self.exit_modules)} values (one per stage), got {len(values)}")
+        for exit_, value in zip(self.exit_modules, values):
+            exit_.threshold.fill_(value)
 
     def needs(self, stage: int) -> list[Key]:
         """Earlier stages' feature maps ``stage`` reads, sorted."""

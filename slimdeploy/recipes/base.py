@@ -6,7 +6,8 @@ pipeline stays generic (as Optimum keeps one ``OnnxConfig`` per architecture and
 - ``check_options``: refuse options that do not apply to the family, before any work;
 - ``choose_form``: the dynamic forms it supports and the default per target;
 - ``deploy``: the deploy transforms for a target and precision (condense, folds), which give the
-  module that is exported and the one parity compares against;
+  module that is exported and the one parity compares against; ``reference_module`` gives the
+  latter again from a bundle's ``reference.pt``;
 - ``count_macs``: how its MACs are counted;
 - ``output_names``, ``decisions``, ``thresholds``: its outputs, decision specs and threshold
   inputs with their defaults;
@@ -16,7 +17,8 @@ pipeline stays generic (as Optimum keeps one ``OnnxConfig`` per architecture and
 
 ``DeployRecipe`` itself is the plain recipe: a static model exported as it is, one graph, one
 ``logits`` output. Families override what differs (``recipes/gated.py``, ``early_exit.py``,
-``condensenet.py``, ``spconv.py``).
+``condensenet.py``, ``spconv.py``); networks built with the decision protocol get
+``recipes/discovered.py``.
 """
 
 from __future__ import annotations
@@ -53,6 +55,9 @@ class Deployment:
             convolutions dense, which ``graph_macs`` then counts).
         transforms: names of the transforms applied, in order (manifest ``model.transforms``).
         folds: count of each fold (manifest ``model.folds``).
+        stored_module: the module whose weights ``reference.pt`` stores, which
+            ``reference_arch`` builds; None stores ``reference`` itself (a discovered network
+            stores the user's model, not the adapter around it).
     """
 
     module: Any
@@ -64,6 +69,7 @@ class Deployment:
     design: Any
     transforms: list[str] = field(default_factory=list)
     folds: dict[str, int] = field(default_factory=dict)
+    stored_module: Any = None
 
     @classmethod
     def as_loaded(cls, loaded: LoadedModel) -> Deployment:
@@ -117,6 +123,11 @@ class DeployRecipe:
     def deploy(self, loaded: LoadedModel, options: ExportOptions, say: Progress) -> Deployment:
         """The deploy transforms for ``options.target`` and ``options.precision``. Plain: none."""
         return Deployment.as_loaded(loaded)
+
+    def reference_module(self, loaded: LoadedModel) -> Any:
+        """The module whose forward gives ``output_names`` for a checkpoint read back (a
+        bundle's ``reference.pt``: ``check --data`` and ``bench``). Plain: the loaded module."""
+        return loaded.module
 
     def count_macs(self, deployment: Deployment, input_size: tuple[int, ...]) -> tuple[MacsReport, int]:
         """MACs and parameters of the model as designed, and the MACs of the exported graph

@@ -1,7 +1,9 @@
 """Registry of deploy recipes, keyed by the architecture family they serve.
 
 Registering a family twice raises, as the architecture registry does. A model whose family has
-no recipe (a static family, or a pickled module of an unregistered class) gets the plain one.
+no recipe gets the recipe of the decision protocol when it is built with it (``GatedBlock``,
+``Exit``: ``recipes.discovered``), else the plain one (a static family, or a module of an
+unregistered class).
 
     @register_recipe("skipnet")
     class GatedRecipe(DeployRecipe): ...
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from slimdeploy.errors import DuplicateRegistrationError
 
@@ -19,6 +21,8 @@ if TYPE_CHECKING:
     from slimdeploy.recipes.base import DeployRecipe
 
 _RECIPES: dict[str, DeployRecipe] = {}
+# Asked in order, for a model whose family has no recipe: module -> a recipe, or None.
+_FALLBACKS: list[Callable[[Any], DeployRecipe | None]] = []
 
 # Modules whose import registers recipes (one per family that contributes something).
 RECIPE_MODULES = (
@@ -26,6 +30,7 @@ RECIPE_MODULES = (
     "slimdeploy.recipes.early_exit",
     "slimdeploy.recipes.condensenet",
     "slimdeploy.recipes.spconv",
+    "slimdeploy.recipes.discovered",
 )
 
 
@@ -41,13 +46,26 @@ def register_recipe(family: str) -> Callable[[type[DeployRecipe]], type[DeployRe
     return wrap
 
 
-def recipe_for(family: str | None) -> DeployRecipe:
-    """The recipe of ``family``; the plain recipe when it has none (or for None: a module of an
-    unregistered class)."""
+def register_fallback(find: Callable[[Any], DeployRecipe | None]) -> Callable[[Any], DeployRecipe | None]:
+    """Register ``find(module)``: the recipe of a model whose family has none (None to pass)."""
+    _FALLBACKS.append(find)
+    return find
+
+
+def recipe_for(family: str | None, module: Any = None) -> DeployRecipe:
+    """The recipe of ``family``; when it has none (or for None: a module of an unregistered
+    class), the discovered recipe of ``module`` if it is built with the decision protocol, else
+    the plain recipe."""
     from slimdeploy.recipes.base import DeployRecipe
 
     _ensure_loaded()
-    return _RECIPES.get(family or "", DeployRecipe())
+    if family in _RECIPES:
+        return _RECIPES[family]
+    for find in _FALLBACKS if module is not None else []:
+        found = find(module)
+        if found is not None:
+            return found
+    return DeployRecipe()
 
 
 def registered_recipes() -> dict[str, DeployRecipe]:
