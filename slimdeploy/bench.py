@@ -244,7 +244,14 @@ def tiled_feed(bundle: Bundle, batch_size: int) -> dict[str, np.ndarray]:
 
 
 def gated_macs(plan: dict[str, Any], gates: np.ndarray, form: str, batch_size: int) -> float:
-    """Mean MACs per sample of a gated network for given decisions, as ``form`` computes them.
+    """Mean MACs per sample of a gated network for given decisions, as ``form`` computes them
+    (``gated_macs_total`` over the number of samples)."""
+    return float(gated_macs_total(plan, gates, form, batch_size) / max(len(gates), 1))
+
+
+def gated_macs_total(plan: dict[str, Any], gates: np.ndarray, form: str, batch_size: int) -> int:
+    """Total MACs of a gated network over all samples for given decisions, as ``form`` computes
+    them: an integer, so totals of batches add up exactly.
 
     Args:
         plan: the manifest's ``gating`` (``n_blocks``, ``skips``, ``macs`` per piece).
@@ -257,20 +264,20 @@ def gated_macs(plan: dict[str, Any], gates: np.ndarray, form: str, batch_size: i
     """
     macs, skips = plan["macs"], set(plan["skips"])
     n = len(gates)
-    total = (macs["stem"] + macs["head"] + sum(macs[f"gate{k - 1}"] for k in range(1, plan["n_blocks"]))) * n
+    total = (int(macs["stem"]) + int(macs["head"]) + sum(int(macs[f"gate{k - 1}"]) for k in range(1, plan["n_blocks"]))) * n
     for k in range(1, plan["n_blocks"]):
         on = gates[:, k - 1].astype(bool)
-        exec_macs, skip_macs = macs[f"exec{k}"], macs.get(f"skip{k}", 0) if k in skips else 0
+        exec_macs, skip_macs = int(macs[f"exec{k}"]), int(macs.get(f"skip{k}", 0)) if k in skips else 0
         if form == "mask":
             total += (exec_macs + skip_macs) * n
         elif form in ("if", "loop"):
             batches_on = sum(len(chunk) for chunk in np.array_split(on, max(1, -(-n // batch_size))) if chunk.any())
             total += exec_macs * batches_on + skip_macs * n
         elif form == "compact":
-            total += exec_macs * on.sum() + skip_macs * n
+            total += exec_macs * int(on.sum()) + skip_macs * n
         else:  # staged, ideal
-            total += exec_macs * on.sum() + skip_macs * (~on).sum()
-    return float(total / max(n, 1))
+            total += exec_macs * int(on.sum()) + skip_macs * int((~on).sum())
+    return int(total)
 
 
 def decision_stats(bundle: Bundle, gates: np.ndarray, batch_sizes: Sequence[int]) -> DecisionStats:
@@ -294,17 +301,26 @@ def exit_macs(macs_per_stage: Sequence[int], exit_stage: np.ndarray, form: str, 
     """Mean MACs per sample of an early-exit network for given exit stages, as ``form`` computes
     them: ``mask`` (every stage), ``if`` (a stage runs on the whole batch when any sample of it
     reaches the stage), ``staged`` or ``ideal`` (each sample up to its exit stage)."""
-    n, stages = len(exit_stage), len(macs_per_stage)
-    if form == "mask" or n == 0:
+    n = len(exit_stage)
+    if n == 0:
         return float(sum(macs_per_stage))
+    return float(exit_macs_total(macs_per_stage, exit_stage, form, batch_size) / n)
+
+
+def exit_macs_total(macs_per_stage: Sequence[int], exit_stage: np.ndarray, form: str, batch_size: int) -> int:
+    """Total MACs over all samples of an early-exit network for given exit stages (``exit_macs``
+    times the samples): an integer, so totals of batches add up exactly."""
+    n, stages = len(exit_stage), len(macs_per_stage)
+    if form == "mask":
+        return int(sum(int(m) for m in macs_per_stage)) * n
     if form == "if":
-        total = 0.0
+        total = 0
         for chunk in np.array_split(exit_stage, max(1, -(-n // batch_size))):
             if len(chunk):
-                total += len(chunk) * sum(macs_per_stage[: int(chunk.max()) + 1])
-        return total / n
-    cumulative = np.cumsum(macs_per_stage)
-    return float(cumulative[np.clip(exit_stage, 0, stages - 1)].mean())
+                total += len(chunk) * sum(int(m) for m in macs_per_stage[: int(chunk.max()) + 1])
+        return total
+    cumulative = np.cumsum(np.asarray(macs_per_stage, dtype=np.int64))
+    return int(cumulative[np.clip(exit_stage, 0, stages - 1)].sum()) if n else 0
 
 
 def exit_stats(bundle: Bundle, outputs: Mapping[str, np.ndarray], batch_sizes: Sequence[int], labels: np.ndarray | None = None) -> ExitStats:
