@@ -128,6 +128,8 @@ class BenchReport:
     sweep: list[SweepPoint] = field(default_factory=list)
     # Where the sweep's inputs came from (``digits:heldout``, the --data file, ``golden``).
     sweep_source: str = ""
+    # A sweep streamed over a dataset: what was read and how it ran (``dataset.DatasetSummary``).
+    sweep_dataset: Any = None
     notes: list[str] = field(default_factory=list)
     # What makes the figures less than trustworthy (other load), printed as warnings.
     warnings: list[str] = field(default_factory=list)
@@ -547,6 +549,8 @@ def bench_bundle(
     device: str = "cpu",
     sweep: Sequence[float] | None = None,
     data: str | Path | None = None,
+    stream: Any = None,
+    stream_progress: Any = None,
 ) -> BenchReport:
     """Benchmark a bundle on ONNX Runtime and, when possible, PyTorch eager.
 
@@ -568,7 +572,13 @@ def bench_bundle(
             default thresholds. Defaults to none.
         data: .npz (``input``, optional ``labels``) or .npy of inputs the sweep runs on.
             Defaults to the whole digits held-out split for a bundle checked on digits (where
-            scikit-learn is installed), else the golden inputs (``sweep_inputs``).
+            scikit-learn is installed), else the golden inputs (``sweep_inputs``). A folder or
+            a glob is a dataset, streamed (``dataset.sweep_dataset``).
+        stream: ``dataset.DatasetOptions`` for a streamed sweep (workers, Ray, work folder,
+            bad inputs); given, ``data`` is streamed even when it is one file. Defaults to the
+            defaults for a folder or glob.
+        stream_progress: ``dataset.Progress`` told the samples a streamed sweep finished.
+            Defaults to silence.
 
     Timings are flagged ``noisy`` (with a warning) when other processes kept more than
     ``machine.NOISY_OTHER_CORES`` cores busy during any of them; a realised speed-up below the
@@ -588,8 +598,19 @@ def bench_bundle(
         raise BadInputError("--sweep applies to early-exit bundles (exit thresholds); this bundle has none | Fix: leave out --sweep")
     golden_input = bundle.golden()["input"]
     check_batch_memory(batch_sizes, golden_input[:1].nbytes)
-    # The sweep's inputs are read and checked before any timing.
-    sweep_images, sweep_labels, sweep_source = sweep_inputs(bundle, data) if sweep else (None, None, "")
+    # The sweep's inputs are read and checked before any timing (a dataset is listed).
+    if sweep and data is not None and stream is None and _is_dataset(str(data)):
+        from slimdeploy.dataset import DatasetOptions
+
+        stream = DatasetOptions()
+    if sweep and stream is not None:
+        from slimdeploy.dataset import open_source
+
+        if data is None:
+            raise BadInputError("a streamed sweep needs --data | Fix: add --data FOLDER (or a glob of .npz shards)")
+        open_source(str(data), stream.shard_size or 1000, stream.on_bad)
+    streamed = bool(sweep) and stream is not None
+    sweep_images, sweep_labels, sweep_source = sweep_inputs(bundle, data) if sweep and not streamed else (None, None, "")
     report = BenchReport(bundle=str(bundle.path), threads=threads)
     backend = "tensorrt" if device == "tensorrt" else "onnxruntime"
     runners: list[Runner] = [bundle_runner(bundle, device=device, threads=threads)]
@@ -641,7 +662,18 @@ def bench_bundle(
             outputs = runner.infer({"input": golden["input"]})
             report.exits = exit_stats(bundle, outputs, batch_sizes, golden.get("labels"))
             report.notes.append(f"exit shares and accuracy are over the {len(golden['input'])} golden inputs")
-            if sweep:
+            if sweep and streamed:
+                from dataclasses import replace
+
+                from slimdeploy.dataset import sweep_dataset
+
+                say(f"threshold sweep over {len(sweep)} settings and the default, streamed over {data}")
+                with OtherLoad() as other:
+                    report.sweep, report.sweep_dataset = sweep_dataset(
+                        bundle, str(data), sweep, replace(stream, batch_sizes=[batch_sizes[0]]), stream_progress)
+                report.sweep_source = report.sweep_dataset.source
+                _flag_other_load(report, other.cores)
+            elif sweep:
                 say(f"threshold sweep over {len(sweep)} settings and the default, on {len(sweep_images)} samples of {sweep_source}")
                 plan = bundle.manifest["exits"]
                 macs = [int(plan["macs"][f"stage{j}"]) for j in range(plan["n_stages"])]
@@ -653,6 +685,12 @@ def bench_bundle(
                 _flag_other_load(report, other.cores)
     report.notes.extend(overhead_notes(bundle, report))
     return report
+
+
+def _is_dataset(data: str) -> bool:
+    from slimdeploy.dataset import is_dataset
+
+    return is_dataset(data)
 
 
 def sweep_inputs(bundle: Bundle, data: str | Path | None) -> tuple[np.ndarray, np.ndarray | None, str]:

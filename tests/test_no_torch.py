@@ -55,7 +55,8 @@ def test_runtime_modules_import_without_torch(no_torch_env: dict[str, str]) -> N
         "import sys, slimdeploy, slimdeploy.cli, slimdeploy.engines, slimdeploy.bundle, slimdeploy.parity, "
         "slimdeploy.bench, slimdeploy.describe, slimdeploy.exporters, slimdeploy.export, slimdeploy.loading, "
         "slimdeploy.models.registry, slimdeploy.zoo, slimdeploy.build, slimdeploy.engines.trt_runner, "
-        "slimdeploy.engines.trt_build;"
+        "slimdeploy.engines.trt_build, slimdeploy.dataset, slimdeploy.dataset.job, slimdeploy.dataset.references, "
+        "slimdeploy.dataset.progress;"
         "bad = [m for m in ('torch', 'tensorrt', 'onnxslim') if m in sys.modules]; print(bad); sys.exit(bool(bad))"
     )
     result = subprocess.run([sys.executable, "-c", code], env={**os.environ, **no_torch_env}, capture_output=True, text=True)

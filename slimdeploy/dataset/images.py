@@ -64,7 +64,10 @@ def read_image(
     except BadInputError as exc:
         raise BadImageError(str(exc).split(" | ")[0]) from None
     except Exception as exc:  # UnidentifiedImageError, OSError, DecompressionBombError, truncated data...
-        raise BadImageError(f"cannot decode ({type(exc).__name__}: {exc})") from None
+        # Pillow's messages can name the open handle (``<_io.BufferedReader name=3>``), which
+        # differs from worker to worker: the reason must not, so reports of runs compare.
+        detail = "not an image Pillow can read" if type(exc).__name__ == "UnidentifiedImageError" else str(exc)
+        raise BadImageError(f"cannot decode ({type(exc).__name__}: {detail})") from None
     planes = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
     if planes.shape[1:] != (height, width):
         planes = resize_bilinear(planes, height, width)
