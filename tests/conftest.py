@@ -118,3 +118,39 @@ def exported_bundle(tmp_path_factory: pytest.TempPathFactory, zoo_resnet_checkpo
     result = export(zoo_resnet_checkpoint, out, samples=16, batch_sizes=(1, 8))
     assert result.passed
     return out
+
+
+DIGITS_FOLDER_IMAGES = 240
+"""Images in ``digits_image_folder``: enough for several shards, few enough for a fast test."""
+DIGITS_FOLDER_SHARD = 60
+"""Shard size of the dataset tests on ``digits_image_folder`` (four shards)."""
+
+
+@pytest.fixture(scope="session")
+def digits_image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first ``DIGITS_FOLDER_IMAGES`` images of the digits held-out split as an image folder:
+    8x8 grey PNGs under one sub-folder per class (``0``..``9``), as torchvision's ImageFolder reads."""
+    import numpy as np
+    from PIL import Image
+
+    from slimdeploy.data import digits_split
+
+    root = tmp_path_factory.mktemp("datasets") / "digits"
+    grey, labels = digits_split("heldout")
+    for index, (image, label) in enumerate(zip(grey[:DIGITS_FOLDER_IMAGES], labels[:DIGITS_FOLDER_IMAGES])):
+        folder = root / str(int(label))
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.round(image * 255).astype(np.uint8)).save(folder / f"{index:05d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def digits_references(tmp_path_factory: pytest.TempPathFactory, exported_bundle: Path, digits_image_folder: Path) -> Path:
+    """Reference shards of ``digits_image_folder`` for ``exported_bundle`` (``slimdeploy
+    reference``), so that dataset checks run without torch in their workers."""
+    from slimdeploy.dataset import DatasetOptions, write_references
+
+    out = tmp_path_factory.mktemp("references") / "digits"
+    summary = write_references(exported_bundle, str(digits_image_folder), out, DatasetOptions(shard_size=DIGITS_FOLDER_SHARD))
+    assert summary.samples == DIGITS_FOLDER_IMAGES
+    return out

@@ -35,7 +35,12 @@ from typing import Any
 
 from slimdeploy.dataset.job import ShardWorker
 from slimdeploy.dataset.sources import Shard
-from slimdeploy.errors import BadInputError, OutputExistsError, SlimDeployError
+from slimdeploy.errors import (
+    BackendUnavailableError,
+    BadInputError,
+    OutputExistsError,
+    SlimDeployError,
+)
 from slimdeploy.files import atomic_output, output_error
 
 JOB_FILE = "job.json"
@@ -191,7 +196,7 @@ def run_shards(
                 on_answer(answer)
                 progress.advance(next(s.rows for s in pending if s.index == index))
             elif not answer.get("retry"):
-                raise ShardError(str(answer["error"]), int(answer.get("exit_code", 2)))
+                raise _domain_error(str(answer["error"]), int(answer.get("exit_code", 2)))
             else:
                 failed[index] = str(answer["error"])
         for index in failed:
@@ -204,6 +209,16 @@ def run_shards(
         retried += len(failed)
         pending = [shard for shard in pending if shard.index in failed]
     return retried
+
+
+def _domain_error(message: str, exit_code: int) -> SlimDeployError:
+    """A worker's domain error raised here as its own kind (bad input, backend unavailable),
+    so that callers catch it as they would in one process."""
+    if exit_code == BadInputError.exit_code:
+        return BadInputError(message)
+    if exit_code == BackendUnavailableError.exit_code:
+        return BackendUnavailableError(message)
+    return ShardError(message, exit_code)
 
 
 def _answers(spec: Mapping[str, Any], shards: Sequence[Shard], execution: Execution) -> Iterator[dict[str, Any]]:
@@ -275,7 +290,6 @@ def connect_ray(address: str, workers: int, cpus_per_worker: int) -> Any:
     from slimdeploy._optional import is_available
 
     if not is_available("ray"):
-        from slimdeploy.errors import BackendUnavailableError
 
         raise BackendUnavailableError(f"--ray needs Ray, which is not installed here | Fix: {RAY_HINT} (or leave out --ray: "
                                       "--workers N runs local processes)")
