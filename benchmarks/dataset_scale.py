@@ -2,7 +2,7 @@
 images, as an image folder and as .npz shards, in one process, on two worker processes and on
 a Ray local cluster of two actors.
 
-    python benchmarks/dataset_scale.py            # full run (20,000 images; about 8 minutes on 2 cores)
+    python benchmarks/dataset_scale.py            # full run (20,000 images; about 5 minutes on 2 cores)
     python benchmarks/dataset_scale.py --quick    # 400 and 1,000 images: a smoke test
 
 What one run does:

@@ -1,5 +1,5 @@
 """Parity, sweeps and references at dataset scale: any dataset streamed through a bundle, on one
-machine or a Ray cluster (docs/design.md §10).
+machine or a Ray cluster (README: "Checking a whole dataset").
 
 ``sources`` lists a dataset (image folder, array shards, one file) as shards read a chunk at a
 time; ``accumulate`` keeps every figure of a parity report as counts that merge exactly;

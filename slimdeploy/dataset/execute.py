@@ -290,7 +290,6 @@ def connect_ray(address: str, workers: int, cpus_per_worker: int) -> Any:
     from slimdeploy._optional import is_available
 
     if not is_available("ray"):
-
         raise BackendUnavailableError(f"--ray needs Ray, which is not installed here | Fix: {RAY_HINT} (or leave out --ray: "
                                       "--workers N runs local processes)")
     import ray
