@@ -69,7 +69,8 @@ AtolOpt = Annotated[float | None, typer.Option(help="Absolute tolerance for ever
 RtolOpt = Annotated[float | None, typer.Option(help="Relative tolerance for every output (default by precision: fp32 1e-3, fp16 1e-2, int8 0.1).")]
 # Dataset jobs (check/bench/reference --data FOLDER|GLOB): streamed, sharded, resumable, distributed.
 WorkersOpt = Annotated[int, typer.Option("--workers", help="Dataset jobs: worker processes (Ray actors with --ray), each holding the bundle; 1 runs in this process.")]
-RayOpt = Annotated[str | None, typer.Option("--ray", help="Dataset jobs: run on Ray (pip install 'slimdeploy[ray]'): 'auto' (the cluster Ray finds, else a local one) or a cluster address (ray://HEAD:10001).")]
+# "\\[ray]": rich would read a bare [ray] in help as markup and drop it.
+RayOpt = Annotated[str | None, typer.Option("--ray", help="Dataset jobs: run on Ray (pip install 'slimdeploy\\[ray]'): 'auto' (the cluster Ray finds, else a local one) or a cluster address (ray://HEAD:10001).")]
 WorkDirOpt = Annotated[Path | None, typer.Option("--work-dir", help="Dataset jobs: keep each shard's result in this folder, so that an interrupted run continues from the finished shards.")]
 OnBadOpt = Annotated[str | None, typer.Option("--on-bad-input", help="Dataset jobs: 'fail' (default: stop at the first bad image or row, naming it) or 'skip' (leave it out; each is listed in the report).")]
 ShardSizeOpt = Annotated[int | None, typer.Option("--shard-size", help="Dataset jobs: samples per shard, the unit of work and of resumption (default 1000).")]
@@ -563,9 +564,7 @@ def check(
 ) -> None:
     """Re-check a bundle's parity from the bundle alone (no torch needed), or over a whole dataset. Exit 1 on failure.
 
-    A folder or glob given to --data (or any of --workers, --ray, --work-dir, --references,
-    --on-bad-input, --shard-size) streams the data shard by shard, a batch at a time, with the
-    report's figures added up exactly across shards and workers.
+    A folder or glob given to --data (or any of --workers, --ray, --work-dir, --references, --on-bad-input, --shard-size) streams the data shard by shard, a batch at a time, with the report's figures added up exactly across shards and workers.
     """
     from slimdeploy.parity import check_bundle
 
@@ -809,7 +808,7 @@ def bench(
     device: DeviceOpt = "cpu",
     sweep: Annotated[str | None, typer.Option(help="Early-exit bundles: exit thresholds to sweep, comma-separated, or 'default' (0,0.5,0.8,0.9,0.95,0.98,0.99,0.995,0.999,1.01); the bundle's own thresholds are measured too. Default: no sweep.")] = None,
     data: Annotated[str | None, typer.Option(help="With --sweep: .npz (input, labels) or .npy of inputs to sweep over, or a dataset streamed as in check --data (an image folder, a folder or glob of .npz/.npy shards) (default: the whole digits held-out split for a bundle checked on digits, else its golden inputs).")] = None,
-    plot: Annotated[Path | None, typer.Option(help="With --sweep: draw the sweep to this PNG (needs matplotlib: pip install 'slimdeploy[plot]').", callback=_result_file("--plot"))] = None,
+    plot: Annotated[Path | None, typer.Option(help="With --sweep: draw the sweep to this PNG (needs matplotlib: pip install 'slimdeploy\\[plot]').", callback=_result_file("--plot"))] = None,
     workers: WorkersOpt = 1,
     ray: RayOpt = None,
     work_dir: WorkDirOpt = None,

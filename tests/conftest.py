@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -154,3 +155,17 @@ def digits_references(tmp_path_factory: pytest.TempPathFactory, exported_bundle:
     summary = write_references(exported_bundle, str(digits_image_folder), out, DatasetOptions(shard_size=DIGITS_FOLDER_SHARD))
     assert summary.samples == DIGITS_FOLDER_IMAGES
     return out
+
+
+def folder_inputs(folder: Path, input_size: tuple[int, int, int], mean: Any, std: Any) -> tuple[Any, Any]:
+    """The folder's images read here with Pillow and prepared as the digits are (not through
+    ``slimdeploy.dataset``), in ImageFolder order, with their labels."""
+    import numpy as np
+    from PIL import Image
+
+    from slimdeploy.data import prepare_images
+
+    classes = sorted(p.name for p in folder.iterdir())
+    files = [(path, label) for label, name in enumerate(classes) for path in sorted((folder / name).iterdir())]
+    grey = np.stack([np.asarray(Image.open(path).convert("L"), dtype=np.float32) / 255.0 for path, _ in files])
+    return prepare_images(grey, input_size, mean, std), np.asarray([label for _, label in files], dtype=np.int64)

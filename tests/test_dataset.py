@@ -23,7 +23,13 @@ from slimdeploy.dataset import (
 )
 from slimdeploy.dataset.execute import SHARDS_DIR, Progress
 from slimdeploy.errors import BadInputError, OutputExistsError
-from tests.conftest import DIGITS_FOLDER_IMAGES, DIGITS_FOLDER_SHARD, assert_one_line_error, run_cli
+from tests.conftest import (
+    DIGITS_FOLDER_IMAGES,
+    DIGITS_FOLDER_SHARD,
+    assert_one_line_error,
+    folder_inputs,
+    run_cli,
+)
 
 SHARDS = DIGITS_FOLDER_IMAGES // DIGITS_FOLDER_SHARD
 
@@ -44,19 +50,6 @@ def comparable_json(report: dict[str, Any]) -> dict[str, Any]:
 def single(exported_bundle: Path, digits_image_folder: Path, digits_references: Path) -> Any:
     """The folder checked in this process, shard after shard."""
     return check_dataset(exported_bundle, str(digits_image_folder), options(digits_references))
-
-
-def folder_inputs(folder: Path, input_size: tuple[int, int, int], mean: Any, std: Any) -> tuple[np.ndarray, np.ndarray]:
-    """The folder's images read here with Pillow and prepared as the digits are (not through
-    ``slimdeploy.dataset``), in ImageFolder order, with their labels."""
-    from PIL import Image
-
-    from slimdeploy.data import prepare_images
-
-    classes = sorted(p.name for p in folder.iterdir())
-    files = [(path, label) for label, name in enumerate(classes) for path in sorted((folder / name).iterdir())]
-    grey = np.stack([np.asarray(Image.open(path).convert("L"), dtype=np.float32) / 255.0 for path, _ in files])
-    return prepare_images(grey, input_size, mean, std), np.asarray([label for _, label in files], dtype=np.int64)
 
 
 def test_streamed_report_matches_the_in_memory_check(tmp_path: Path, exported_bundle: Path, digits_image_folder: Path, single: Any) -> None:
