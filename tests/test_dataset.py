@@ -167,3 +167,28 @@ def test_bad_sources_and_options_get_one_line(tmp_path: Path, exported_bundle: P
     result = run_cli("check", str(exported_bundle), *[arg.format(**names) for arg in args])
     assert_one_line_error(result, 2, *fragments)
     assert not (tmp_path / "missing").exists()
+
+
+def test_reference_command_writes_shards_a_check_reads(tmp_path: Path, exported_bundle: Path, folder_with_bad_image: Path) -> None:
+    """``slimdeploy reference`` writes reference shards (bad image skipped and named); a check
+    against them gives the figures of a check against PyTorch; a folder it did not make is
+    refused."""
+    refs = tmp_path / "refs"
+    result = run_cli("reference", str(exported_bundle), "--data", str(folder_with_bad_image), "--out", str(refs),
+                     "--shard-size", "8", "--on-bad-input", "skip")
+    assert result.returncode == 0, result.stderr
+    assert "wrote PyTorch references of 20 samples" in result.stdout and "00000-broken.png" in result.stderr
+    assert sorted(path.name for path in refs.glob("shard-*.npz")) == [f"shard-{i:06d}.npz" for i in range(3)]
+
+    stored = check_dataset(exported_bundle, str(folder_with_bad_image),
+                           DatasetOptions(on_bad="skip", shard_size=8, references=str(refs)))
+    live = check_dataset(exported_bundle, str(folder_with_bad_image), DatasetOptions(on_bad="skip", shard_size=8))
+    assert stored.reference == "reference shards" and live.reference == "torch"
+    assert (stored.passed, stored.task, stored.dataset.skipped) == (live.passed, live.task, 1)
+    assert [o.max_abs for o in stored.outputs] == [o.max_abs for o in live.outputs]
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    result = run_cli("reference", str(exported_bundle), "--data", str(folder_with_bad_image), "--out", str(tmp_path / "mine"))
+    assert_one_line_error(result, 2, "not empty")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
