@@ -128,6 +128,8 @@ class BenchReport:
     sweep: list[SweepPoint] = field(default_factory=list)
     # Where the sweep's inputs came from (``digits:heldout``, the --data file, ``golden``).
     sweep_source: str = ""
+    # A sweep streamed over a dataset: what was read and how it ran (``dataset.DatasetSummary``).
+    sweep_dataset: Any = None
     notes: list[str] = field(default_factory=list)
     # What makes the figures less than trustworthy (other load), printed as warnings.
     warnings: list[str] = field(default_factory=list)
@@ -244,7 +246,14 @@ def tiled_feed(bundle: Bundle, batch_size: int) -> dict[str, np.ndarray]:
 
 
 def gated_macs(plan: dict[str, Any], gates: np.ndarray, form: str, batch_size: int) -> float:
-    """Mean MACs per sample of a gated network for given decisions, as ``form`` computes them.
+    """Mean MACs per sample of a gated network for given decisions, as ``form`` computes them
+    (``gated_macs_total`` over the number of samples)."""
+    return float(gated_macs_total(plan, gates, form, batch_size) / max(len(gates), 1))
+
+
+def gated_macs_total(plan: dict[str, Any], gates: np.ndarray, form: str, batch_size: int) -> int:
+    """Total MACs of a gated network over all samples for given decisions, as ``form`` computes
+    them: an integer, so totals of batches add up exactly.
 
     Args:
         plan: the manifest's ``gating`` (``n_blocks``, ``skips``, ``macs`` per piece).
@@ -257,20 +266,20 @@ def gated_macs(plan: dict[str, Any], gates: np.ndarray, form: str, batch_size: i
     """
     macs, skips = plan["macs"], set(plan["skips"])
     n = len(gates)
-    total = (macs["stem"] + macs["head"] + sum(macs[f"gate{k - 1}"] for k in range(1, plan["n_blocks"]))) * n
+    total = (int(macs["stem"]) + int(macs["head"]) + sum(int(macs[f"gate{k - 1}"]) for k in range(1, plan["n_blocks"]))) * n
     for k in range(1, plan["n_blocks"]):
         on = gates[:, k - 1].astype(bool)
-        exec_macs, skip_macs = macs[f"exec{k}"], macs.get(f"skip{k}", 0) if k in skips else 0
+        exec_macs, skip_macs = int(macs[f"exec{k}"]), int(macs.get(f"skip{k}", 0)) if k in skips else 0
         if form == "mask":
             total += (exec_macs + skip_macs) * n
         elif form in ("if", "loop"):
             batches_on = sum(len(chunk) for chunk in np.array_split(on, max(1, -(-n // batch_size))) if chunk.any())
             total += exec_macs * batches_on + skip_macs * n
         elif form == "compact":
-            total += exec_macs * on.sum() + skip_macs * n
+            total += exec_macs * int(on.sum()) + skip_macs * n
         else:  # staged, ideal
-            total += exec_macs * on.sum() + skip_macs * (~on).sum()
-    return float(total / max(n, 1))
+            total += exec_macs * int(on.sum()) + skip_macs * int((~on).sum())
+    return int(total)
 
 
 def decision_stats(bundle: Bundle, gates: np.ndarray, batch_sizes: Sequence[int]) -> DecisionStats:
@@ -294,17 +303,26 @@ def exit_macs(macs_per_stage: Sequence[int], exit_stage: np.ndarray, form: str, 
     """Mean MACs per sample of an early-exit network for given exit stages, as ``form`` computes
     them: ``mask`` (every stage), ``if`` (a stage runs on the whole batch when any sample of it
     reaches the stage), ``staged`` or ``ideal`` (each sample up to its exit stage)."""
-    n, stages = len(exit_stage), len(macs_per_stage)
-    if form == "mask" or n == 0:
+    n = len(exit_stage)
+    if n == 0:
         return float(sum(macs_per_stage))
+    return float(exit_macs_total(macs_per_stage, exit_stage, form, batch_size) / n)
+
+
+def exit_macs_total(macs_per_stage: Sequence[int], exit_stage: np.ndarray, form: str, batch_size: int) -> int:
+    """Total MACs over all samples of an early-exit network for given exit stages (``exit_macs``
+    times the samples): an integer, so totals of batches add up exactly."""
+    n, stages = len(exit_stage), len(macs_per_stage)
+    if form == "mask":
+        return int(sum(int(m) for m in macs_per_stage)) * n
     if form == "if":
-        total = 0.0
+        total = 0
         for chunk in np.array_split(exit_stage, max(1, -(-n // batch_size))):
             if len(chunk):
-                total += len(chunk) * sum(macs_per_stage[: int(chunk.max()) + 1])
-        return total / n
-    cumulative = np.cumsum(macs_per_stage)
-    return float(cumulative[np.clip(exit_stage, 0, stages - 1)].mean())
+                total += len(chunk) * sum(int(m) for m in macs_per_stage[: int(chunk.max()) + 1])
+        return total
+    cumulative = np.cumsum(np.asarray(macs_per_stage, dtype=np.int64))
+    return int(cumulative[np.clip(exit_stage, 0, stages - 1)].sum()) if n else 0
 
 
 def exit_stats(bundle: Bundle, outputs: Mapping[str, np.ndarray], batch_sizes: Sequence[int], labels: np.ndarray | None = None) -> ExitStats:
@@ -532,6 +550,8 @@ def bench_bundle(
     sweep: Sequence[float] | None = None,
     data: str | Path | None = None,
     arch: str | None = None,
+    stream: Any = None,
+    stream_progress: Any = None,
 ) -> BenchReport:
     """Benchmark a bundle on ONNX Runtime and, when possible, PyTorch eager.
 
@@ -553,7 +573,13 @@ def bench_bundle(
             default thresholds. Defaults to none.
         data: .npz (``input``, optional ``labels``) or .npy of inputs the sweep runs on.
             Defaults to the whole digits held-out split for a bundle checked on digits (where
-            scikit-learn is installed), else the golden inputs (``sweep_inputs``).
+            scikit-learn is installed), else the golden inputs (``sweep_inputs``). A folder or
+            a glob is a dataset, streamed (``dataset.sweep_dataset``).
+        stream: ``dataset.DatasetOptions`` for a streamed sweep (workers, Ray, work folder,
+            bad inputs); given, ``data`` is streamed even when it is one file. Defaults to the
+            defaults for a folder or glob.
+        stream_progress: ``dataset.Progress`` told the samples a streamed sweep finished.
+            Defaults to silence.
         arch: for a model built by the user's code, the factory that builds it, so that PyTorch
             can be timed (the bundle's record of it is never imported on its own). Defaults to
             none: such a bundle is timed without PyTorch, with a note.
@@ -576,8 +602,19 @@ def bench_bundle(
         raise BadInputError("--sweep applies to early-exit bundles (exit thresholds); this bundle has none | Fix: leave out --sweep")
     golden_input = bundle.golden()["input"]
     check_batch_memory(batch_sizes, golden_input[:1].nbytes)
-    # The sweep's inputs are read and checked before any timing.
-    sweep_images, sweep_labels, sweep_source = sweep_inputs(bundle, data) if sweep else (None, None, "")
+    # The sweep's inputs are read and checked before any timing (a dataset is listed).
+    if sweep and data is not None and stream is None and _is_dataset(str(data)):
+        from slimdeploy.dataset import DatasetOptions
+
+        stream = DatasetOptions()
+    if sweep and stream is not None:
+        from slimdeploy.dataset import open_source
+
+        if data is None:
+            raise BadInputError("a streamed sweep needs --data | Fix: add --data FOLDER (or a glob of .npz shards)")
+        open_source(str(data), stream.shard_size or 1000, stream.on_bad)
+    streamed = bool(sweep) and stream is not None
+    sweep_images, sweep_labels, sweep_source = sweep_inputs(bundle, data) if sweep and not streamed else (None, None, "")
     report = BenchReport(bundle=str(bundle.path), threads=threads)
     backend = "tensorrt" if device == "tensorrt" else "onnxruntime"
     runners: list[Runner] = [bundle_runner(bundle, device=device, threads=threads)]
@@ -633,7 +670,18 @@ def bench_bundle(
             outputs = runner.infer({"input": golden["input"]})
             report.exits = exit_stats(bundle, outputs, batch_sizes, golden.get("labels"))
             report.notes.append(f"exit shares and accuracy are over the {len(golden['input'])} golden inputs")
-            if sweep:
+            if sweep and streamed:
+                from dataclasses import replace
+
+                from slimdeploy.dataset import sweep_dataset
+
+                say(f"threshold sweep over {len(sweep)} settings and the default, streamed over {data}")
+                with OtherLoad() as other:
+                    report.sweep, report.sweep_dataset = sweep_dataset(
+                        bundle, str(data), sweep, replace(stream, batch_sizes=[batch_sizes[0]]), stream_progress)
+                report.sweep_source = report.sweep_dataset.source
+                _flag_other_load(report, other.cores)
+            elif sweep:
                 say(f"threshold sweep over {len(sweep)} settings and the default, on {len(sweep_images)} samples of {sweep_source}")
                 plan = bundle.manifest["exits"]
                 macs = [int(plan["macs"][f"stage{j}"]) for j in range(plan["n_stages"])]
@@ -645,6 +693,12 @@ def bench_bundle(
                 _flag_other_load(report, other.cores)
     report.notes.extend(overhead_notes(bundle, report))
     return report
+
+
+def _is_dataset(data: str) -> bool:
+    from slimdeploy.dataset import is_dataset
+
+    return is_dataset(data)
 
 
 def sweep_inputs(bundle: Bundle, data: str | Path | None) -> tuple[np.ndarray, np.ndarray | None, str]:

@@ -69,6 +69,15 @@ MeanOpt = Annotated[str | None, typer.Option("--mean", help="Per-channel mean af
 StdOpt = Annotated[str | None, typer.Option("--std", help="Per-channel std, comma-separated, or one for all (default: as --mean).")]
 AtolOpt = Annotated[float | None, typer.Option(help="Absolute tolerance for every output, used as given (default by precision: fp32 1e-4, raised per output to 10x PyTorch's float32 noise measured at export; fp16 5e-2, int8 0.25).")]
 RtolOpt = Annotated[float | None, typer.Option(help="Relative tolerance for every output (default by precision: fp32 1e-3, fp16 1e-2, int8 0.1).")]
+# Dataset jobs (check/bench/reference --data FOLDER|GLOB): streamed, sharded, resumable, distributed.
+WorkersOpt = Annotated[int, typer.Option("--workers", help="Dataset jobs: worker processes (Ray actors with --ray), each holding the bundle; 1 runs in this process.")]
+# "\\[ray]": rich would read a bare [ray] in help as markup and drop it.
+RayOpt = Annotated[str | None, typer.Option("--ray", help="Dataset jobs: run on Ray (pip install 'slimdeploy\\[ray]'): 'auto' (the cluster Ray finds, else a local one) or a cluster address (ray://HEAD:10001).")]
+WorkDirOpt = Annotated[Path | None, typer.Option("--work-dir", help="Dataset jobs: keep each shard's result in this folder, so that an interrupted run continues from the finished shards.")]
+OnBadOpt = Annotated[str | None, typer.Option("--on-bad-input", help="Dataset jobs: 'fail' (default: stop at the first bad image or row, naming it) or 'skip' (leave it out; each is listed in the report).")]
+ShardSizeOpt = Annotated[int | None, typer.Option("--shard-size", help="Dataset jobs: samples per shard, the unit of work and of resumption (default 1000).")]
+RetriesOpt = Annotated[int, typer.Option("--retries", help="Dataset jobs: further tries of a shard whose worker crashed or died.")]
+WorkForceOpt = Annotated[bool, typer.Option("--force", help="Dataset jobs: replace the results of another job in --work-dir.")]
 # check: the bundle's stored tolerances unless overridden; one given alone pairs with the precision's default.
 CheckAtolOpt = Annotated[float | None, typer.Option(help="Absolute tolerance for every output (default: the bundle's; given without --rtol, rtol is the precision's default).")]
 CheckRtolOpt = Annotated[float | None, typer.Option(help="Relative tolerance for every output (default: the bundle's; given without --atol, atol is the precision's default).")]
@@ -538,37 +547,180 @@ def build(
 @app.command()
 def check(
     bundle: Annotated[Path, typer.Argument(help="Bundle directory.")],
-    data: Annotated[Path | None, typer.Option(help=".npz with input (and ref_<output>, labels; without ref_ arrays the bundle's PyTorch weights compute them, which needs torch), or an .npy of inputs; default: the bundle's golden file.")] = None,
+    data: Annotated[str | None, typer.Option(help="An image folder (one sub-folder per class), a folder or glob ('shards/*.npz') of .npz/.npy shards, or one .npz (input, labels, ref_<output>) or .npy file; folders and globs are streamed. Without stored references the bundle's PyTorch weights compute them (needs torch), or pass --references. Default: the bundle's golden file.")] = None,
     batch_sizes: Annotated[str | None, typer.Option("--batch-sizes", help="Comma-separated batch sizes (default: the manifest's).")] = None,
     atol: CheckAtolOpt = None,
     rtol: CheckRtolOpt = None,
     device: DeviceOpt = "cpu",
-    threads: ThreadsOpt = 0,
+    threads: Annotated[int, typer.Option(help="Intra-op threads (per worker for a dataset); 0 lets the backend choose, for a dataset 1 per worker, which keeps the figures the same in every mode.")] = 0,
+    references: Annotated[Path | None, typer.Option("--references", help="Dataset jobs: reference shards written by 'slimdeploy reference' (no torch needed here).")] = None,
+    workers: WorkersOpt = 1,
+    ray: RayOpt = None,
+    work_dir: WorkDirOpt = None,
+    on_bad_input: OnBadOpt = None,
+    shard_size: ShardSizeOpt = None,
+    retries: RetriesOpt = 2,
+    force: WorkForceOpt = False,
     json_out: JsonOpt = None,
     junit: Annotated[Path | None, typer.Option(help="Write a JUnit XML report here (for CI).", callback=_result_file("--junit"))] = None,
     arch: ReferenceArchOpt = None,
 ) -> None:
-    """Re-check a bundle's parity from the bundle alone (no torch needed). Exit 1 on failure."""
+    """Re-check a bundle's parity from the bundle alone (no torch needed), or over a whole dataset. Exit 1 on failure.
+
+    A folder or glob given to --data (or any of --workers, --ray, --work-dir, --references, --on-bad-input, --shard-size) streams the data shard by shard, a batch at a time, with the report's figures added up exactly across shards and workers.
+    """
     from slimdeploy.parity import check_bundle
 
-    with StepPrinter(quiet=json_out == "-") as progress:
-        report = check_bundle(
-            bundle,
-            data=data,
-            batch_sizes=_parse_ints(batch_sizes, "--batch-sizes") if batch_sizes else None,
-            tolerances=_tolerances(atol, rtol, _bundle_precision(bundle)),
-            device=device,
-            threads=threads,
-            progress=progress,
-            arch=arch,
-        )
+    parsed_batches = _parse_ints(batch_sizes, "--batch-sizes") if batch_sizes else None
+    tolerances = _tolerances(atol, rtol, _bundle_precision(bundle))
+    streamed = _dataset_job(data, workers, ray, work_dir, references, on_bad_input, shard_size, retries, force)
+    if streamed is not None and arch is not None and references is None:
+        # Dataset workers build their references from reference.pt or reference shards; they do
+        # not import user code (yet).
+        raise BadInputError("--arch is not supported with a dataset source (a folder, glob or --workers/--ray) | "
+                            "Fix: write reference shards with `slimdeploy reference` on a machine with the factory, "
+                            "then check with --references")
+    if streamed is not None:
+        from slimdeploy.dataset import check_dataset
+
+        assert data is not None
+        options = _dataset_options(streamed, parsed_batches, tolerances, device, threads, references, on_bad_input, shard_size)
+        with _dataset_progress("checking", json_out) as progress:
+            report = check_dataset(bundle, data, options, progress=progress)
+    else:
+        with StepPrinter(quiet=json_out == "-") as progress:
+            report = check_bundle(
+                bundle,
+                data=data,
+                batch_sizes=parsed_batches,
+                tolerances=tolerances,
+                device=device,
+                threads=threads,
+                progress=progress,
+                arch=arch,
+            )
     _print_parity(report, json_out)
+    if report.dataset is not None:
+        _print_dataset(report, json_out)
     if json_out:
         report.write_json(json_out)
     if junit:
         report.write_junit(junit)
     if not report.passed:
         raise CheckFailedError(f"parity failed for '{bundle}'")
+
+
+def _dataset_job(data: str | None, workers: int, ray: str | None, work_dir: Path | None, references: Path | None,
+                 on_bad: str | None, shard_size: int | None, retries: int, force: bool) -> Any:
+    """The ``Execution`` of a streamed dataset job, or None for the in-memory check of one file:
+    a folder or glob streams, and so does any dataset option (refused without --data)."""
+    from slimdeploy.dataset import Execution, is_dataset
+
+    given = [flag for flag, value in (("--workers", workers != 1), ("--ray", ray is not None), ("--work-dir", work_dir),
+                                      ("--references", references), ("--on-bad-input", on_bad), ("--shard-size", shard_size),
+                                      ("--force", force)) if value]
+    if data is None:
+        if given:
+            raise BadInputError(f"{'/'.join(given)}: options of a dataset job | Fix: add --data FOLDER (or a glob of .npz shards)")
+        return None
+    if not given and not is_dataset(data):
+        return None
+    return Execution(workers=workers, ray=ray, work_dir=str(work_dir) if work_dir else None, force=force, retries=retries)
+
+
+def _dataset_options(execution: Any, batch_sizes: list[int] | None, tolerances: Any, device: str, threads: int,
+                     references: Path | None, on_bad: str | None, shard_size: int | None) -> Any:
+    from slimdeploy.dataset import DatasetOptions
+
+    return DatasetOptions(batch_sizes=batch_sizes, tolerances=tolerances, device=device, threads=threads,
+                          shard_size=shard_size, on_bad=on_bad or "fail", references=str(references) if references else None,
+                          execution=execution)
+
+
+def _dataset_progress(what: str, json_out: str | None) -> Any:
+    from slimdeploy.dataset.progress import DatasetProgress
+
+    return DatasetProgress(err_console, what, quiet=json_out == "-")
+
+
+def _print_dataset(report: Any, json_out: str | None) -> None:
+    """What a streamed check read and what it cost (stdout), and the inputs it left out (stderr)."""
+    summary = report.dataset
+    _warn_skipped(summary)
+    if json_out == "-":
+        return
+    out_console.print(f"data: {escape(summary.source)}: {format_count(summary.samples)} of {format_count(summary.listed)} "
+                      f"samples checked in {summary.shards} shard(s)", soft_wrap=True)
+    largest = max(report.batch_sizes)
+    for result in report.outputs:
+        if result.batch_size == largest and result.percentiles:
+            out_console.print(f"{result.name} |error| at batch {largest}: " + ", ".join(
+                f"{key} {value:.2e}" for key, value in result.percentiles.items()) + f", max {result.max_abs:.2e}",
+                              soft_wrap=True)
+    compute = summary.compute
+    if compute.get("exit_share_per_stage"):
+        out_console.print("exits per stage: " + " ".join(f"{v:.1%}" for v in compute["exit_share_per_stage"])
+                          + " (reference " + " ".join(f"{v:.1%}" for v in compute["reference_exit_share_per_stage"]) + ")")
+    if compute.get("skip_rate_per_block"):
+        out_console.print("skip rate per gated block: " + " ".join(f"{v:.0%}" for v in compute["skip_rate_per_block"]))
+    if compute.get("macs_per_sample"):
+        out_console.print("MACs per sample: " + ", ".join(f"{key} {format_macs(value, 2)}" for key, value in compute["macs_per_sample"].items()))
+    out_console.print(f"[dim]{escape(summary.note)}[/dim]", soft_wrap=True)
+    _print_run(summary)
+
+
+def _warn_skipped(summary: Any) -> None:
+    if summary.skipped:
+        first = summary.skipped_items[0]
+        where = first["path"] if first["row"] is None else f"{first['path']} row {first['row']}"
+        err_console.print(f"[yellow]warning:[/yellow] {format_count(summary.skipped)} bad input(s) left out "
+                          f"(--on-bad-input skip); first: {escape(where)}: {escape(first['reason'])} (--json lists "
+                          f"the first {len(summary.skipped_items)})", soft_wrap=True)
+
+
+def _print_run(summary: Any) -> None:
+    how = {"in-process": "in this process", "processes": f"on {summary.workers} local processes",
+           "ray": f"on Ray, {summary.workers} actor(s)"}[summary.mode]
+    line = (f"ran {how}, {summary.threads} thread(s) each: {format_count(summary.samples)} samples in "
+            f"{format_seconds(summary.seconds)} ({format_count(summary.samples_per_second)} samples/s)")
+    if summary.resumed_shards:
+        line += f"; {summary.resumed_shards} shard(s) taken from an earlier run"
+    if summary.retried_shards:
+        line += f"; {summary.retried_shards} shard(s) retried"
+    out_console.print(line, soft_wrap=True)
+
+
+@app.command()
+def reference(
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory (with its PyTorch reference weights).")],
+    data: Annotated[str, typer.Option(help="The dataset: an image folder, or a folder or glob of .npz/.npy shards.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the reference shards (new, or one this command made: it continues where it stopped).")],
+    threads: Annotated[int, typer.Option(help="Intra-op threads per worker; 0 means 1.")] = 0,
+    workers: WorkersOpt = 1,
+    ray: RayOpt = None,
+    on_bad_input: OnBadOpt = None,
+    shard_size: ShardSizeOpt = None,
+    retries: RetriesOpt = 2,
+    force: Annotated[bool, typer.Option("--force", help="Replace reference shards of another bundle or data in --out.")] = False,
+    json_out: JsonOpt = None,
+) -> None:
+    """Write PyTorch reference shards of a dataset (needs torch), so that 'check --data SOURCE --references DIR' runs where torch is not installed."""
+    from slimdeploy.dataset import Execution, write_references
+
+    execution = Execution(workers=workers, ray=ray, work_dir=str(out), force=force, retries=retries)
+    options = _dataset_options(execution, None, None, "cpu", threads, None, on_bad_input, shard_size)
+    with _dataset_progress("reference", json_out) as progress:
+        summary = write_references(bundle, data, out, options, progress=progress)
+    _warn_skipped(summary)
+    if json_out != "-":
+        out_console.print(f"wrote PyTorch references of {format_count(summary.samples)} samples ({escape(summary.source)}) "
+                          f"in {summary.shards} shard(s) to {escape(str(out))}", soft_wrap=True)
+        out_console.print(f"check anywhere: slimdeploy check {escape(str(bundle))} --data {escape(data)} --references {escape(str(out))}",
+                          soft_wrap=True)
+        _print_run(summary)
+    from dataclasses import asdict
+
+    _emit_json(asdict(summary), json_out)
 
 
 @app.command()
@@ -665,8 +817,15 @@ def bench(
     baseline: Annotated[Path | None, typer.Option(help="Another bundle of the same model (e.g. its mask form) to time side by side (default: none).")] = None,
     device: DeviceOpt = "cpu",
     sweep: Annotated[str | None, typer.Option(help="Early-exit bundles: exit thresholds to sweep, comma-separated, or 'default' (0,0.5,0.8,0.9,0.95,0.98,0.99,0.995,0.999,1.01); the bundle's own thresholds are measured too. Default: no sweep.")] = None,
-    data: Annotated[Path | None, typer.Option(help="With --sweep: .npz (input, labels) or .npy of inputs to sweep over (default: the whole digits held-out split for a bundle checked on digits, else its golden inputs).")] = None,
-    plot: Annotated[Path | None, typer.Option(help="With --sweep: draw the sweep to this PNG (needs matplotlib: pip install 'slimdeploy[plot]').", callback=_result_file("--plot"))] = None,
+    data: Annotated[str | None, typer.Option(help="With --sweep: .npz (input, labels) or .npy of inputs to sweep over, or a dataset streamed as in check --data (an image folder, a folder or glob of .npz/.npy shards) (default: the whole digits held-out split for a bundle checked on digits, else its golden inputs).")] = None,
+    plot: Annotated[Path | None, typer.Option(help="With --sweep: draw the sweep to this PNG (needs matplotlib: pip install 'slimdeploy\\[plot]').", callback=_result_file("--plot"))] = None,
+    workers: WorkersOpt = 1,
+    ray: RayOpt = None,
+    work_dir: WorkDirOpt = None,
+    on_bad_input: OnBadOpt = None,
+    shard_size: ShardSizeOpt = None,
+    retries: RetriesOpt = 2,
+    force: WorkForceOpt = False,
     json_out: JsonOpt = None,
     arch: ReferenceArchOpt = None,
 ) -> None:
@@ -677,6 +836,8 @@ def bench(
         raise BadInputError("--plot draws a threshold sweep | Fix: add --sweep default (or a list of thresholds)")
     if data is not None and sweep is None:
         raise BadInputError("--data gives the inputs of a threshold sweep | Fix: add --sweep default (or a list of thresholds)")
+    execution = _dataset_job(data, workers, ray, work_dir, None, on_bad_input, shard_size, retries, force)
+    stream = None if execution is None else _dataset_options(execution, None, None, device, 0, None, on_bad_input, shard_size)
     if plot is not None:  # before the benchmark, not after it
         from slimdeploy._optional import optional_import
 
@@ -688,7 +849,7 @@ def bench(
         except ValueError:
             raise BadInputError(f"--sweep '{sweep}' is not a comma-separated list of numbers | Fix: e.g. --sweep 0.5,0.9,0.99") from None
 
-    with StepPrinter(quiet=json_out == "-") as progress:
+    with StepPrinter(quiet=json_out == "-") as progress, _dataset_progress("sweep", json_out) as sweep_progress:
         report = bench_bundle(
             bundle,
             batch_sizes=_parse_ints(batch, "--batch"),
@@ -702,9 +863,13 @@ def bench(
             device=device,
             sweep=sweep_values,
             data=data,
+            stream=stream,
+            stream_progress=sweep_progress,
         )
     if plot is not None and report.sweep:
         plot_sweep(report.sweep, plot, title=_sweep_title(bundle, report))
+    if report.sweep_dataset is not None:
+        _warn_skipped(report.sweep_dataset)
     for warning in report.warnings:
         err_console.print(f"[yellow]warning:[/yellow] {escape(warning)}", soft_wrap=True)
     if json_out != "-":
@@ -757,6 +922,8 @@ def _print_bench(report: Any, iterations: int, warmup: int) -> None:
             sweep_table.add_row(label, " ".join(f"{v:.0%}" for v in point.exit_share_per_stage),
                                 format_macs(point.macs_average, 2), accuracy, f"{point.latency_ms:.3f}")
         out_console.print(sweep_table)
+        if report.sweep_dataset is not None:
+            _print_run(report.sweep_dataset)
     for note in report.notes:
         out_console.print(f"[yellow]note:[/yellow] {escape(note)}", soft_wrap=True)
 

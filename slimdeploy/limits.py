@@ -47,6 +47,10 @@ OPTION_RANGES: dict[str, tuple[int, int | Callable[[], int], str]] = {
     "run_batch": (0, 65_536, "rows per call; 0 = all at once"),
     "samples": (1, 100_000, "parity samples"),
     "calib_size": (1, 100_000, "calibration samples"),
+    "shard_size": (1, 1_000_000, "samples per shard, the unit of work and of resumption"),
+    "chunk": (1, 65_536, "samples read at once within a shard"),
+    "workers": (1, 1024, "worker processes or Ray actors"),
+    "retries": (0, 100, "further tries of a shard whose worker crashed"),
 }
 
 

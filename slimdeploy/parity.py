@@ -88,6 +88,9 @@ class OutputResult:
     nonfinite_candidate: int = 0
     nonfinite_reference: int = 0
     nonfinite_positions: list[list[int]] = field(default_factory=list)
+    # Streamed checks (``slimdeploy.dataset``): nearest-rank percentiles of |c - r| ("p50",
+    # "p90", "p99", "p99.9") read from a sketch, within 1 %; empty for an in-memory check.
+    percentiles: dict[str, float] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return self.passed
@@ -126,6 +129,8 @@ class ParityReport:
     seconds: float = 0.0
     # How the tolerances were chosen (measured FP32 noise, precision default, given).
     tolerance_rule: dict[str, Any] = field(default_factory=dict)
+    # Streamed checks: the data read, left out and what it cost (``dataset.DatasetSummary``).
+    dataset: Any = None
 
     @property
     def passed(self) -> bool:

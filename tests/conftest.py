@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -118,3 +119,53 @@ def exported_bundle(tmp_path_factory: pytest.TempPathFactory, zoo_resnet_checkpo
     result = export(zoo_resnet_checkpoint, out, samples=16, batch_sizes=(1, 8))
     assert result.passed
     return out
+
+
+DIGITS_FOLDER_IMAGES = 240
+"""Images in ``digits_image_folder``: enough for several shards, few enough for a fast test."""
+DIGITS_FOLDER_SHARD = 60
+"""Shard size of the dataset tests on ``digits_image_folder`` (four shards)."""
+
+
+@pytest.fixture(scope="session")
+def digits_image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first ``DIGITS_FOLDER_IMAGES`` images of the digits held-out split as an image folder:
+    8x8 grey PNGs under one sub-folder per class (``0``..``9``), as torchvision's ImageFolder reads."""
+    import numpy as np
+    from PIL import Image
+
+    from slimdeploy.data import digits_split
+
+    root = tmp_path_factory.mktemp("datasets") / "digits"
+    grey, labels = digits_split("heldout")
+    for index, (image, label) in enumerate(zip(grey[:DIGITS_FOLDER_IMAGES], labels[:DIGITS_FOLDER_IMAGES])):
+        folder = root / str(int(label))
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.round(image * 255).astype(np.uint8)).save(folder / f"{index:05d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def digits_references(tmp_path_factory: pytest.TempPathFactory, exported_bundle: Path, digits_image_folder: Path) -> Path:
+    """Reference shards of ``digits_image_folder`` for ``exported_bundle`` (``slimdeploy
+    reference``), so that dataset checks run without torch in their workers."""
+    from slimdeploy.dataset import DatasetOptions, write_references
+
+    out = tmp_path_factory.mktemp("references") / "digits"
+    summary = write_references(exported_bundle, str(digits_image_folder), out, DatasetOptions(shard_size=DIGITS_FOLDER_SHARD))
+    assert summary.samples == DIGITS_FOLDER_IMAGES
+    return out
+
+
+def folder_inputs(folder: Path, input_size: tuple[int, int, int], mean: Any, std: Any) -> tuple[Any, Any]:
+    """The folder's images read here with Pillow and prepared as the digits are (not through
+    ``slimdeploy.dataset``), in ImageFolder order, with their labels."""
+    import numpy as np
+    from PIL import Image
+
+    from slimdeploy.data import prepare_images
+
+    classes = sorted(p.name for p in folder.iterdir())
+    files = [(path, label) for label, name in enumerate(classes) for path in sorted((folder / name).iterdir())]
+    grey = np.stack([np.asarray(Image.open(path).convert("L"), dtype=np.float32) / 255.0 for path, _ in files])
+    return prepare_images(grey, input_size, mean, std), np.asarray([label for _, label in files], dtype=np.int64)

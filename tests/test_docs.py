@@ -276,7 +276,7 @@ def test_readme_examples_use_shipped_models_write_under_bundles_and_name_their_e
     the repository root), and a command that needs an extra has the extra's install beside it."""
     from slimdeploy.zoo import zoo_checkpoint_path
 
-    extras = {"--plot": "[plot]"}
+    extras = {"--plot": "[plot]", "--ray": "[ray]"}
     problems = []
     for block in bash_blocks(REPO / "README.md"):
         for number, line in enumerate(block):

@@ -14,7 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, assert_clean_error, run_cli
+from tests.conftest import (
+    DIGITS_FOLDER_IMAGES,
+    REPO,
+    assert_clean_error,
+    assert_one_line_error,
+    run_cli,
+)
 
 BLOCKER = '''
 import sys
@@ -55,7 +61,8 @@ def test_runtime_modules_import_without_torch(no_torch_env: dict[str, str]) -> N
         "import sys, slimdeploy, slimdeploy.cli, slimdeploy.engines, slimdeploy.bundle, slimdeploy.parity, "
         "slimdeploy.bench, slimdeploy.describe, slimdeploy.exporters, slimdeploy.export, slimdeploy.loading, "
         "slimdeploy.models.registry, slimdeploy.zoo, slimdeploy.build, slimdeploy.engines.trt_runner, "
-        "slimdeploy.engines.trt_build;"
+        "slimdeploy.engines.trt_build, slimdeploy.dataset, slimdeploy.dataset.job, slimdeploy.dataset.references, "
+        "slimdeploy.dataset.progress;"
         "bad = [m for m in ('torch', 'tensorrt', 'onnxslim') if m in sys.modules]; print(bad); sys.exit(bool(bad))"
     )
     result = subprocess.run([sys.executable, "-c", code], env={**os.environ, **no_torch_env}, capture_output=True, text=True)
@@ -97,3 +104,20 @@ def test_check_data_without_reference_needs_torch(tmp_path: Path, exported_bundl
         np.savez(tmp_path / "fresh.npz", input=golden["input"][:2])
     result = run_cli("check", str(exported_bundle), "--data", str(tmp_path / "fresh.npz"), env=no_torch_env)
     assert_clean_error(result, 3, "torch is needed")
+
+
+def test_dataset_check_reads_reference_shards_without_torch(exported_bundle: Path, digits_image_folder: Path,
+                                                           digits_references: Path, no_torch_env: dict[str, str]) -> None:
+    """Where torch is missing, an image folder is checked against reference shards written
+    elsewhere (``slimdeploy reference``); without them the check names the command that writes
+    them. ``--json -`` prints the report alone: no progress on stderr."""
+    result = run_cli("check", str(exported_bundle), "--data", str(digits_image_folder), "--references", str(digits_references),
+                     "--workers", "2", "--json", "-", env=no_torch_env)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["passed"] is True and report["dataset"]["samples"] == DIGITS_FOLDER_IMAGES
+    assert report["dataset"]["mode"] == "processes"
+    assert "samples/s" not in result.stderr and "checking" not in result.stderr, result.stderr
+
+    result = run_cli("check", str(exported_bundle), "--data", str(digits_image_folder), env=no_torch_env)
+    assert_one_line_error(result, 3, "torch is not installed", "slimdeploy reference")

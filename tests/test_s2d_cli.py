@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import assert_clean_error, run_cli
+from tests.conftest import assert_clean_error, folder_inputs, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +96,26 @@ def test_bench_sweep(bundles: dict[str, Path], tmp_path: Path) -> None:
     assert report["sweep_source"] == "mine.npz" and [p["samples"] for p in report["sweep"]] == [20, 20]
     gated = run_cli("bench", str(bundles["staged"]), "--plot", str(tmp_path / "x.png"))
     assert_clean_error(gated, 2, "--sweep")
+
+
+@pytest.mark.slow
+def test_bench_sweep_streamed_over_an_image_folder(bundles: dict[str, Path], digits_image_folder: Path, tmp_path: Path) -> None:
+    """``bench --sweep --data FOLDER`` on two worker processes gives the sweep that the in-memory
+    sweep gives over the same images (read here, independently, into one .npz)."""
+    manifest = json.loads((bundles["staged"] / "manifest.json").read_text())
+    prep = manifest["preprocessing"]
+    inputs, labels = folder_inputs(digits_image_folder, tuple(prep["input_size"]), prep["mean"], prep["std"])
+    np.savez(tmp_path / "all.npz", input=inputs, labels=labels)
+    common = ["--no-torch", "--batch", "1", "--warmup", "1", "--iterations", "2", "--sweep", "0.5,0.9", "--json", "-"]
+    memory = run_cli("bench", str(bundles["staged"]), *common, "--data", str(tmp_path / "all.npz"))
+    streamed = run_cli("bench", str(bundles["staged"]), *common, "--data", str(digits_image_folder), "--workers", "2",
+                       "--shard-size", "100")
+    assert memory.returncode == 0 and streamed.returncode == 0, memory.stderr + streamed.stderr
+    expected, got = json.loads(memory.stdout)["sweep"], json.loads(streamed.stdout)
+    assert got["sweep_dataset"]["samples"] == len(labels) and got["sweep_dataset"]["mode"] == "processes"
+    assert [p["label"] for p in got["sweep"]] == [p["label"] for p in expected] == ["0.5", "0.9", "default"]
+    for want, have in zip(expected, got["sweep"]):
+        assert have["samples"] == want["samples"] == len(labels)
+        assert have["exit_share_per_stage"] == pytest.approx(want["exit_share_per_stage"], rel=1e-12)
+        assert have["macs_average"] == pytest.approx(want["macs_average"], rel=1e-12)
+        assert have["accuracy"] == pytest.approx(want["accuracy"], rel=1e-12)
