@@ -6,7 +6,9 @@ The calibration data (or stored ranges) is read and checked first, before the lo
 (``apply_precision``); for INT8 with ``--calib-method auto`` it tries several methods and Q/DQ
 placements and keeps the best (``best_calibration``). The reduced graphs are then checked
 against PyTorch with the precision's tolerances and criteria, and their agreement with the FP32
-graphs is recorded (manifest ``calibration.vs_fp32``).
+graphs is recorded (manifest ``calibration.vs_fp32``). For the ``ort`` target both are timed
+side by side on this CPU (manifest ``calibration.speed_vs_fp32``; ``calibration.speed``), and a
+reduced graph slower than FP32 is a warning that names the layers costing most.
 """
 
 from __future__ import annotations
@@ -96,6 +98,22 @@ def reduce_precision(checked: CheckedGraphs, held_out: HeldOut, calibration: Any
         fp32_out = run_batches(fp32_runner, held_out.feed, largest, ["input"])
         reduced_out = run_batches(reduced_runner, held_out.feed, largest, ["input"])
     info = {**converted.info, "vs_fp32": agreement(fp32_out, reduced_out), "fp32_parity_passed": checked.report.passed}
+    warnings = []
+    if options.target == "trt":
+        info["speed_vs_fp32"] = {"measured": False, "reason": "the TensorRT form runs at its speed on the target GPU, not in ONNX Runtime here"}
+    elif not options.speed_check:
+        info["speed_vs_fp32"] = {"measured": False, "reason": "turned off (speed_check=False)"}
+    else:
+        # Never slower without saying so: timed against FP32 on this CPU, warned when slower.
+        from slimdeploy.calibration.speed import speed_vs_fp32
+
+        if isinstance(calibration, CalibrationSet):
+            images, source = calibration.inputs, f"calibration inputs ({calibration.source})"
+        else:
+            images, source = held_out.inputs, f"parity samples ({held_out.source})"
+        speed = speed_vs_fp32(fp32, reduced, images, precision, threads=options.threads, source=source, say=say)
+        info["speed_vs_fp32"] = {"measured": True, **speed.info}
+        warnings = [speed.warning] if speed.warning else []
     record = None
     if converted.record is not None:
         # Which checkpoint the ranges belong to: reusing them for another one is refused.
@@ -103,7 +121,7 @@ def reduce_precision(checked: CheckedGraphs, held_out: HeldOut, calibration: Any
         record = converted.record.to_bytes()
         info["ranges"] = CALIBRATION_FILE
     return replace(checked, exported=reduced, report=report, notes=[*checked.notes, *converted.notes],
-                   calibration=info, record=record)
+                   warnings=[*checked.warnings, *warnings], calibration=info, record=record)
 
 
 def best_calibration(convert: Callable[..., Any], fp32: ExportedGraphs, images: np.ndarray, target: str,

@@ -70,6 +70,9 @@ class ExportOptions:
             (decision heads stay FP32).
         bias_correction: INT8: shift each quantized Conv/Gemm's bias by its mean output error
             per channel against FP32 on the calibration images. Defaults to True.
+        speed_check: fp16/int8 for ``ort``: time the reduced graphs against FP32 on this CPU
+            (a few seconds), record the ratio (manifest ``calibration.speed_vs_fp32``) and warn
+            when they are slower. Defaults to True.
     """
 
     arch: str | None = None
@@ -95,6 +98,7 @@ class ExportOptions:
     calib_method: str = AUTO_CALIB
     quantize_decisions: bool = False
     bias_correction: bool = True
+    speed_check: bool = True
 
     def __post_init__(self) -> None:
         from slimdeploy.calibration import check_precision
