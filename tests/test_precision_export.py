@@ -130,6 +130,7 @@ def test_gated_int8_keeps_gates_fp32_and_calibrates_each_stage_on_its_rows(skipn
         load_calibration,
         qdq_violations,
     )
+    from slimdeploy.calibration.decisions import entry_pools
     from slimdeploy.calibration.staged import piece_feeds
     from slimdeploy.data import digits_inputs
     from slimdeploy.engines.base import TensorMeta
@@ -142,7 +143,8 @@ def test_gated_int8_keeps_gates_fp32_and_calibrates_each_stage_on_its_rows(skipn
     heldout, _ = digits_inputs("heldout", prep.input_size, prep.mean, prep.std, count=200)
     meta = TensorMeta("input", np.dtype(np.float32), ("batch", *prep.input_size))
 
-    # compact: one flat graph, calibrated completely; gate heads read FP32 values.
+    # compact: one flat graph, calibrated completely; gate heads stay FP32 and read the INT8
+    # feature map only through their quantized pooling.
     compact = gated.compose_form("compact", pieces, plan, prep.input_size)
     result = apply_precision({"model": compact}, "int8", form="compact", calibration=calib)
     quantized = result.graphs["model"]
@@ -150,11 +152,15 @@ def test_gated_int8_keeps_gates_fp32_and_calibrates_each_stage_on_its_rows(skipn
     trt = apply_precision({"model": compact}, "int8", target="trt", form="compact", calibration=result.record).graphs["model"]
     assert qdq_violations(trt) == [] and any(n.op_type == "QuantizeLinear" for n in trt.graph.node)
     heads = set(decision_nodes(compact))
+    pools = set(entry_pools(compact))
+    assert len(pools) == plan.n_blocks - 1 and pools <= heads  # every gate starts with its pooling
+    pooled = {out for node in compact.graph.node if node.name in pools for out in node.output}
     producers = {out: node for node in quantized.graph.node for out in node.output}
-    gate_nodes = [n for n in quantized.graph.node if n.name in heads]
-    assert gate_nodes and not any(
-        producers.get(i) is not None and producers[i].op_type == "DequantizeLinear" for n in gate_nodes for i in n.input
-    )
+    gate_nodes = [n for n in quantized.graph.node if n.name in heads - pools]
+    dequantized = [producers[i] for n in gate_nodes for i in n.input if producers.get(i) is not None and producers[i].op_type == "DequantizeLinear"]
+    assert gate_nodes and len(dequantized) == len(pools)
+    assert all(producers[dq.input[0]].op_type == "QuantizeLinear" and producers[dq.input[0]].input[0] in pooled for dq in dequantized)
+    assert {n.op_type for n in quantized.graph.node if n.name in pools} == {"GlobalAveragePool"}  # QLinear once fused
     assert any(n.op_type == "QuantizeLinear" for n in quantized.graph.node)
     outputs = {}
     for label, graph in (("fp32", compact), ("int8", quantized), ("trt", trt)):

@@ -10,7 +10,9 @@ target's form (``int8.quantize_int8``). Single-graph forms (static models, ``com
 ``mask``) are calibrated on the calibration images; each piece of a ``staged`` bundle on the
 rows the staged controller hands it (``staged.piece_feeds``). ``if`` and ``loop`` graphs are
 refused: ONNX Runtime's quantizer does not reach inside ``If`` branches and ``Loop`` bodies, where
-the gated blocks are. Decision heads stay FP32 unless ``quantize_decisions``. FP16 of ``if`` and
+the gated blocks are. Decision heads stay FP32 unless ``quantize_decisions``; in the ONNX Runtime
+form with full placement they read the INT8 feature map through its quantized pooling (the
+gate's first node), not the whole map dequantized. FP16 of ``if`` and
 ``loop`` graphs is refused too (for now): the converter does not follow outer-scope weights into
 the subgraphs, and the graph it makes does not load.
 """
@@ -191,7 +193,14 @@ def apply_precision(
             fp32_pieces.append(name)
             notes.append(f"INT8: no calibration sample reached '{name}'; it stays FP32")
         else:
-            out[name] = quantize_int8(graph, record.graphs[name], target=target, exclude=scope.nodes(graph), op_types=op_types)
+            exclude, rounded = scope.nodes(graph), []
+            if target == "ort" and not op_types:
+                # The gate heads read the INT8 map's pooled values: one small tensor to
+                # dequantize per gate instead of the whole feature map (decisions.entry_pools).
+                pools = set(scope.entry_pools(graph))
+                exclude = [node for node in exclude if node not in pools]
+                rounded = [out for node in graph.graph.node if node.name in pools for out in node.output]
+            out[name] = quantize_int8(graph, record.graphs[name], target=target, exclude=exclude, op_types=op_types, rounded=rounded)
             if bias_correction and images is not None and name in feeds:
                 corrected = correct_biases(graph, out[name], feeds[name], _rounded_feed(name, feeds[name], out, form, plan))
                 out[name] = corrected.model

@@ -24,6 +24,9 @@ from fnmatch import fnmatchcase
 import onnx
 
 DEFAULT_PATTERNS = ("gate*", "exit*")
+# Heads whose first pooling is quantized (``entry_pools``): gates only. An exit's confidence
+# sits near a threshold close to 1, where one more rounding of its features flips exits.
+POOLED_PATTERNS = ("gate*",)
 DEFAULT_OUTPUTS = ("gates", "gate_probs", "exit_stage", "exit_probs", "exit_confidence", "confidence")
 # An early-exit stage decides from its own logits (max softmax or entropy against a threshold
 # near 1, where one INT8 step of the logits moves the confidence past it): where a graph has a
@@ -42,10 +45,13 @@ class DecisionScope:
         outputs: decision output names. Defaults to ``gates``, ``gate_probs``, ``exit_stage``,
             ``exit_probs``, ``exit_confidence``, ``confidence`` (with a confidence output, the
             ``logits`` classifier counts as part of the exit head).
+        pooled: patterns of the heads that read their first pooling's INT8 output
+            (``entry_pools``). Defaults to gate heads.
     """
 
     patterns: tuple[str, ...] = DEFAULT_PATTERNS
     outputs: tuple[str, ...] = DEFAULT_OUTPUTS
+    pooled: tuple[str, ...] = POOLED_PATTERNS
 
     def is_decision_piece(self, piece: str) -> bool:
         """True for a staged piece that is a decision head (``gate3``, ``exit1``)."""
@@ -56,7 +62,28 @@ class DecisionScope:
         return decision_nodes(model, self.patterns, self.outputs)
 
 
-NO_DECISIONS = DecisionScope((), ())
+    def entry_pools(self, model: onnx.ModelProto) -> list[str]:
+        """Names of the pooling nodes a decision head starts with (the gate's average pool over
+        the block's feature map), in graph order: see ``entry_pools``."""
+        return entry_pools(model, self.pooled)
+
+
+NO_DECISIONS = DecisionScope((), (), ())
+# Whole-map poolings a gate head starts with (the INT8 rewrite makes them GlobalAveragePool).
+POOLS = ("AveragePool", "GlobalAveragePool", "ReduceMean")
+
+
+def entry_pools(model: onnx.ModelProto, patterns: Sequence[str] = POOLED_PATTERNS) -> list[str]:
+    """Head nodes that pool a feature map computed outside the head: what a gate reads first.
+
+    In the ONNX Runtime INT8 form these are quantized (``QLinearGlobalAveragePool`` on the
+    INT8 map) and the FP32 head reads their rounded, pooled output: one small tensor
+    dequantized instead of the whole feature map (and the layout changes around it), at the
+    cost of one rounding of the pooled values."""
+    nodes = list(model.graph.node)
+    heads = [node for node in nodes if any(fnmatchcase(node.name, f"{pattern}/*") for pattern in patterns)]
+    head_outputs = {out for node in heads for out in node.output}
+    return [node.name for node in heads if node.op_type in POOLS and node.input and node.input[0] not in head_outputs]
 
 
 def decision_nodes(model: onnx.ModelProto, patterns: Sequence[str] = DEFAULT_PATTERNS, outputs: Iterable[str] = DEFAULT_OUTPUTS) -> list[str]:
