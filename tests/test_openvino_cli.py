@@ -61,3 +61,14 @@ def test_without_openvino_the_device_is_exit_3_with_the_install_command(exported
 def test_unknown_device_names_openvino_among_the_choices(exported_bundle: Path) -> None:
     result = run_cli("check", str(exported_bundle), "--device", "openvno")
     assert_clean_error(result, 2, "unknown device 'openvno'", "'openvino'")
+
+
+def test_env_lists_openvino() -> None:
+    result = run_cli("env", "--json", "-")
+    assert result.returncode == 0, result.stderr
+    row = next(row for row in json.loads(result.stdout) if row["name"] == "openvino")
+    assert row["available"] is is_available() and "--device openvino" in row["purpose"]
+    if not row["available"]:
+        assert "slimdeploy[openvino]" in row["reason"]
+    else:
+        assert row["version"]

@@ -109,11 +109,16 @@ def decision_nodes(model: onnx.ModelProto, patterns: Sequence[str] = DEFAULT_PAT
             consumers.setdefault(name, []).append(node.name)
     graph_outputs = {out.name for out in graph.output}
     wanted = set(outputs) & graph_outputs
+    # Through the exit's logits only the classifier joins (``classifier_nodes``), never the
+    # backbone behind it: in the last stage of an early-exit network, or a mask graph, every
+    # feature flows only into the logits.
+    backbone: set[str] = set()
     if wanted & set(CONFIDENCE_OUTPUTS) and EXIT_LOGITS in graph_outputs:
         wanted.add(EXIT_LOGITS)
+        backbone = _ancestors(nodes, classifier_nodes(nodes, EXIT_LOGITS))
     if wanted:
         for node in reversed(nodes):
-            if node.name in chosen or not node.output:
+            if node.name in chosen or not node.output or node.name in backbone:
                 continue
             feeds_only_decisions = all(
                 (out in wanted) or (out not in graph_outputs and consumers.get(out) and all(c in chosen for c in consumers[out]))
@@ -122,3 +127,38 @@ def decision_nodes(model: onnx.ModelProto, patterns: Sequence[str] = DEFAULT_PAT
             if feeds_only_decisions:
                 chosen.add(node.name)
     return [node.name for node in nodes if node.name in chosen]
+
+
+CLASSIFIER_OPS = ("Gemm", "MatMul", "Conv")
+
+
+def classifier_nodes(nodes: Sequence[onnx.NodeProto], output: str) -> set[str]:
+    """The classifier that computes ``output``: the nodes from it back to the feature pooling
+    (``POOLS``, included), or to the layer before the classifier's weighted layer."""
+    producers = {out: node for node in nodes for out in node.output}
+    found: set[str] = set()
+    stack: list[tuple[str, bool]] = [(output, False)]  # (tensor, a weighted layer already met)
+    while stack:
+        name, weighted = stack.pop()
+        node = producers.get(name)
+        if node is None or node.name in found or (weighted and node.op_type in CLASSIFIER_OPS):
+            continue
+        found.add(node.name)
+        if node.op_type not in POOLS:
+            stack.extend((name, weighted or node.op_type in CLASSIFIER_OPS) for name in node.input if name)
+    return found
+
+
+def _ancestors(nodes: Sequence[onnx.NodeProto], names: set[str]) -> set[str]:
+    """The nodes that ``names`` depend on, ``names`` excluded."""
+    producers = {out: node for node in nodes for out in node.output}
+    by_name = {node.name: node for node in nodes}
+    found: set[str] = set()
+    stack = [name for node_name in names for name in by_name[node_name].input if name]
+    while stack:
+        node = producers.get(stack.pop())
+        if node is None or node.name in found or node.name in names:
+            continue
+        found.add(node.name)
+        stack.extend(name for name in node.input if name)
+    return found
