@@ -8,6 +8,12 @@ batch ``--batch`` (random normal inputs; the first run is a warm-up and not coun
 p50 latency of ``--runs`` plain (unprofiled) runs, and the sum over nodes of each node's fastest
 run (a figure other load on a shared machine barely moves; it leaves out the gaps between nodes). Used to find what keeps INT8 graphs slow
 (float islands: DequantizeLinear -> Transpose -> float op -> QuantizeLinear -> Transpose).
+
+    python benchmarks/op_profile.py FP32_BUNDLE INT8_BUNDLE --compare [--batch 32] [--threads 1]
+
+compares two graphs of one model layer by layer (each profiled node traced back to its layer,
+``slimdeploy.engines.ort_profile``), the layers the second spends most time on beyond the
+first listed first: what the export's speed warning names.
 """
 
 from __future__ import annotations
@@ -75,13 +81,43 @@ def profile(path: Path, batch: int, threads: int, runs: int) -> dict[str, Any]:
             "op_counts": dict(counts.most_common()), "time_share_pct": shares}
 
 
+def compare(baseline: Path, candidate: Path, batch: int, threads: int, runs: int, top: int = 12) -> list[dict[str, Any]]:
+    """Layer by layer, the time of ``candidate`` (e.g. an INT8 bundle) against ``baseline``
+    (its FP32 bundle), the layers it spends most time on beyond the baseline first
+    (``slimdeploy.engines.ort_profile``: profiled nodes traced back to their layers)."""
+    import onnx
+
+    from slimdeploy.engines.ort_profile import compare_layers, layer_times
+    from slimdeploy.engines.ort_runner import OrtRunner
+
+    times = {}
+    for label, path in (("baseline", baseline), ("candidate", candidate)):
+        with OrtRunner(path, threads=threads, profile=True) as runner:
+            meta = next(iter(runner.input_metadata().values()))
+            feed = {meta.name: np.random.default_rng(0).standard_normal((batch, *meta.shape[1:])).astype(np.float32)}
+            for _ in range(runs + 1):
+                runner.infer(feed)
+            times[label] = layer_times(runner, {"model": onnx.load(path)}, runs + 1)
+    return compare_layers(times["baseline"], times["candidate"])[:top]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("graphs", nargs="+", help="bundle folders or .onnx files")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--compare", action="store_true", help="two graphs (e.g. FP32 then INT8): their layers side by side")
     args = parser.parse_args(argv)
+    if args.compare:
+        if len(args.graphs) != 2:
+            parser.error("--compare takes two graphs: the baseline, then the candidate")
+        rows = compare(graph_path(args.graphs[0]), graph_path(args.graphs[1]), args.batch, args.threads, args.runs)
+        print(f"layer: baseline ms -> candidate ms (ops), batch {args.batch}, {args.threads} threads, median of {args.runs} runs")
+        for row in rows:
+            print(f"  {row['layer']}: {row['baseline_ms']:.3f} ({'/'.join(row['baseline_ops']) or '-'}) -> "
+                  f"{row['candidate_ms']:.3f} ({'/'.join(row['candidate_ops']) or '-'})")
+        return
     for target in args.graphs:
         result = profile(graph_path(target), args.batch, args.threads, args.runs)
         print(f"{result['graph']}: p50 {result['p50_ms']} ms at batch {args.batch}, {args.threads} threads; "

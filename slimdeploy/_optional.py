@@ -27,6 +27,7 @@ INSTALL_HINTS: dict[str, str] = {
     "cuda": "pip install 'slimdeploy[trt]'",
     "matplotlib": "pip install 'slimdeploy[plot]'",
     "safetensors": "pip install 'slimdeploy[safetensors]'",
+    "openvino": "pip install 'slimdeploy[openvino]'",
 }
 
 

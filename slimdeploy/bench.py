@@ -566,8 +566,9 @@ def bench_bundle(
         baseline: another bundle of the same model (e.g. its ``mask`` form) timed side by side;
             the report gives this bundle's speed-up over it. Defaults to none.
         progress: optional callable told each step. Defaults to silence.
-        device: where the bundle (and the baseline) run: ``"cpu"``/``"cuda"`` (ONNX Runtime) or
-            ``"tensorrt"`` (the engines ``slimdeploy build`` made). Defaults to ``"cpu"``.
+        device: where the bundle (and the baseline) run: ``"cpu"``/``"cuda"`` (ONNX Runtime),
+            ``"openvino"`` (OpenVINO's CPU plugin) or ``"tensorrt"`` (the engines ``slimdeploy
+            build`` made). Defaults to ``"cpu"``.
         sweep: early-exit bundles: thresholds to sweep (``sweep_exits``, at the first batch
             size; max-softmax values, or entropies for the entropy rule), and the bundle's
             default thresholds. Defaults to none.
@@ -616,7 +617,7 @@ def bench_bundle(
     streamed = bool(sweep) and stream is not None
     sweep_images, sweep_labels, sweep_source = sweep_inputs(bundle, data) if sweep and not streamed else (None, None, "")
     report = BenchReport(bundle=str(bundle.path), threads=threads)
-    backend = "tensorrt" if device == "tensorrt" else "onnxruntime"
+    backend = device if device in ("tensorrt", "openvino") else "onnxruntime"
     runners: list[Runner] = [bundle_runner(bundle, device=device, threads=threads)]
     runners[0].name = bundle.manifest.get("dynamic") or backend
     if baseline is not None:

@@ -56,7 +56,7 @@ def _result_file(option: str) -> Any:
 # Shared options, defined once.
 JsonOpt = Annotated[str | None, typer.Option("--json", help="Write the result as JSON to FILE, or '-' for stdout.", callback=_result_file("--json"))]
 ThreadsOpt = Annotated[int, typer.Option(help="Intra-op threads; 0 lets the backend choose.")]
-DeviceOpt = Annotated[str, typer.Option(help="cpu or cuda (ONNX Runtime), or tensorrt (the engines slimdeploy build made).")]
+DeviceOpt = Annotated[str, typer.Option(help="cpu or cuda (ONNX Runtime), openvino (the same graphs on OpenVINO's CPU plugin: pip install 'slimdeploy[openvino]'), or tensorrt (the engines slimdeploy build made).")]
 MinBatchOpt = Annotated[int | None, typer.Option("--min-batch", help="TensorRT: smallest batch the engines accept (export: 1; build: the bundle's).")]
 OptBatchOpt = Annotated[int | None, typer.Option("--opt-batch", help="TensorRT: batch the kernels are tuned for (export: 8; build: the bundle's).")]
 MaxBatchOpt = Annotated[int | None, typer.Option("--max-batch", help="TensorRT: largest batch the engines accept (export: 32; build: the bundle's).")]
@@ -337,6 +337,9 @@ def _print_precision(precision: str, calibration: dict[str, Any]) -> None:
     line += "; decision heads " + ("FP32" if calibration["decisions_fp32"] else "reduced too")
     vs = calibration["vs_fp32"]
     line += f"; vs FP32: top-1 agreement {vs['top1']:.1%}" + (f", gate agreement {vs['gates']:.1%}" if "gates" in vs else "")
+    speed = calibration.get("speed_vs_fp32") or {}
+    if speed.get("measured"):
+        line += "; speed vs FP32 on this CPU: " + ", ".join(f"{row['speedup']:.2f}x at batch {row['batch']}" for row in speed["batches"])
     out_console.print(line)
 
 
@@ -367,6 +370,7 @@ def export(
     calib_method: Annotated[str, typer.Option("--calib-method", help="Calibration method: auto (MinMax and Percentile tried, the closer to FP32 on the calibration images kept; if it misses the INT8 criteria, Q/DQ on Conv/Gemm/MatMul only is tried too), MinMax, Entropy or Percentile.")] = "auto",
     quantize_decisions: Annotated[bool, typer.Option("--quantize-decisions", help="Also reduce the precision of gate and exit heads (kept FP32 by default).")] = False,
     no_bias_correction: Annotated[bool, typer.Option("--no-bias-correction", help="INT8: keep the quantized layers' biases as trained (by default each is shifted by its mean output error against FP32 on the calibration images).")] = False,
+    no_speed_check: Annotated[bool, typer.Option("--no-speed-check", help="FP16/INT8 for ort: skip timing the reduced graph against FP32 on this CPU (by default a few seconds; a reduced graph slower than FP32 is a warning naming its costliest layers).")] = False,
     atol: AtolOpt = None,
     rtol: RtolOpt = None,
     threads: ThreadsOpt = 0,
@@ -421,11 +425,14 @@ def export(
         input_size=_parse_size(input_size),
         mean=_parse_floats(mean, "--mean"),
         std=_parse_floats(std, "--std"),
+        speed_check=not no_speed_check,
     )
     with StepPrinter(live=json_out != "-") as progress:
         result = run_export(_resolve_checkpoint(checkpoint), out, options, progress=progress)
     _print_parity(result.report, json_out)
     _print_notes(result.notes)
+    for warning in result.warnings:
+        err_console.print(f"[bold yellow]warning:[/bold yellow] {escape(warning)}", soft_wrap=True)
     calibration = result.manifest.get("calibration")
     if calibration and json_out != "-":
         _print_precision(result.manifest["precision"], calibration)

@@ -225,6 +225,7 @@ def environment() -> list[dict[str, Any]]:
         ("onnxscript", "onnxscript", "export"),
         ("onnxslim", "onnxslim", "simplify graphs at export"),
         ("scikit-learn", "sklearn", "digits data for demo models and parity"),
+        ("openvino", "openvino", "run bundles on OpenVINO's CPU plugin (--device openvino)"),
         ("tensorrt", "tensorrt", "build and run TensorRT engines"),
         ("cuda-python", "cuda.bindings.runtime", "TensorRT device buffers"),
     ):

@@ -724,8 +724,8 @@ def check_bundle(
             with the bundle's PyTorch weights (needs torch). Defaults to the bundle's golden file.
         batch_sizes: batch sizes to run at. Defaults to the manifest's.
         tolerances: per-output (atol, rtol), ``""`` the default. Defaults to the manifest's.
-        device: ONNX Runtime device (``"cpu"``, ``"cuda"``), or ``"tensorrt"`` for the engines
-            ``slimdeploy build`` recorded. Defaults to ``"cpu"``.
+        device: ONNX Runtime device (``"cpu"``, ``"cuda"``), ``"openvino"`` (OpenVINO's CPU
+            plugin), or ``"tensorrt"`` for the engines ``slimdeploy build`` recorded. Defaults to ``"cpu"``.
         threads: intra-op threads. Defaults to 0 (ONNX Runtime's choice).
         progress: optional callable told each step. Defaults to silence.
         arch: for a model built by the user's code, the factory that builds it

@@ -238,3 +238,30 @@ def test_exit_head_classifier_and_confidence_stay_fp32() -> None:
     # Without a confidence output (a gated or static graph) the logits classifier is not a head.
     graph.output.remove(graph.output[1])
     assert decision_nodes(helper.make_model(graph)) == []
+
+
+def test_the_last_exit_stage_keeps_only_its_classifier_fp32() -> None:
+    """In the last stage of an early-exit network every feature flows only into the logits: the
+    head is the classifier back to its pooling, not the backbone behind it."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from slimdeploy.calibration.decisions import classifier_nodes, decision_nodes
+
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Conv", ["x", "k"], ["c"], name="body_conv"),
+        helper.make_node("Relu", ["c"], ["r"], name="body_relu"),
+        helper.make_node("GlobalAveragePool", ["r"], ["p"], name="head_pool"),
+        helper.make_node("Flatten", ["p"], ["f"], name="head_flatten"),
+        helper.make_node("Gemm", ["f", "w"], ["logits"], name="head_linear"),
+        helper.make_node("Softmax", ["logits"], ["softmax"], name="head_softmax"),
+        helper.make_node("ReduceMax", ["softmax"], ["confidence"], name="head_max", keepdims=0),
+    ]
+    graph = helper.make_graph(
+        nodes, "stage2", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2, 4, 4])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("logits", "confidence")],
+        [numpy_helper.from_array(rng.standard_normal((3, 2, 1, 1)).astype(np.float32), "k"),
+         numpy_helper.from_array(rng.standard_normal((3, 5)).astype(np.float32), "w")])
+    model = helper.make_model(graph)
+    assert classifier_nodes(list(model.graph.node), "logits") == {"head_pool", "head_flatten", "head_linear"}
+    assert decision_nodes(model) == ["head_pool", "head_flatten", "head_linear", "head_softmax", "head_max"]

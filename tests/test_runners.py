@@ -1,4 +1,5 @@
-"""One contract test suite, run against every runner (PyTorch and ONNX Runtime)."""
+"""One contract test suite, run against every runner (PyTorch, ONNX Runtime, and OpenVINO where
+``slimdeploy[openvino]`` is installed; its cases skip cleanly, saying why, where it is not)."""
 
 from __future__ import annotations
 
@@ -42,10 +43,22 @@ def tiny_onnx(tiny: TinyNet, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture(params=["torch", "onnxruntime"])
+def _openvino() -> type[Runner]:
+    """The OpenVINO runner class, or a skip saying how to get it."""
+    from slimdeploy.engines.openvino_runner import OpenVinoRunner, is_available
+
+    if not is_available():
+        pytest.skip("openvino is not installed (pip install 'slimdeploy[openvino]'): the OpenVINO runner is not tested")
+    return OpenVinoRunner
+
+
+@pytest.fixture(params=["torch", "onnxruntime", "openvino"])
 def make_runner(request: pytest.FixtureRequest, tiny: TinyNet, tiny_onnx: Path) -> Callable[[], Runner]:
     if request.param == "torch":
         return lambda: TorchRunner(tiny, META, ["logits"])
+    if request.param == "openvino":
+        runner = _openvino()
+        return lambda: runner(tiny_onnx)
     return lambda: OrtRunner(tiny_onnx)
 
 
@@ -106,6 +119,58 @@ def test_runners_agree(tiny: TinyNet, tiny_onnx: Path) -> None:
         np.testing.assert_allclose(candidate.infer(x)["logits"], reference.infer(x)["logits"], atol=1e-5, rtol=1e-4)
 
 
+def test_openvino_agrees_with_onnx_runtime_from_a_file_or_bytes(tiny: TinyNet, tiny_onnx: Path) -> None:
+    runner = _openvino()
+    x = {"input": _x(5)}
+    with OrtRunner(tiny_onnx) as reference, runner(tiny_onnx) as from_file, runner(tiny_onnx.read_bytes()) as from_bytes:
+        expected = reference.infer(x)["logits"]
+        for candidate in (from_file, from_bytes):
+            # f32 inference precision: float32 noise, not the bf16 error the CPU plugin's default would give.
+            np.testing.assert_allclose(candidate.infer(x)["logits"], expected, atol=1e-5, rtol=1e-4)
+        assert from_file.input_metadata() == reference.input_metadata()
+        assert from_file.output_metadata() == reference.output_metadata()
+
+
+def _scaled_by_threshold(path: Path) -> None:
+    """y = x * gate_threshold, where gate_threshold is an input with a stored default (2.0),
+    as slimdeploy's threshold inputs are."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["input", "gate_threshold"], ["y"])], "scaled",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3]),
+         helper.make_tensor_value_info("gate_threshold", TensorProto.FLOAT, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
+        [numpy_helper.from_array(np.array(2.0, dtype=np.float32), "gate_threshold")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_threshold_inputs_are_optional_and_overridable(tmp_path: Path, backend: str) -> None:
+    # OpenVINO would read an input backed by an initializer as a constant: the runner keeps it an input.
+    runner_class = _openvino() if backend == "openvino" else OrtRunner
+    path = tmp_path / "scaled.onnx"
+    _scaled_by_threshold(path)
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    with runner_class(path) as runner:
+        metadata = runner.input_metadata()
+        assert list(metadata) == ["input", "gate_threshold"] and metadata["gate_threshold"].optional
+        assert not metadata["input"].optional
+        np.testing.assert_array_equal(runner.infer({"input": x})["y"], x * 2)
+        np.testing.assert_array_equal(runner.infer({"input": x, "gate_threshold": np.array(0.5, dtype=np.float32)})["y"], x * 0.5)
+
+
+def test_openvino_unreadable_model(tmp_path: Path) -> None:
+    from slimdeploy.errors import BundleError
+
+    runner = _openvino()
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(BundleError, match="cannot read"):
+        runner(bad).activate()
+
+
 def test_ort_unknown_device_is_backend_error(tiny_onnx: Path) -> None:
     from slimdeploy.errors import BackendUnavailableError
 
@@ -147,3 +212,7 @@ def test_runners_refuse_absurd_thread_counts(tiny: TinyNet, tiny_onnx: Path, thr
         OrtRunner(tiny_onnx, threads=threads)
     with pytest.raises(BadInputError, match=r"--threads .* out of range"):
         TorchRunner(tiny, META, ["logits"], threads=threads)
+    from slimdeploy.engines.openvino_runner import OpenVinoRunner
+
+    with pytest.raises(BadInputError, match=r"--threads .* out of range"):  # checked before openvino is needed
+        OpenVinoRunner(tiny_onnx, threads=threads)

@@ -33,6 +33,8 @@ REPORT = "report.json"
 REFERENCE_WEIGHTS = "reference.pt"
 # The ``device`` that runs a bundle's TensorRT engines instead of its ONNX graphs.
 TENSORRT = "tensorrt"
+# --device openvino: the bundle's ONNX graphs on OpenVINO's CPU plugin (engines.openvino_runner).
+OPENVINO = "openvino"
 MANIFEST_MAX_BYTES = 64 << 20
 _REEXPORT = "Fix: re-export the bundle with slimdeploy export"
 

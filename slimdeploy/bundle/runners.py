@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from slimdeploy.bundle.reader import TENSORRT, Bundle
+from slimdeploy.bundle.reader import OPENVINO, TENSORRT, Bundle
 from slimdeploy.errors import BundleError
 
 # The transform that marks a network whose decisions were discovered (recipes.discovered).
@@ -21,7 +21,8 @@ def bundle_runner(bundle: Bundle, device: str = "cpu", threads: int = 0, replay:
 
     Args:
         bundle: a loaded bundle.
-        device: ``"cpu"`` or ``"cuda"`` (ONNX Runtime), or ``"tensorrt"``. Defaults to ``"cpu"``.
+        device: ``"cpu"`` or ``"cuda"`` (ONNX Runtime), ``"openvino"`` (the same graphs on
+            OpenVINO's CPU plugin), or ``"tensorrt"``. Defaults to ``"cpu"``.
         threads: intra-op threads; 0 lets ONNX Runtime choose. Defaults to 0.
         replay: staged bundles only: take gate decisions from the feed. Defaults to False.
     """
@@ -53,6 +54,8 @@ def bundle_runner(bundle: Bundle, device: str = "cpu", threads: int = 0, replay:
         graphs = {name: bundle.file(file) for name, file in engines.items()}
         backend = TENSORRT
         batch_range = engine_batch_range(build)
+    elif device == OPENVINO:
+        backend, device = OPENVINO, "cpu"
     return make_runner(
         graphs,
         manifest["dynamic"],

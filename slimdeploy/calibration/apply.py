@@ -10,7 +10,9 @@ target's form (``int8.quantize_int8``). Single-graph forms (static models, ``com
 ``mask``) are calibrated on the calibration images; each piece of a ``staged`` bundle on the
 rows the staged controller hands it (``staged.piece_feeds``). ``if`` and ``loop`` graphs are
 refused: ONNX Runtime's quantizer does not reach inside ``If`` branches and ``Loop`` bodies, where
-the gated blocks are. Decision heads stay FP32 unless ``quantize_decisions``. FP16 of ``if`` and
+the gated blocks are. Decision heads stay FP32 unless ``quantize_decisions``; in the ONNX Runtime
+form with full placement they read the INT8 feature map through its quantized pooling (the
+gate's first node), not the whole map dequantized. FP16 of ``if`` and
 ``loop`` graphs is refused too (for now): the converter does not follow outer-scope weights into
 the subgraphs, and the graph it makes does not load.
 """
@@ -177,7 +179,7 @@ def apply_precision(
         feeds = _graph_feeds(graphs, form, plan, input_meta, images, gate_threshold)
 
     say(f"quantizing to INT8 in the {'TensorRT (S8S8)' if target == 'trt' else 'ONNX Runtime (U8S8)'} form")
-    out, fp32_pieces, fp32_blocks = {}, [], {}
+    out, fp32_pieces, fp32_blocks, fp32_stems = {}, [], {}, {}
     corrections: dict[str, BiasCorrection] = {}
     if bias_correction and images is not None:
         say("correcting the quantized layers' biases on the calibration images")
@@ -191,7 +193,21 @@ def apply_precision(
             fp32_pieces.append(name)
             notes.append(f"INT8: no calibration sample reached '{name}'; it stays FP32")
         else:
-            out[name] = quantize_int8(graph, record.graphs[name], target=target, exclude=scope.nodes(graph), op_types=op_types)
+            exclude, rounded = scope.nodes(graph), []
+            if target == "ort" and not op_types:
+                # Full placement in the ONNX Runtime form (the conv-only fallback of
+                # best_calibration is left as it is: it exists for the decisions' sake).
+                # The convolution reading the image stays FP32 (see ``image_convs``).
+                stems = image_convs(graph)
+                exclude = [*exclude, *stems]
+                if stems:
+                    fp32_stems[name] = stems
+                # The gate heads read the INT8 map's pooled values: one small tensor to
+                # dequantize per gate instead of the whole feature map (decisions.entry_pools).
+                pools = set(scope.entry_pools(graph))
+                exclude = [node for node in exclude if node not in pools]
+                rounded = [out for node in graph.graph.node if node.name in pools for out in node.output]
+            out[name] = quantize_int8(graph, record.graphs[name], target=target, exclude=exclude, op_types=op_types, rounded=rounded)
             if bias_correction and images is not None and name in feeds:
                 corrected = correct_biases(graph, out[name], feeds[name], _rounded_feed(name, feeds[name], out, form, plan))
                 out[name] = corrected.model
@@ -216,6 +232,8 @@ def apply_precision(
         "fp32_pieces": fp32_pieces,
         # Per graph, the node groups (name prefixes) left FP32 because no sample reached them.
         "fp32_unreached": fp32_blocks,
+        # Per graph, the convolutions reading the image, kept FP32 in the ONNX Runtime form.
+        "fp32_image_convs": fp32_stems,
         # Biases shifted by their layer's mean output error on the calibration images.
         "bias_correction": _correction_info(corrections) if corrections else False,
     })
@@ -224,6 +242,24 @@ def apply_precision(
     if record.data.get("synthetic"):
         notes.append("INT8 ranges come from synthetic (random) data, not real images: expect poor accuracy")
     return PrecisionResult(out, info, record, notes)
+
+
+# At most this many channels in a graph input make it an image (RGB, grey, RGBA).
+IMAGE_CHANNELS = 4
+
+
+def image_convs(graph: onnx.ModelProto) -> list[str]:
+    """The convolutions that read an image input of the graph directly (at most
+    ``IMAGE_CHANNELS`` channels): kept FP32 in the ONNX Runtime INT8 form. Its U8S8 kernel
+    on 3 input channels at full resolution runs at about half the speed of the FP32 (NCHWc)
+    kernel it replaces (ONNX Runtime profile, benchmarks/README.md), and an FP32 first layer
+    moves the one QuantizeLinear of the image to its output without adding a conversion."""
+    images = set()
+    for value in graph.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) == 4 and dims[1].HasField("dim_value") and dims[1].dim_value <= IMAGE_CHANNELS:
+            images.add(value.name)
+    return [node.name for node in graph.graph.node if node.op_type == "Conv" and node.input and node.input[0] in images]
 
 
 def _graph_feeds(graphs: Mapping[str, onnx.ModelProto], form: str | None, plan: Mapping[str, Any] | None,

@@ -43,6 +43,7 @@ def quantize_int8(
     target: str = "ort",
     exclude: Sequence[str] = (),
     op_types: Sequence[str] | None = None,
+    rounded: Sequence[str] = (),
 ) -> onnx.ModelProto:
     """The QDQ INT8 form of ``model`` for ``target`` from calibration ``ranges``.
 
@@ -55,6 +56,9 @@ def quantize_int8(
             Q/DQ (TensorRT's placement), in the ``ort`` form their outputs too (what ONNX
             Runtime fuses into QLinearConv). Defaults to every type ONNX Runtime's QDQ
             quantizer handles.
+        rounded: tensors that ``exclude``'s nodes read through their Q/DQ round trip instead
+            of in FP32 (a gate head's pooled feature, see ``decisions.entry_pools``). Defaults
+            to none.
     """
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import (
@@ -117,7 +121,7 @@ def quantize_int8(
             ) from exc
         quantized = onnx.load(result)
     if exclude:
-        _feed_float(quantized, set(exclude))
+        _feed_float(quantized, set(exclude), set(rounded))
     onnx.checker.check_model(quantized)
     return quantized
 
@@ -157,9 +161,9 @@ def _tensor_names(model: onnx.ModelProto) -> set[str]:
     return names
 
 
-def _feed_float(model: onnx.ModelProto, keep: set[str]) -> None:
-    """Let the nodes in ``keep`` read the FP32 tensors again, not their Q→DQ round trips, and
-    drop the Q/DQ nodes nothing reads any more."""
+def _feed_float(model: onnx.ModelProto, keep: set[str], rounded: set[str] = frozenset()) -> None:
+    """Let the nodes in ``keep`` read the FP32 tensors again, not their Q→DQ round trips (but
+    for the tensors in ``rounded``), and drop the Q/DQ nodes nothing reads any more."""
     graph = model.graph
     producers = {out: node for node in graph.node for out in node.output}
     initializers = {init.name for init in graph.initializer}
@@ -169,7 +173,7 @@ def _feed_float(model: onnx.ModelProto, keep: set[str]) -> None:
         if dq is None or dq.op_type != "DequantizeLinear":
             return name
         q = producers.get(dq.input[0])
-        if q is None or q.op_type != "QuantizeLinear" or q.input[0] in initializers:
+        if q is None or q.op_type != "QuantizeLinear" or q.input[0] in initializers or q.input[0] in rounded:
             return name
         return q.input[0]
 

@@ -6,7 +6,9 @@ The calibration data (or stored ranges) is read and checked first, before the lo
 (``apply_precision``); for INT8 with ``--calib-method auto`` it tries several methods and Q/DQ
 placements and keeps the best (``best_calibration``). The reduced graphs are then checked
 against PyTorch with the precision's tolerances and criteria, and their agreement with the FP32
-graphs is recorded (manifest ``calibration.vs_fp32``).
+graphs is recorded (manifest ``calibration.vs_fp32``). For the ``ort`` target both are timed
+side by side on this CPU (manifest ``calibration.speed_vs_fp32``; ``calibration.speed``), and a
+reduced graph slower than FP32 is a warning that names the layers costing most.
 """
 
 from __future__ import annotations
@@ -68,16 +70,19 @@ def reduce_precision(checked: CheckedGraphs, held_out: HeldOut, calibration: Any
                      options: ExportOptions, say: Progress) -> CheckedGraphs:
     """The checked FP32 graphs in ``options.precision``, with their parity report against
     PyTorch, how they were made and how they agree with the FP32 graphs."""
-    from slimdeploy.calibration import CalibrationSet, agreement, apply_precision
+    from slimdeploy.calibration import CalibrationSet, DecisionScope, agreement, apply_precision
     from slimdeploy.calibration.ranges import DEFAULT_METHOD
     from slimdeploy.export.options import AUTO_CALIB
 
     precision, fp32 = options.precision, checked.exported
 
-    def convert(method: str, op_types: Sequence[str] | None = None, stored: Any = None) -> Any:
+    def convert(method: str, op_types: Sequence[str] | None = None, stored: Any = None,
+                fp32_pieces: Sequence[str] = ()) -> Any:
+        # fp32_pieces: staged pieces kept FP32 whole, as decision heads are.
+        scope = DecisionScope(patterns=(*DecisionScope().patterns, *fp32_pieces)) if fp32_pieces else None
         return apply_precision(
             fp32.graphs, precision, target=options.target, form=fp32.form, plan=fp32.plan, input_meta=fp32.input_meta,
-            calibration=stored or calibration, method=method, op_types=op_types,
+            calibration=stored or calibration, method=method, op_types=op_types, scope=scope,
             quantize_decisions=options.quantize_decisions, bias_correction=options.bias_correction,
             correction_data=calibration if isinstance(calibration, CalibrationSet) else None, progress=say,
         )
@@ -97,6 +102,22 @@ def reduce_precision(checked: CheckedGraphs, held_out: HeldOut, calibration: Any
         fp32_out = run_batches(fp32_runner, held_out.feed, largest, ["input"])
         reduced_out = run_batches(reduced_runner, held_out.feed, largest, ["input"])
     info = {**converted.info, "vs_fp32": agreement(fp32_out, reduced_out), "fp32_parity_passed": checked.report.passed}
+    warnings = []
+    if options.target == "trt":
+        info["speed_vs_fp32"] = {"measured": False, "reason": "the TensorRT form runs at its speed on the target GPU, not in ONNX Runtime here"}
+    elif not options.speed_check:
+        info["speed_vs_fp32"] = {"measured": False, "reason": "turned off (speed_check=False)"}
+    else:
+        # Never slower without saying so: timed against FP32 on this CPU, warned when slower.
+        from slimdeploy.calibration.speed import speed_vs_fp32
+
+        if isinstance(calibration, CalibrationSet):
+            images, source = calibration.inputs, f"calibration inputs ({calibration.source})"
+        else:
+            images, source = held_out.inputs, f"parity samples ({held_out.source})"
+        speed = speed_vs_fp32(fp32, reduced, images, precision, threads=options.threads, source=source, say=say)
+        info["speed_vs_fp32"] = {"measured": True, **speed.info}
+        warnings = [speed.warning] if speed.warning else []
     record = None
     if converted.record is not None:
         # Which checkpoint the ranges belong to: reusing them for another one is refused.
@@ -104,7 +125,7 @@ def reduce_precision(checked: CheckedGraphs, held_out: HeldOut, calibration: Any
         record = converted.record.to_bytes()
         info["ranges"] = CALIBRATION_FILE
     return replace(checked, exported=reduced, report=report, notes=[*checked.notes, *converted.notes],
-                   calibration=info, record=record)
+                   warnings=[*checked.warnings, *warnings], calibration=info, record=record)
 
 
 def best_calibration(convert: Callable[..., Any], fp32: ExportedGraphs, images: np.ndarray, target: str,
@@ -123,9 +144,13 @@ def best_calibration(convert: Callable[..., Any], fp32: ExportedGraphs, images: 
        |logits - FP32| is kept if it meets the INT8 criteria (top-1 and decision agreement
        with FP32, ``parity.DEFAULT_CRITERIA``).
     2. Otherwise the same ranges (no recalibration) with the other placement (the S2D demo's
-       exit decisions flip with full placement in the ONNX Runtime form). The best of all
-       candidates is kept: meeting the criteria first, then decision agreement, top-1
-       agreement, closeness.
+       exit decisions flip with full placement in the ONNX Runtime form), and, for a staged
+       early-exit form, with the other placement on the last stage only and the stages that
+       decide an exit kept FP32 (``deciding_stages``: the exits are then exactly FP32's, and the
+       last stage, which answers every sample that reaches it and decides nothing, is
+       quantized; with full placement its logits, calibrated on the few images that reach it,
+       drift too far). The best of all candidates is kept: meeting the criteria first, then
+       decision agreement, top-1 agreement, closeness.
     """
     from slimdeploy.calibration import CONV_OPS
     from slimdeploy.parity import DEFAULT_CRITERIA
@@ -172,6 +197,12 @@ def best_calibration(convert: Callable[..., Any], fp32: ExportedGraphs, images: 
             name = label(method, placements[1])
             candidates[name] = convert(method, placements[1], stored=candidates[label(method, placements[0])].record)
             scores[name] = score(candidates[name], name)
+        deciding = deciding_stages(fp32)
+        for method in AUTO_METHODS if deciding else ():
+            name = f"{label(method, placements[1])}, {'/'.join(deciding)} FP32"
+            candidates[name] = convert(method, placements[1], stored=candidates[label(method, placements[0])].record,
+                                       fp32_pieces=deciding)
+            scores[name] = score(candidates[name], name)
         # Decisions first: they are what a dynamic model is about; then top-1, then closeness.
         chosen = max(scores, key=lambda name: (acceptable(scores[name]), scores[name]["decision_agreement"],
                                                scores[name]["top1_agreement"], -scores[name]["logits_error"]))
@@ -180,7 +211,17 @@ def best_calibration(convert: Callable[..., Any], fp32: ExportedGraphs, images: 
         "rule": f"{'Q/DQ on the Conv/Gemm/MatMul inputs only (TensorRT placement)' if target == 'trt' else 'full Q/DQ placement'} "
                 "with the lowest mean |logits - FP32| on the calibration images if it meets the INT8 agreement "
                 f"criteria, else the best of all candidates incl. {'full placement' if target == 'trt' else 'Q/DQ on Conv/Gemm/MatMul only'} "
+                "and, for staged early exits, the stages that decide an exit kept FP32 "
                 "(criteria met, decision agreement, top-1 agreement, closeness)",
         "chosen": chosen, "candidates": scores,
     }
     return best
+
+
+def deciding_stages(graphs: ExportedGraphs) -> list[str]:
+    """The pieces of a staged early-exit form whose exit decides (every stage but the last,
+    which answers whatever reaches it); empty for other forms."""
+    plan = graphs.plan or {}
+    if graphs.form != "staged" or plan.get("kind") != "early_exit":
+        return []
+    return [f"stage{stage}" for stage in range(int(plan["n_stages"]) - 1)]

@@ -2,7 +2,8 @@
 
 Used both by ``export`` (graphs still in memory) and by ``bundle_runner`` (graphs on disk), so
 a bundle runs exactly as it was checked at export. ``backend="tensorrt"`` runs TensorRT engines
-(one per graph, built on the target by ``slimdeploy build``) in place of the ONNX graphs.
+(one per graph, built on the target by ``slimdeploy build``) in place of the ONNX graphs;
+``backend="openvino"`` runs the same ONNX graphs on OpenVINO's CPU plugin.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ def make_runner(
     replay: bool = False,
     backend: str = "onnxruntime",
     batch_range: tuple[int, int] | None = None,
+    profile: bool = False,
 ) -> Runner:
     """The runner of one exported form.
 
@@ -43,10 +45,13 @@ def make_runner(
         threads: intra-op threads per session; 0 lets ONNX Runtime choose. Defaults to 0.
         replay: staged gated networks only (``ValueError`` for early exits): take the gate
             decisions from the feed's ``gates``. Defaults to False.
-        backend: ``"onnxruntime"``, or ``"tensorrt"`` when ``graphs`` are serialised engines
+        backend: ``"onnxruntime"``; ``"openvino"`` (the same ONNX graphs on OpenVINO's CPU
+            plugin; ``device`` unused); or ``"tensorrt"`` when ``graphs`` are serialised engines
             (``device`` and ``threads`` are then unused). Defaults to ``"onnxruntime"``.
         batch_range: TensorRT only: the engines' (min, max) batch, for error messages.
             Defaults to unknown.
+        profile: ONNX Runtime only: every session records its nodes' times
+            (``OrtRunner.profile_events``; ``engines.ort_profile``). Defaults to False.
     """
     defaults = dict(decision_defaults or {})
 
@@ -57,7 +62,11 @@ def make_runner(
             # Staged pieces take no thresholds (the host decides); single graphs may.
             return TrtRunner(graphs[graph], defaults={} if form == "staged" else _threshold_arrays(defaults),
                              batch_range=batch_range, name=graph if form == "staged" else None)
-        return OrtRunner(graphs[graph], device=device, threads=threads, **ort)
+        if backend == "openvino":
+            from slimdeploy.engines.openvino_runner import OpenVinoRunner
+
+            return OpenVinoRunner(graphs[graph], threads=threads, name=ort.get("name"))
+        return OrtRunner(graphs[graph], device=device, threads=threads, profile=profile, **ort)
 
     if form != "staged":
         return piece("model")

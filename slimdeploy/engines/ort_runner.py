@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import json
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import numpy as np
 
 from slimdeploy._optional import optional_import
 from slimdeploy.engines.base import Runner, TensorMeta
-from slimdeploy.errors import BackendUnavailableError, BadInputError, BundleError
+from slimdeploy.errors import BackendUnavailableError, BadInputError, BundleError, SlimDeployError
 from slimdeploy.limits import check_threads
 
 # ONNX Runtime's type strings → numpy dtypes, for the tensor types our graphs use.
@@ -51,6 +53,8 @@ class OrtRunner(Runner):
         spinning: let idle worker threads spin-wait for the next call (lower latency for one
             session called back to back). Staged bundles run many sessions in turn, where
             spinning threads of one session steal the cores of the next. Defaults to True.
+        profile: record every node's time with ONNX Runtime's profiler (into a temporary
+            folder, removed by ``profile_events`` or on release). Defaults to False.
         name: label in reports. Defaults to ``"onnxruntime"``.
     """
 
@@ -63,6 +67,7 @@ class OrtRunner(Runner):
         threads: int = 0,
         optimization: bool = True,
         spinning: bool = True,
+        profile: bool = False,
         name: str | None = None,
     ) -> None:
         super().__init__(name)
@@ -71,7 +76,9 @@ class OrtRunner(Runner):
         self.threads = check_threads(threads)
         self.optimization = optimization
         self.spinning = spinning
+        self.profile = profile
         self.session = None
+        self._profile_dir: tempfile.TemporaryDirectory[str] | None = None
 
     def _activate(self) -> None:
         ort = optional_import("onnxruntime", "run ONNX models")
@@ -92,15 +99,38 @@ class OrtRunner(Runner):
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if not self.optimization:
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        if self.profile:
+            # ONNX Runtime writes its trace to a file: into a folder of our own, never the cwd.
+            self._profile_dir = tempfile.TemporaryDirectory(prefix="slimdeploy-profile-")
+            options.enable_profiling = True
+            options.profile_file_prefix = str(Path(self._profile_dir.name) / "ort")
         source = self.model if isinstance(self.model, bytes) else str(self.model)
         try:
             self.session = ort.InferenceSession(source, options, providers=[provider])
         except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
+            self._deactivate()  # the profile folder, if one was made
             label = "the model bytes" if isinstance(self.model, bytes) else f"'{self.model}'"
             raise BundleError(f"ONNX Runtime cannot load {label}: {str(exc).strip()[:300]}") from exc
 
     def _deactivate(self) -> None:
         self.session = None
+        if self._profile_dir is not None:
+            self._profile_dir.cleanup()
+            self._profile_dir = None
+
+    def profile_events(self) -> list[dict]:
+        """Stop profiling and return ONNX Runtime's trace events (``cat`` ``"Node"`` events
+        carry each node's ``name``, ``dur`` in microseconds and ``args.op_name``); the trace
+        file and its folder are removed. Once per runner made with ``profile=True``."""
+        if self._profile_dir is None:
+            raise SlimDeployError(f"runner '{self.name}' has no profile to hand out: make it with profile=True, "
+                                  "and read its profile once")
+        path = Path(self._session().end_profiling())
+        try:
+            return json.loads(path.read_text())
+        finally:
+            self._profile_dir.cleanup()
+            self._profile_dir = None
 
     def input_metadata(self) -> dict[str, TensorMeta]:
         """Required inputs, then optional ones (inputs with a default initializer: thresholds)."""

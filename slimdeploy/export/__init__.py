@@ -42,12 +42,14 @@ Progress = Callable[[str], None]
 
 @dataclass
 class ExportResult:
-    """What ``export`` produced: the bundle path, its manifest and the final parity report."""
+    """What ``export`` produced: the bundle path, its manifest, the final parity report, notes
+    and warnings (a reduced precision slower than FP32 on this CPU)."""
 
     bundle: Path
     manifest: dict[str, Any]
     report: ParityReport
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -123,7 +125,8 @@ def export(checkpoint: str | Path, out: str | Path, options: ExportOptions | Non
     say("writing the bundle")
     notes = [*loaded.notes, *_target_notes(form, options), *held_out.notes, *checked.notes]
     files, manifest = bundle_contents(out, deployed, held_out, checked, options, info, model_id, notes, started)
-    return ExportResult(write_bundle(out, files, manifest, force=options.force), manifest, checked.report, notes)
+    return ExportResult(write_bundle(out, files, manifest, force=options.force), manifest, checked.report, notes,
+                        checked.warnings)
 
 
 def _target_notes(form: str | None, options: ExportOptions) -> list[str]:

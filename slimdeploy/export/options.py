@@ -78,6 +78,9 @@ class ExportOptions:
             or one for all. Defaults to the checkpoint's; a foreign checkpoint gets the CIFAR
             statistics (inputs of 64 pixels or less) or ImageNet's, with a note.
         std: per-channel std divided by, as ``mean``. Defaults as ``mean``.
+        speed_check: fp16/int8 for ``ort``: time the reduced graphs against FP32 on this CPU
+            (a few seconds), record the ratio (manifest ``calibration.speed_vs_fp32``) and warn
+            when they are slower. Defaults to True.
     """
 
     arch: str | None = None
@@ -106,6 +109,7 @@ class ExportOptions:
     input_size: Sequence[int] | None = None
     mean: Sequence[float] | None = None
     std: Sequence[float] | None = None
+    speed_check: bool = True
 
     def __post_init__(self) -> None:
         from slimdeploy.calibration import check_precision

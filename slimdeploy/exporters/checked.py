@@ -26,6 +26,8 @@ class CheckedGraphs:
         report: their parity report.
         simplify: what onnxslim did (manifest ``export.simplify``).
         notes: what the user should know (simplification kept out, calibration choices).
+        warnings: what the user must not miss (a reduced precision slower than FP32), printed
+            as warnings.
         calibration: reduced precision only: how it was made and its agreement with the FP32
             graphs (manifest ``calibration``). None for FP32.
         record: INT8 only: the calibration ranges (``calibration.json``), or None.
@@ -35,6 +37,7 @@ class CheckedGraphs:
     report: ParityReport
     simplify: dict[str, Any]
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     calibration: dict[str, Any] | None = None
     record: bytes | None = None
 
