@@ -223,6 +223,12 @@ def tiled_feed(bundle: Bundle, batch_size: int) -> dict[str, np.ndarray]:
     return feed
 
 
+def _batches(rows: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """``rows`` in calls of ``batch_size`` consecutive rows, the last one shorter: how a
+    benchmark or ``run --batch`` feeds a form (not ``np.array_split``'s equal shares)."""
+    return [rows[start:start + batch_size] for start in range(0, len(rows), max(1, batch_size))]
+
+
 def gated_macs(plan: dict[str, Any], gates: np.ndarray, form: str, batch_size: int) -> float:
     """Mean MACs per sample of a gated network for given decisions, as ``form`` computes them.
 
@@ -244,7 +250,7 @@ def gated_macs(plan: dict[str, Any], gates: np.ndarray, form: str, batch_size: i
         if form == "mask":
             total += (exec_macs + skip_macs) * n
         elif form in ("if", "loop"):
-            batches_on = sum(len(chunk) for chunk in np.array_split(on, max(1, -(-n // batch_size))) if chunk.any())
+            batches_on = sum(len(chunk) for chunk in _batches(on, batch_size) if chunk.any())
             total += exec_macs * batches_on + skip_macs * n
         elif form == "compact":
             total += exec_macs * on.sum() + skip_macs * n
@@ -279,9 +285,8 @@ def exit_macs(macs_per_stage: Sequence[int], exit_stage: np.ndarray, form: str, 
         return float(sum(macs_per_stage))
     if form == "if":
         total = 0.0
-        for chunk in np.array_split(exit_stage, max(1, -(-n // batch_size))):
-            if len(chunk):
-                total += len(chunk) * sum(macs_per_stage[: int(chunk.max()) + 1])
+        for chunk in _batches(exit_stage, batch_size):
+            total += len(chunk) * sum(macs_per_stage[: int(chunk.max()) + 1])
         return total / n
     cumulative = np.cumsum(macs_per_stage)
     return float(cumulative[np.clip(exit_stage, 0, stages - 1)].mean())
