@@ -147,3 +147,50 @@ def test_runners_refuse_absurd_thread_counts(tiny: TinyNet, tiny_onnx: Path, thr
         OrtRunner(tiny_onnx, threads=threads)
     with pytest.raises(BadInputError, match=r"--threads .* out of range"):
         TorchRunner(tiny, META, ["logits"], threads=threads)
+
+
+def test_torch_runner_keeps_torch_threads_unless_asked(tiny: TinyNet) -> None:
+    """threads=0 (the default) leaves torch's intra-op thread count as the caller set it; a
+    count given is applied on activation."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with TorchRunner(tiny, META, ["logits"]):
+            assert torch.get_num_threads() == 2
+        with TorchRunner(tiny, META, ["logits"], threads=1):
+            assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_ort_availability_follows_the_import(monkeypatch: pytest.MonkeyPatch) -> None:
+    from slimdeploy.engines import ort_runner
+    from slimdeploy.errors import BackendUnavailableError
+
+    assert ort_runner.is_available() is True
+
+    def missing(*_args: object) -> None:
+        raise BackendUnavailableError("onnxruntime is not installed")
+
+    monkeypatch.setattr(ort_runner, "optional_import", missing)
+    assert ort_runner.is_available() is False
+
+
+def test_ort_session_options_are_the_documented_ones(tiny_onnx: Path) -> None:
+    """Defaults: ONNX Runtime picks the intra-op threads, one inter-op thread, full graph
+    optimisation, spinning allowed; each option given is what the session gets."""
+    import onnxruntime as ort
+
+    def options(**kwargs: object) -> ort.SessionOptions:
+        with OrtRunner(tiny_onnx, **kwargs) as runner:
+            return runner.session.get_session_options()
+
+    default = options()
+    assert default.intra_op_num_threads == 0 and default.inter_op_num_threads == 1
+    assert default.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # not set: ONNX Runtime's default, spinning
+        default.get_session_config_entry("session.intra_op.allow_spinning")
+    chosen = options(threads=1, optimization=False, spinning=False)
+    assert chosen.intra_op_num_threads == 1
+    assert chosen.graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    assert chosen.get_session_config_entry("session.intra_op.allow_spinning") == "0"
