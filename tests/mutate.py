@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per mutant at least (default 120; 3x the baseline if longer)")
     parser.add_argument("--out", type=Path, help="JSON file of the outcomes")
+    parser.add_argument("--only", type=lambda text: [int(i) for i in text.split(",")], help="run these mutants (ids from --list)")
     parser.add_argument("--list", action="store_true", help="list the mutants and stop")
     args = parser.parse_args(argv)
     source = args.module.read_text()
@@ -172,8 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not tests:
         parser.error("name the tests to run after --")
-    indices = list(range(count))
-    if args.sample and args.sample < count:
+    indices = args.only or list(range(count))
+    if args.sample and args.sample < len(indices):
         indices = sorted(random.Random(args.seed).sample(indices, args.sample))
     results = run(args.module, tests, indices, args.timeout, args.out)
     killed = sum(m.outcome != "survived" for m in results)

@@ -194,3 +194,25 @@ def test_ort_session_options_are_the_documented_ones(tiny_onnx: Path) -> None:
     assert chosen.intra_op_num_threads == 1
     assert chosen.graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     assert chosen.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+def test_ort_metadata_of_thresholds_and_dynamic_axes(tmp_path: Path) -> None:
+    """An input with a default initializer (a threshold) is optional and may be left out; a
+    named dynamic axis keeps its name, an unnamed one reads "?"."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Greater", ["x", "t"], ["y"])], "thresholded",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", None]),
+         helper.make_tensor_value_info("t", TensorProto.FLOAT, [])],
+        [helper.make_tensor_value_info("y", TensorProto.BOOL, ["batch", None])],
+        [numpy_helper.from_array(np.array(0.5, np.float32), "t")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    with OrtRunner(model.SerializeToString()) as runner:
+        meta = runner.input_metadata()
+        assert meta["x"].shape == ("batch", "?") and not meta["x"].optional
+        assert meta["t"].optional and meta["t"].shape == ()
+        x = np.array([[0.2, 0.7]], np.float32)
+        np.testing.assert_array_equal(runner.infer({"x": x})["y"], [[False, True]])
+        np.testing.assert_array_equal(runner.infer({"x": x, "t": np.array(0.1, np.float32)})["y"], [[True, True]])
