@@ -662,3 +662,24 @@ def test_stand_in_refuses_a_foreign_timing_cache(tmp_path: Path, fake_trt: Any) 
     for cache, builds in ((own, 4), (foreign_gpu, 1), (foreign_version, 1), (b"not a timing cache", 1), (b"", 1)):
         built = build_engine(path, shapes, spec, timing_cache=cache)
         assert fake_trt.read_timing_cache(built.timing_cache) == {**expected, "builds": builds}, cache[:60]
+
+
+def test_runner_refuses_another_value_for_a_folded_threshold(tmp_path: Path, fake_trt: Any) -> None:
+    """A threshold whose default initializer the parser folded into the engine: its default may
+    be fed, any other value is refused (it would be ignored silently otherwise)."""
+    from slimdeploy.engines.trt_build import EngineFromOnnx
+    from slimdeploy.engines.trt_runner import TrtRunner
+
+    model = onnx.load(str(_threshold_graph(tmp_path)))
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.array(0.5, np.float32), "t"))
+    path = tmp_path / "folded.onnx"
+    onnx.save(model, str(path))
+    spec = BuildSpec(opt_batch=2, max_batch=4)
+    runner = TrtRunner(EngineFromOnnx(path, profile_shapes(model, spec), spec), defaults={"t": np.float32(0.5)},
+                       buffers="cuda-python")
+    x = np.array([[0.1, 0.6, 0.5]], np.float32)
+    with runner:
+        assert runner.input_metadata()["t"].optional and "t" not in runner._inputs  # folded, listed as optional
+        np.testing.assert_array_equal(runner.infer({"x": x, "t": np.array(0.5, np.float32)})["y"], [[0, 1, 0]])
+        with pytest.raises(BadInputError, match=r"'t' is fixed at 0\.5"):
+            runner.infer({"x": x, "t": np.array(0.9, np.float32)})
