@@ -254,3 +254,31 @@ def test_other_schema_versions_say_what_to_do(tmp_path: Path) -> None:
     (out / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match=r"schema 0, older .* \| Fix: re-export"):
         load_bundle(out)
+
+
+def test_manifest_size_limit_is_exactly_64_mib(tmp_path: Path) -> None:
+    """A manifest of 64 MiB is read; one byte more is refused before it is read whole."""
+    from slimdeploy.bundle.reader import read_manifest
+
+    limit = 64 << 20
+    document = b'{"padded": true}'
+    (tmp_path / MANIFEST).write_bytes(document + b" " * (limit - len(document)))
+    assert read_manifest(tmp_path) == {"padded": True}
+    with open(tmp_path / MANIFEST, "r+b") as handle:  # sparse: no more disk used
+        handle.truncate(limit + 1)
+    with pytest.raises(BundleError, match="larger than 64 MiB"):
+        read_manifest(tmp_path)
+
+
+def test_thresholds_are_optional_inputs_outside_the_batch(tmp_path: Path) -> None:
+    """A threshold input (no batch axis, optional) is neither split into batches nor required
+    in the golden file; the image input is both."""
+    fields = manifest_fields()
+    fields["inputs"].append({"name": "gate_threshold", "dtype": "float32", "shape": [], "optional": True})
+    bundle = load_bundle(write_bundle(tmp_path / "b", FILES, fields))
+    assert bundle.input_names == ["input", "gate_threshold"] and bundle.batch_inputs == ["input"]
+    assert set(bundle.golden()) == {"input"}
+    fields["inputs"][1]["optional"] = False
+    required = load_bundle(write_bundle(tmp_path / "c", FILES, fields))
+    with pytest.raises(BundleError, match=r"lacks the input array\(s\) \['gate_threshold'\]"):
+        required.golden()
