@@ -127,14 +127,16 @@ def run_piece(piece: bytes, x: np.ndarray, output: str = "y") -> np.ndarray:
 
 def test_staged_rows_match_the_accounting(skipnet_plan: Any) -> None:
     """The staged controller, replaying the decisions above, runs each block on exactly the
-    rows ``gated_macs("staged")`` counts, and each row's logits are those of its own chain of
-    pieces: a block where it runs, else its skip path (identity where the block has none)."""
+    rows ``gated_macs("staged")`` counts, and each row's logits, in the batch and alone, are
+    those of its own chain of pieces: a block where it runs, else its skip path (identity where
+    the block has none)."""
     pieces = {name: graph.SerializeToString() for name, graph in skipnet_plan.graphs.items()}
     meta = TensorMeta("input", np.dtype(np.float32), ("batch", 3, 32, 32))
     x = np.random.default_rng(0).standard_normal((6, 3, 32, 32)).astype(np.float32)
     with StagedGatedRunner(lambda name: OrtRunner(pieces[name], threads=1), skipnet_plan.plan.to_dict(), meta, replay=True) as runner:
         logits = runner.infer({"input": x, "gates": GATES})["logits"]
         rows = runner.executed_rows.copy()
+        alone = [runner.infer({"input": x[i:i + 1], "gates": GATES[i:i + 1]})["logits"][0] for i in range(6)]
     np.testing.assert_array_equal(rows, [6, 1, 1, 0, 3, 6])
     by_hand = []
     for row, decisions in zip(x, GATES):
@@ -144,6 +146,7 @@ def test_staged_rows_match_the_accounting(skipnet_plan: Any) -> None:
                 y = run_piece(pieces[f"exec{k}" if execute else f"skip{k}"], y)
         by_hand.append(run_piece(pieces["head"], y, "logits")[0])
     np.testing.assert_allclose(logits, np.stack(by_hand), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.stack(alone), np.stack(by_hand), rtol=1e-5, atol=1e-5)  # batch 1 too
     assert np.abs(np.diff(logits, axis=0)).max() > 1e-3  # rows differ: a wrong row would show
     per_sample = FIXED + sum(E[k] * rows[k] for k in E) / 6 + sum(K[k] * (6 - rows[k]) for k in K) / 6
     assert gated_macs(skipnet_plan.plan.to_dict(), GATES, "staged", 6) == pytest.approx(per_sample, rel=1e-12)
