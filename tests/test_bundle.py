@@ -82,6 +82,9 @@ def test_existing_directory_refused_and_untouched(tmp_path: Path) -> None:
 def test_force_replaces_only_when_complete(tmp_path: Path) -> None:
     out = tmp_path / "b"
     write_bundle(out, {**FILES, "model.onnx": b"old"}, manifest_fields())
+    with pytest.raises(OutputExistsError, match="--force"):  # a bundle too is replaced only when asked
+        write_bundle(out, {**FILES, "model.onnx": b"new"}, manifest_fields())
+    assert (out / "model.onnx").read_bytes() == b"old"
     write_bundle(out, {**FILES, "model.onnx": b"new"}, manifest_fields(), force=True)
     assert (out / "model.onnx").read_bytes() == b"new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
