@@ -289,3 +289,29 @@ def test_thresholds_are_optional_inputs_outside_the_batch(tmp_path: Path) -> Non
     required = load_bundle(write_bundle(tmp_path / "c", FILES, fields))
     with pytest.raises(BundleError, match=r"lacks the input array\(s\) \['gate_threshold'\]"):
         required.golden()
+
+
+@pytest.mark.parametrize(("code", "outcome"), [
+    (None, False),                 # no renameat2 in the C library
+    (errno.ENOSYS, False),         # the kernel lacks it
+    (errno.EINVAL, False),         # the file system lacks RENAME_EXCHANGE
+    (errno.EACCES, OSError),       # any other failure is an error, not "not offered"
+])
+def test_exchange_reports_what_the_system_lacks_and_raises_the_rest(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int | None, outcome: Any) -> None:
+    class FakeLibc:
+        @property
+        def renameat2(self) -> Any:
+            if code is None:
+                raise AttributeError("renameat2")
+            return lambda *args: -1
+
+    monkeypatch.setattr(bundle_swap.sys, "platform", "linux")
+    monkeypatch.setattr(bundle_swap.ctypes, "CDLL", lambda *args, **kwargs: FakeLibc())
+    monkeypatch.setattr(bundle_swap.ctypes, "get_errno", lambda: code)
+    if outcome is OSError:
+        with pytest.raises(OSError) as caught:
+            bundle_swap.exchange(tmp_path / "a", tmp_path / "b")
+        assert caught.value.errno == code
+    else:
+        assert bundle_swap.exchange(tmp_path / "a", tmp_path / "b") is False
