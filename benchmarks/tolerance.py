@@ -199,13 +199,16 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown model(s) {unknown}; expected some of {list(MODELS)}")
     samples = 8 if args.quick else 32
-    result: dict[str, Any] = {"benchmark": "tolerance", "quick": args.quick, "machine": machine_facts(), "models": []}
+    result: dict[str, Any] = {"benchmark": "tolerance", "quick": args.quick, "machine": machine_facts(),
+                              "settings": {"threads": args.threads, "onnxruntime_threads": 2, "samples": samples,
+                                           "batch_sizes": [1, 16]},
+                              "models": []}
     if args.models and args.out.is_file():
         kept = json.loads(args.out.read_text()).get("models", [])
         result["models"] = [row for row in kept if row["model"] not in labels]
     with tempfile.TemporaryDirectory() as tmp:
         for label in labels:
-            row = measure(label, Path(tmp), samples)
+            row = {**measure(label, Path(tmp), samples), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
             result["models"] = [r for r in result["models"] if r["model"] != label] + [row]
             save_json(result, args.out)
             print(f"{label}: |logits| max {row['logits_max_abs']:.3g} rms {row['logits_rms']:.3g}; noise "

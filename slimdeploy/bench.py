@@ -245,6 +245,12 @@ def tiled_feed(bundle: Bundle, batch_size: int) -> dict[str, np.ndarray]:
     return feed
 
 
+def _batches(rows: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """``rows`` in calls of ``batch_size`` consecutive rows, the last one shorter: how a
+    benchmark or ``run --batch`` feeds a form (not ``np.array_split``'s equal shares)."""
+    return [rows[start:start + batch_size] for start in range(0, len(rows), max(1, batch_size))]
+
+
 def gated_macs(plan: dict[str, Any], gates: np.ndarray, form: str, batch_size: int) -> float:
     """Mean MACs per sample of a gated network for given decisions, as ``form`` computes them
     (``gated_macs_total`` over the number of samples)."""
@@ -273,7 +279,7 @@ def gated_macs_total(plan: dict[str, Any], gates: np.ndarray, form: str, batch_s
         if form == "mask":
             total += (exec_macs + skip_macs) * n
         elif form in ("if", "loop"):
-            batches_on = sum(len(chunk) for chunk in np.array_split(on, max(1, -(-n // batch_size))) if chunk.any())
+            batches_on = sum(len(chunk) for chunk in _batches(on, batch_size) if chunk.any())
             total += exec_macs * batches_on + skip_macs * n
         elif form == "compact":
             total += exec_macs * int(on.sum()) + skip_macs * n
@@ -317,7 +323,7 @@ def exit_macs_total(macs_per_stage: Sequence[int], exit_stage: np.ndarray, form:
         return int(sum(int(m) for m in macs_per_stage)) * n
     if form == "if":
         total = 0
-        for chunk in np.array_split(exit_stage, max(1, -(-n // batch_size))):
+        for chunk in _batches(exit_stage, batch_size):
             if len(chunk):
                 total += len(chunk) * sum(int(m) for m in macs_per_stage[: int(chunk.max()) + 1])
         return total

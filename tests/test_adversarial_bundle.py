@@ -4,7 +4,9 @@ bundle, nothing lost.
 
 - path escapes through ``files``, ``graphs[].file``, ``golden.file``, ``reference_weights`` and
   the TensorRT section (``..``, absolute paths, symbolic links to files and to folders);
-- every listed file of a static, a gated staged and an early-exit staged bundle, tampered;
+- every listed file of a static, a gated staged, an early-exit staged, an INT8, a TensorRT-prepared
+  (INT8, ``BUILD.md``/``build.sh``) and an engine-carrying bundle (engines and timing cache built
+  by ``slimdeploy build`` over the stand-in TensorRT of ``tests/fakes``), tampered;
 - schema violations (a list for a manifest, missing fields, empty graphs, bad dtypes, batch sizes
   0 or negative, NaN tolerances, plans that do not match the graphs...);
 - a hypothesis property: any mutation of a real manifest loads or raises ``BundleError``.
@@ -54,7 +56,48 @@ def exit_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-KINDS = {"static": "exported_bundle", "gated-staged": "gated_staged_bundle", "early-exit": "exit_bundle"}
+@pytest.fixture(scope="module")
+def int8_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo MobileNet in ONNX Runtime's INT8 form: ``calibration.json`` beside the graph."""
+    from slimdeploy.export import export
+
+    out = tmp_path_factory.mktemp("adversarial") / "int8"
+    assert export(_zoo("mobilenet_v1_digits"), out, precision="int8", samples=8, batch_sizes=(1, 4)).passed
+    return out
+
+
+@pytest.fixture(scope="module")
+def trt_prepared_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo MobileNet for TensorRT in INT8 (S8S8), prepared on this machine: the build
+    plan, ``BUILD.md`` and ``build.sh``, no engines yet."""
+    out = tmp_path_factory.mktemp("adversarial") / "trt"
+    result = run_cli("export", str(_zoo("mobilenet_v1_digits")), "--target", "trt", "--precision", "int8",
+                     "--prepare-only", "--out", str(out), "--samples", "8", "--batch-sizes", "1,4")
+    assert result.returncode == 0, result.stdout + result.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def trt_built_bundle(tmp_path_factory: pytest.TempPathFactory, trt_prepared_bundle: Path) -> Path:
+    """``trt_prepared_bundle`` after ``slimdeploy build`` (stand-in TensorRT): an engine and the
+    timing cache under ``trt/``, listed with their digests."""
+    out = copy_bundle(trt_prepared_bundle, tmp_path_factory.mktemp("adversarial"), "trt_built")
+    result = run_cli("build", str(out), env=FAKE_ENV)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return out
+
+
+KINDS = {"static": "exported_bundle", "gated-staged": "gated_staged_bundle", "early-exit": "exit_bundle",
+         "int8": "int8_bundle", "trt-prepared": "trt_prepared_bundle", "trt-built": "trt_built_bundle"}
+# Files each kind must list (beyond model.onnx or the stage graphs): the tamper test covers them.
+KIND_FILES = {
+    "static": {"golden.npz", "report.json", "reference.pt"},
+    "gated-staged": {"golden.npz", "report.json", "reference.pt", "stages/stem.onnx", "stages/head.onnx"},
+    "early-exit": {"golden.npz", "report.json", "stages/stage0.onnx"},
+    "int8": {"golden.npz", "report.json", "reference.pt", "calibration.json"},
+    "trt-prepared": {"golden.npz", "calibration.json", "BUILD.md", "build.sh"},
+    "trt-built": {"golden.npz", "calibration.json", "BUILD.md", "build.sh", "trt/model.engine", "trt/timing.cache"},
+}
 
 
 @pytest.fixture
@@ -334,11 +377,12 @@ def test_build_writes_only_inside_the_bundle(tmp_path: Path, exported_bundle: Pa
 
 
 # -- tampered files ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["static", "gated-staged", "early-exit"])
+@pytest.mark.parametrize("kind", list(KINDS))
 def test_every_listed_file_is_verified(tmp_path: Path, bundles: Callable[[str], Path], kind: str) -> None:
     """One flipped byte in any file the manifest lists is refused, naming that file."""
     bundle = copy_bundle(bundles(kind), tmp_path)
     files = read_manifest(bundle)["files"]
+    assert KIND_FILES[kind] <= set(files), set(files)
     assert len(files) >= (30 if kind == "gated-staged" else 4)
     accepted = []
     for relative in files:
@@ -355,6 +399,24 @@ def test_every_listed_file_is_verified(tmp_path: Path, bundles: Callable[[str], 
         path.write_bytes(original)
     assert not accepted, f"tampered files accepted: {accepted}"
     load_bundle(bundle)  # restored: verifies again
+
+
+@pytest.mark.parametrize("relative", ["trt/model.engine", "trt/timing.cache", "calibration.json"])
+def test_tampered_build_files_stop_the_commands_that_use_them(tmp_path: Path, trt_built_bundle: Path, relative: str) -> None:
+    """A flipped byte in an engine, the timing cache or the calibration ranges: ``check
+    --device tensorrt`` and ``build`` refuse the bundle (exit 2, naming the file) before any
+    engine runs or is rebuilt; nothing in the bundle changes."""
+    bundle = copy_bundle(trt_built_bundle, tmp_path)
+    path = bundle / relative
+    flipped = bytearray(path.read_bytes())
+    flipped[len(flipped) // 2] ^= 0x01
+    path.write_bytes(bytes(flipped))
+    before = snapshot(tmp_path)
+    for command in (["check", "--device", "tensorrt"], ["build"]):
+        result = run_cli(command[0], str(bundle), *command[1:], env=FAKE_ENV)
+        assert_one_line_error(result, 2, relative, "sha256")
+        assert "PASSED" not in result.stdout
+    assert snapshot(tmp_path) == before
 
 
 def test_tampered_digest_and_bad_digest_format(tmp_path: Path, exported_bundle: Path) -> None:

@@ -16,8 +16,10 @@ from tests.conftest import REPO
 
 DOCS = [REPO / "README.md", REPO / "benchmarks" / "README.md", *sorted((REPO / "docs").glob("*.md")),
         REPO / "docs" / "parity-workflow.yml"]
-# Options of other tools that the docs quote next to slimdeploy's (docker, pip, the benchmark scripts).
-FOREIGN_OPTIONS = {"--build-arg", "--gpus", "--runtime", "--rm", "--index-url", "--extra-index-url", "--quick", "--models", "--checkpoint"}
+# Options of other tools that the docs quote next to slimdeploy's (docker, pip, the benchmark
+# scripts, tests/mutate.py).
+FOREIGN_OPTIONS = {"--build-arg", "--gpus", "--runtime", "--rm", "--index-url", "--extra-index-url", "--quick", "--models", "--checkpoint",
+                   "--sample", "--seed", "--only"}
 
 
 def cli_options() -> dict[str, set[str]]:

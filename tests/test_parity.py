@@ -191,3 +191,103 @@ def test_decisions_compared_exactly_with_margins() -> None:
     assert "gates: 1 decision(s) differ" in report.failures[0]
     data = report.to_dict()
     assert "rows_agree" not in data["decisions"]["gates"][0]
+
+
+def test_empty_output_passes_with_nothing_counted() -> None:
+    result = compare_values("logits", np.zeros((0, 3)), np.zeros((0, 3)), 1e-4, 1e-3, 4)
+    assert result and result.message == ""
+    assert (result.mismatched, result.elements, result.nonfinite_candidate, result.nonfinite_reference) == (0, 0, 0, 0)
+
+
+def test_relative_error_is_against_the_reference() -> None:
+    ref = np.array([[2.0, -4.0, 0.0]])
+    result = compare_values("logits", ref, ref + np.array([[0.5, 0.5, 0.0]]), atol=1.0, rtol=0.0, batch_size=1)
+    assert result and result.max_rel == pytest.approx(0.25) and result.max_abs == pytest.approx(0.5)
+
+
+def test_missing_output_fails_the_check_and_is_listed_once() -> None:
+    x = np.zeros((4, 3), dtype=np.float32)
+    with ShiftRunner(0.0, 0.0) as runner:
+        report = check_parity(runner, {"input": x}, {"logits": x, "features": x}, [1, 2, 4], "ref")
+    assert not report
+    missing = [f for f in report.failures if "lacks ['features']" in f]
+    assert len(missing) == 1, report.failures
+
+
+def test_junit_has_one_case_per_output_and_batch_and_one_for_top1(tmp_path: Path) -> None:
+    x = np.zeros((2, 3), dtype=np.float32)
+    with ShiftRunner(0.0, 0.0) as runner:
+        report = check_parity(runner, {"input": x}, {"logits": x}, [1, 2], "ref")
+    report.write_junit(tmp_path / "parity.xml")
+    suite = ElementTree.parse(tmp_path / "parity.xml").getroot()
+    assert [case.get("name") for case in suite] == ["logits[batch=1]", "logits[batch=2]", "top1_agreement"]
+    assert suite.get("tests") == "3" and suite.get("failures") == "0"
+
+
+def test_exit_decisions_judged_at_the_decisive_stage() -> None:
+    """Where two exit stages differ, the margin is the reference's confidence at the earlier of
+    the two against that stage's threshold; closer than ``near_margin`` (strictly) is near the
+    threshold, anything else a defect."""
+    from slimdeploy.parity import DecisionSpec, compare_decisions
+
+    thresholds = [0.75, 0.625, 0.0]
+    confidence = np.array([
+        [0.875, 0.5, 0.25],     # exits at 0 in both
+        [0.5, 0.6875, 0.25],    # reference exits at 1 (0.0625 above 0.625), candidate at 2: a defect
+        [0.25, 0.125, 0.875],   # exits at 2 in both
+        [0.7502, 0.5, 0.25],    # reference at 0 (2e-4 above 0.75), candidate at 1: near
+        [0.5, 0.6248, 0.25],    # reference at 2, candidate at 1 (2e-4 below 0.625 there): near
+    ], dtype=np.float32)
+    reference = {"exit_stage": np.array([0, 1, 2, 0, 2]), "exit_confidence": confidence}
+    candidate = {"exit_stage": np.array([0, 2, 2, 1, 1])}
+    spec = DecisionSpec("exit_stage", "exit_confidence", threshold=thresholds, kind="exit")
+    result = compare_decisions(spec, reference, candidate, batch_size=5)
+    assert not result and (result.defects, result.near_threshold) == (1, 2)
+    assert "1 sample(s) exit at another stage" in result.message
+    assert [(d["sample"], d["stage"], d["near_threshold"]) for d in result.disagreements] == [(1, 1, False), (3, 0, True), (4, 1, True)]
+    assert result.disagreements[0]["margin"] == pytest.approx(0.0625)
+    assert result.agreement == pytest.approx(0.4) and result.per_block_agreement == [0.5, 0.0, 0.5]
+    assert result.reference_open == [2, 1, 2] and result.reference_closed == [3, 2, 0]
+    assert result.rows_agree == [True, False, True, False, False]
+
+    # A margin of exactly near_margin is not "closer than" it: a defect (0.875 - 0.75 = 0.125).
+    exact = {"exit_stage": np.array([1, 1, 2, 0, 2])}
+    wide = DecisionSpec("exit_stage", "exit_confidence", threshold=thresholds, kind="exit", near_margin=0.125)
+    assert compare_decisions(wide, reference, exact, batch_size=5).defects == 1
+    same = compare_decisions(spec, reference, {"exit_stage": reference["exit_stage"]}, batch_size=5)
+    assert same and same.message == "" and same.agreement == 1.0 and same.defects == 0
+
+
+def test_rows_labels_and_criteria_are_checked_before_running() -> None:
+    from slimdeploy.errors import InputValidationError
+
+    x = np.random.default_rng(1).standard_normal((4, 3)).astype(np.float32)
+    with ShiftRunner(0.0, 0.0) as runner:
+        report = check_parity(runner, {"input": x}, {"logits": x}, [2], "ref", labels=x.argmax(axis=1),
+                              batch_inputs=["input"], criteria={"top1_agreement": 1.0, "mismatch_fraction": 0.0})
+        assert report and report.task.accuracy_reference == 1.0 and report.criteria["top1_agreement"] == 1.0
+        bad = [
+            ({"logits": x[:3]}, None, None),                      # a reference with other rows
+            ({"logits": x}, np.arange(3), None),                  # labels with other rows
+            ({"logits": x}, None, {"top1_agreement": 1.5}),       # a criterion above 1
+            ({"logits": x}, None, {"top1_agreement": True}),      # a bool is not a fraction
+            ({"logits": x}, None, {"top1_agreement": float("nan")}),
+            ({"logits": x}, None, {"agreement": 0.5}),            # an unknown criterion
+        ]
+        for reference, labels, criteria in bad:
+            with pytest.raises(InputValidationError):
+                check_parity(runner, {"input": x}, reference, [2], "ref", labels=labels, criteria=criteria)
+
+
+def test_mismatch_fraction_passes_few_mismatches_but_never_a_nan() -> None:
+    x = np.zeros((2, 3), dtype=np.float32)
+    few = x.copy()
+    few[0, 0] = 1.0  # 1 of 6 elements outside tolerance
+    nan = x.copy()
+    nan[0, 0] = np.nan  # a NaN in the reference: one element, yet never allowed
+    for reference, passes in ((few, True), (nan, False)):
+        with ShiftRunner(0.0, 0.0) as runner:  # returns its input: zeros
+            report = check_parity(runner, {"input": x}, {"logits": reference}, [2], "ref",
+                                  criteria={"mismatch_fraction": 0.2})
+        assert bool(report) is passes, report.failures
+        assert bool(report.outputs[0]) is passes and (report.outputs[0].message == "") is passes

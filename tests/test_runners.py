@@ -216,3 +216,72 @@ def test_runners_refuse_absurd_thread_counts(tiny: TinyNet, tiny_onnx: Path, thr
 
     with pytest.raises(BadInputError, match=r"--threads .* out of range"):  # checked before openvino is needed
         OpenVinoRunner(tiny_onnx, threads=threads)
+
+
+def test_torch_runner_keeps_torch_threads_unless_asked(tiny: TinyNet) -> None:
+    """threads=0 (the default) leaves torch's intra-op thread count as the caller set it; a
+    count given is applied on activation."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with TorchRunner(tiny, META, ["logits"]):
+            assert torch.get_num_threads() == 2
+        with TorchRunner(tiny, META, ["logits"], threads=1):
+            assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_ort_availability_follows_the_import(monkeypatch: pytest.MonkeyPatch) -> None:
+    from slimdeploy.engines import ort_runner
+    from slimdeploy.errors import BackendUnavailableError
+
+    assert ort_runner.is_available() is True
+
+    def missing(*_args: object) -> None:
+        raise BackendUnavailableError("onnxruntime is not installed")
+
+    monkeypatch.setattr(ort_runner, "optional_import", missing)
+    assert ort_runner.is_available() is False
+
+
+def test_ort_session_options_are_the_documented_ones(tiny_onnx: Path) -> None:
+    """Defaults: ONNX Runtime picks the intra-op threads, one inter-op thread, full graph
+    optimisation, spinning allowed; each option given is what the session gets."""
+    import onnxruntime as ort
+
+    def options(**kwargs: object) -> ort.SessionOptions:
+        with OrtRunner(tiny_onnx, **kwargs) as runner:
+            return runner.session.get_session_options()
+
+    default = options()
+    assert default.intra_op_num_threads == 0 and default.inter_op_num_threads == 1
+    assert default.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # not set: ONNX Runtime's default, spinning
+        default.get_session_config_entry("session.intra_op.allow_spinning")
+    chosen = options(threads=1, optimization=False, spinning=False)
+    assert chosen.intra_op_num_threads == 1
+    assert chosen.graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    assert chosen.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+def test_ort_metadata_of_thresholds_and_dynamic_axes(tmp_path: Path) -> None:
+    """An input with a default initializer (a threshold) is optional and may be left out; a
+    named dynamic axis keeps its name, an unnamed one reads "?"."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Greater", ["x", "t"], ["y"])], "thresholded",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", None]),
+         helper.make_tensor_value_info("t", TensorProto.FLOAT, [])],
+        [helper.make_tensor_value_info("y", TensorProto.BOOL, ["batch", None])],
+        [numpy_helper.from_array(np.array(0.5, np.float32), "t")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    with OrtRunner(model.SerializeToString()) as runner:
+        meta = runner.input_metadata()
+        assert meta["x"].shape == ("batch", "?") and not meta["x"].optional
+        assert meta["t"].optional and meta["t"].shape == ()
+        x = np.array([[0.2, 0.7]], np.float32)
+        np.testing.assert_array_equal(runner.infer({"x": x})["y"], [[False, True]])
+        np.testing.assert_array_equal(runner.infer({"x": x, "t": np.array(0.1, np.float32)})["y"], [[True, True]])

@@ -36,7 +36,8 @@ def test_index_is_a_list_of_complete_entries() -> None:
                 "train_command", "description"}
     for item in data:
         assert required <= set(item), item.get("name")
-        assert 0.0 <= item["accuracy"] <= 1.0
+        # Ten classes: chance is 0.1; every shipped demo is trained to the high nineties.
+        assert item["accuracy"] >= 0.95, (item["name"], item["accuracy"])
         assert item["dataset"] == "digits"
     assert len({item["name"] for item in data}) == len(data)
 
@@ -186,17 +187,18 @@ def test_train_demo_writes_a_loadable_checkpoint(tmp_path) -> None:
 
     lines: list[str] = []
     args = {"num_classes": 10, "width_mult": 0.25, "resolution": 32}
-    result = train_demo("mobilenet_v1", args, tmp_path / "sub" / "tiny.pt", epochs=1, seed=0,
-                        settings=TrainSettings(batch_size=32), train_count=128,
+    # 8 epochs on 512 images: enough to learn (0.90 held-out accuracy when written; chance is 0.1).
+    result = train_demo("mobilenet_v1", args, tmp_path / "sub" / "tiny.pt", epochs=8, seed=0,
+                        settings=TrainSettings(batch_size=32), train_count=512,
                         train_command="test", progress=lines.append)
-    assert len(lines) == 2 and lines[0].startswith("epoch   1/1")
+    assert len(lines) == 9 and lines[0].startswith("epoch   1/8")
     assert result.path.is_file()
-    assert 0.0 <= result.accuracy <= 1.0
+    assert result.accuracy >= 0.6
     loaded = load_checkpoint(result.path)
     assert loaded.arch == "mobilenet_v1"
     assert loaded.arch_args == args
-    assert loaded.meta["epochs"] == 1
-    assert loaded.meta["train_images"] == 128
+    assert loaded.meta["epochs"] == 8
+    assert loaded.meta["train_images"] == 512
     assert loaded.meta["accuracy"] == result.accuracy
     assert list(tmp_path.joinpath("sub").iterdir()) == [result.path]  # no temporary left behind
 

@@ -154,11 +154,18 @@ def test_one_epoch_of_the_recipe_to_a_tmp_dir(tmp_path) -> None:
     assert entry.train_command.endswith("--epochs 1")
     assert any(line.startswith("base ") for line in lines)
     assert any(line.startswith("gated") for line in lines)
-    assert 0.0 <= entry.accuracy <= 1.0
-    assert 0.0 <= entry.metrics["skip_rate"] <= 1.0
-    assert 0.0 <= entry.metrics["baseline_accuracy"] <= 1.0
     assert entry.metrics["epochs"] == 1
     loaded = load_checkpoint(entry.path)
+    # One epoch on 64 images learns little (a SkipNet-38 needs the recipe's full run to leave
+    # chance), so the recorded figures are checked against what the written checkpoint gives.
+    from slimdeploy.data import digits_inputs
+
+    pre = loaded.preprocessing
+    inputs, labels = digits_inputs("heldout", pre.input_size, pre.mean, pre.std)
+    with torch.no_grad():
+        logits, gates, _ = loaded.module(torch.from_numpy(inputs), entry.metrics["gate_threshold"])
+    assert float((logits.argmax(1).numpy() == labels).mean()) == pytest.approx(entry.accuracy, abs=1e-9)
+    assert 1.0 - float(gates.double().mean()) == pytest.approx(entry.metrics["skip_rate"], abs=1e-9)
     assert loaded.arch == "cifar10_rnn_gate_38"
     assert loaded.meta["train_images"] == 64
     assert loaded.meta["accuracy"] == entry.accuracy

@@ -1,9 +1,29 @@
 """Fake ``tensorrt`` for tests (see tests/fakes/README.md): the Python API surface slimdeploy
-uses, checked for documented use, with ONNX Runtime standing in for the engine.
+uses, refusing what TensorRT refuses, with ONNX Runtime standing in for the engine.
 
 A "serialised engine" is ``MAGIC``, a JSON header (profile, workspace, version) and the ONNX
-bytes. The parser rejects ops that TensorRT does not support at all (a few from
-docs/tensorrt-facts.md), reporting one error per node, so parser-error reporting can be tested.
+bytes. What is refused, as TensorRT refuses it (docs/tensorrt-facts.md):
+
+- The parser applies the operator matrix packaged with slimdeploy
+  (``slimdeploy/exporters/trt_lint/trt_ops.json``, read here on its own: the 10.1 matrix for
+  this fake's 10.3, as the newest one not newer than it): operators it marks unsupported or does
+  not list, other domains, opsets outside the matrix's range, UINT8 tensors inside the network,
+  and Q/DQ with a zero point that is not a constant 0 of a signed type. One error per node, in
+  subgraphs too.
+- Builds need a strongly typed network, a workspace limit and one profile covering every
+  dynamic input. A timing cache made by another TensorRT version or GPU is refused by
+  ``set_timing_cache(..., ignore_mismatch=False)``; bytes that are no timing cache make
+  ``create_timing_cache`` raise.
+- Execution: tensor addresses must be device memory from the fake CUDA's ``cudaMalloc``
+  (host pointers are refused), large enough for the tensor at its current shape; an input's
+  address is refused until its shape is set; ``execute_async_v3`` only queues the work on the
+  stream, which runs when the stream is synchronised.
+- The engine is not ONNX Runtime's twin: every float output it computes moves by up to
+  ``PERTURBATION`` of its value (deterministically per output name; whole numbers such as the -1
+  of a stage not reached or a ReLU's zeros stay), as TensorRT's own kernels round differently.
+  A comparison with ONNX Runtime then passes only through its tolerance.
+
+Errors the real TensorRT logs are printed to stderr as ``[TRT] [E] ...``.
 """
 
 from __future__ import annotations
@@ -11,13 +31,25 @@ from __future__ import annotations
 import ctypes
 import enum
 import json
+import re
+import sys
+import zlib
+from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import TensorProto
 
 __version__ = "10.3.0"
+DEVICE = "fake-gpu sm_87"  # the GPU this fake builds for: timing caches record it
 MAGIC = b"FAKETRT1\n"
-UNSUPPORTED = {"Compress", "Unique", "DynamicQuantizeLinear", "QLinearConv"}
+CACHE_MAGIC = b"FAKETRT-TIMING-CACHE\n"
+PERTURBATION = 1e-5  # relative change of every float output of an engine
+FACTS_FILE = Path(__file__).resolve().parents[3] / "slimdeploy" / "exporters" / "trt_lint" / "trt_ops.json"
+
+
+def _log_error(message: str) -> None:
+    print(f"[TRT] [E] {message}", file=sys.stderr)
 
 
 class Logger:
@@ -66,12 +98,74 @@ def nptype(dtype: DataType) -> type:
     return _NUMPY[dtype]
 
 
+# -- the parser ------------------------------------------------------------------------------------
+def _matrix() -> tuple[dict, tuple[int, int]]:
+    """The operator matrix TensorRT ``__version__`` parses with, and its opset range."""
+    facts = json.loads(FACTS_FILE.read_text())
+    major, minor = (int(part) for part in __version__.split(".")[:2])
+    if (major, minor) >= (10, 15):
+        header = facts["_meta"]["primary_source"]["header"]
+        return facts["operators_10_15"], (int(header["opset_min"]), int(header["opset_max"]))
+    low, high = re.search(r"opset (\d+) to opset (\d+)", facts["_meta"]["secondary_source"]["header_text"]).groups()
+    return facts["operators_10_1"], (int(low), int(high))
+
+
 class ParserError:
-    def __init__(self, node: str, op: str) -> None:
-        self.node, self.op = node, op
+    def __init__(self, node: str, code: str, description: str) -> None:
+        self.node, self.code, self.description = node, code, description
 
     def __str__(self) -> str:
-        return f"In node {self.node} (parseGraph): UNSUPPORTED_NODE: No importer registered for op: {self.op}"
+        return f"In node {self.node} (parseGraph): {self.code}: {self.description}"
+
+
+def _parse_errors(model: onnx.ModelProto) -> list[ParserError]:
+    matrix, (low, high) = _matrix()
+    errors = []
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if not low <= opset <= high:
+        errors.append(ParserError("-1", "UNSUPPORTED_GRAPH", f"opset {opset} is outside {low} to {high}"))
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:
+        inferred = model
+    graph = inferred.graph
+    boundary = {v.name for v in [*graph.input, *graph.output]}
+    inner_uint8 = {v.name for v in graph.value_info if v.type.tensor_type.elem_type == TensorProto.UINT8} - boundary
+    constants = {init.name: onnx.numpy_helper.to_array(init) for init in graph.initializer}
+    for index, node, in_main in _nodes(graph):
+        name = node.name or f"#{index}"
+        entry = matrix.get(node.op_type)
+        if node.domain not in ("", "ai.onnx") or entry is None or not entry["supported"]:
+            errors.append(ParserError(name, "UNSUPPORTED_NODE", f"No importer registered for op: {node.op_type}"))
+            continue
+        produced_uint8 = [out for out in node.output if out in inner_uint8]
+        if node.op_type == "Cast" and _attribute(node, "to") == TensorProto.UINT8 and not set(node.output) <= boundary:
+            produced_uint8 = list(node.output)
+        if in_main and produced_uint8:
+            errors.append(ParserError(name, "UNSUPPORTED_NODE", f"UINT8 tensor {produced_uint8[0]} inside the network "
+                                      "(UINT8 is allowed only as a network input or output)"))
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            zero = constants.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+            if zero is None or zero.dtype == np.uint8 or np.any(zero != 0):
+                errors.append(ParserError(name, "INVALID_NODE", "TensorRT only supports symmetric quantization: the "
+                                          "zero point must be a constant 0 of a signed type"))
+    return errors
+
+
+def _nodes(graph: onnx.GraphProto, in_main: bool = True):
+    """(index, node, whether it is in the main graph) of every node, subgraphs included."""
+    for index, node in enumerate(graph.node):
+        yield index, node, in_main
+        for attribute in node.attribute:
+            for sub in ([attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)):
+                yield from _nodes(sub, False)
+
+
+def _attribute(node: onnx.NodeProto, name: str) -> object:
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return onnx.helper.get_attribute_value(attribute)
+    return None
 
 
 class INetworkDefinition:
@@ -94,19 +188,28 @@ class OnnxParser:
 
     def parse_from_file(self, path: str) -> bool:
         model = onnx.load(path)
-        self.errors = [ParserError(node.name or f"#{i}", node.op_type) for i, node in enumerate(model.graph.node)
-                       if node.op_type in UNSUPPORTED]
+        self.errors = _parse_errors(model)
         if not self.errors:
             self.network.onnx = model.SerializeToString()
         return not self.errors
 
 
+# -- building ------------------------------------------------------------------------------------
 class ITimingCache:
-    def __init__(self, data: bytes) -> None:
-        self.builds = int(data.split(b":")[1]) if data.startswith(b"fake-cache:") else 0
+    """Timings of one TensorRT version on one GPU; ``builds`` counts the builds that used it."""
+
+    def __init__(self, version: str, device: str, builds: int) -> None:
+        self.version, self.device, self.builds = version, device, builds
 
     def serialize(self) -> bytes:
-        return b"fake-cache:%d" % self.builds
+        return CACHE_MAGIC + json.dumps({"version": self.version, "device": self.device, "builds": self.builds}).encode()
+
+
+def read_timing_cache(data: bytes) -> dict:
+    """The fields of a serialised fake timing cache (for tests)."""
+    if not data.startswith(CACHE_MAGIC):
+        raise ValueError("not a timing cache of this fake")
+    return json.loads(data[len(CACHE_MAGIC):])
 
 
 class IOptimizationProfile:
@@ -133,9 +236,20 @@ class IBuilderConfig:
         self.flags.discard(flag)
 
     def create_timing_cache(self, data: bytes) -> ITimingCache:
-        return ITimingCache(bytes(data))
+        data = bytes(data)
+        if not data:
+            return ITimingCache(__version__, DEVICE, 0)
+        try:
+            fields = read_timing_cache(data)
+        except ValueError as exc:
+            raise RuntimeError("the timing cache is corrupt") from exc
+        return ITimingCache(str(fields["version"]), str(fields["device"]), int(fields["builds"]))
 
     def set_timing_cache(self, cache: ITimingCache, ignore_mismatch: bool) -> bool:
+        if (cache.version, cache.device) != (__version__, DEVICE) and not ignore_mismatch:
+            _log_error(f"the timing cache was made by TensorRT {cache.version} on {cache.device}, not this build's "
+                       f"{__version__} on {DEVICE}")
+            return False
         self.cache = cache
         return True
 
@@ -184,6 +298,7 @@ def _dims(value: onnx.ValueInfoProto) -> list[int]:
     return [d.dim_value if d.HasField("dim_value") else -1 for d in value.type.tensor_type.shape.dim]
 
 
+# -- running -------------------------------------------------------------------------------------
 class Runtime:
     def __init__(self, logger: Logger) -> None:
         self.logger = logger
@@ -197,6 +312,16 @@ class Runtime:
         if meta["version"] != __version__:
             return None
         return ICudaEngine(meta, model)
+
+
+def perturb(name: str, value: np.ndarray) -> np.ndarray:
+    """``value`` as this fake engine gives it: floats moved by up to ``PERTURBATION`` of
+    themselves (the same pattern for the same output name and shape), whole numbers kept."""
+    if value.dtype.kind != "f" or value.size == 0:
+        return value
+    pattern = np.random.default_rng(zlib.crc32(name.encode())).uniform(-1.0, 1.0, value.shape)
+    moved = (value * (1.0 + PERTURBATION * pattern)).astype(value.dtype)
+    return np.where(value == np.round(value), value, moved)
 
 
 class ICudaEngine:
@@ -241,6 +366,12 @@ class ICudaEngine:
         return IExecutionContext(self)
 
 
+def _cuda():
+    from cuda.bindings import runtime
+
+    return runtime
+
+
 class IExecutionContext:
     def __init__(self, engine: ICudaEngine) -> None:
         self.engine = engine
@@ -259,45 +390,68 @@ class IExecutionContext:
         self.shapes[name] = tuple(int(s) for s in shape)
         return True
 
-    def _batch(self) -> int:
-        inputs = [entry for entry in self.engine.io if entry[1] == TensorIOMode.INPUT]
-        missing = [entry[0] for entry in inputs if entry[0] not in self.shapes and any(d < 0 for d in entry[3])]
-        if missing:
-            raise RuntimeError(f"input shapes not set: {missing}")
-        batches = {self.shapes[entry[0]][0] for entry in inputs if entry[0] in self.shapes and entry[3] and entry[3][0] < 0}
-        return batches.pop() if batches else 1
+    def _inputs_specified(self) -> bool:
+        return all(entry[0] in self.shapes for entry in self.engine.io
+                   if entry[1] == TensorIOMode.INPUT and any(d < 0 for d in entry[3]))
 
     def get_tensor_shape(self, name: str) -> tuple[int, ...]:
         _, mode, _, dims = self.engine._find(name)
         if mode == TensorIOMode.INPUT:
             return self.shapes.get(name, tuple(dims))
-        batch = self._batch()
+        if not self._inputs_specified():
+            return tuple(dims)  # -1 where the shape depends on input shapes not yet given
+        batches = {self.shapes[e[0]][0] for e in self.engine.io
+                   if e[1] == TensorIOMode.INPUT and e[0] in self.shapes and e[3] and e[3][0] < 0}
+        batch = batches.pop() if batches else 1
         return tuple(batch if d < 0 else d for d in dims)
 
     def set_tensor_address(self, name: str, pointer: int) -> bool:
-        self.engine._find(name)
+        _, mode, _, dims = self.engine._find(name)
+        if mode == TensorIOMode.INPUT and any(d < 0 for d in dims) and name not in self.shapes:
+            _log_error(f"set_tensor_address('{name}') before set_input_shape('{name}')")
+            return False
+        if not _cuda().is_device(int(pointer)):
+            _log_error(f"the address given for '{name}' ({int(pointer):#x}) is not device memory")
+            return False
         self.addresses[name] = int(pointer)
         return True
+
+    def _nbytes(self, name: str, dtype: DataType) -> int:
+        return int(np.prod(self.get_tensor_shape(name), dtype=np.int64)) * np.dtype(nptype(dtype)).itemsize
 
     def execute_async_v3(self, stream_handle: int) -> bool:
         if not isinstance(stream_handle, int):
             raise TypeError("stream_handle must be an int")
-        feed = {}
-        for name, mode, dtype, _dims in self.engine.io:
+        if not self._inputs_specified():
+            _log_error("execute_async_v3 before every input shape was set")
+            return False
+        cuda = _cuda()
+        for name, _mode, dtype, _dims in self.engine.io:
+            nbytes = self._nbytes(name, dtype)
             if name not in self.addresses:
-                raise RuntimeError(f"no address for '{name}'")
-            if mode == TensorIOMode.INPUT:
-                shape = self.get_tensor_shape(name)
-                feed[name] = _read(self.addresses[name], shape, nptype(dtype))
+                _log_error(f"no address for '{name}'")
+                return False
+            if nbytes and not cuda.is_device(self.addresses[name], nbytes):
+                _log_error(f"the device buffer of '{name}' does not hold its {nbytes} bytes")
+                return False
+        # The work sees the shapes and addresses of now, and runs when the stream is synchronised.
+        shapes = {name: self.get_tensor_shape(name) for name, *_ in self.engine.io}
+        addresses = dict(self.addresses)
+        if not cuda.enqueue(stream_handle, lambda: self._run(shapes, addresses)):
+            _log_error(f"stream {stream_handle:#x} is not a live CUDA stream")
+            return False
+        return True
+
+    def _run(self, shapes: dict[str, tuple[int, ...]], addresses: dict[str, int]) -> None:
+        feed = {name: _read(addresses[name], shapes[name], nptype(dtype))
+                for name, mode, dtype, _ in self.engine.io if mode == TensorIOMode.INPUT}
         outputs = self.engine.session.run(None, feed)
         for (name, _mode, dtype, _), value in zip([e for e in self.engine.io if e[1] == TensorIOMode.OUTPUT], outputs):
-            expected = self.get_tensor_shape(name)
-            if tuple(value.shape) != expected:
-                raise RuntimeError(f"output {name} has shape {value.shape}, context said {expected}")
-            value = np.ascontiguousarray(value, dtype=nptype(dtype))
+            if tuple(value.shape) != shapes[name]:
+                raise RuntimeError(f"output {name} has shape {value.shape}, context said {shapes[name]}")
+            value = np.ascontiguousarray(perturb(name, np.asarray(value, dtype=nptype(dtype))))
             if value.nbytes:
-                ctypes.memmove(self.addresses[name], value.ctypes.data, value.nbytes)
-        return True
+                ctypes.memmove(addresses[name], value.ctypes.data, value.nbytes)
 
 
 def _read(pointer: int, shape: tuple[int, ...], dtype: type) -> np.ndarray:
