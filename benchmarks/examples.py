@@ -1,7 +1,7 @@
 """The worked examples of "Deploy your own dynamic network": accuracy, decisions, and predicted
 against realised speed-ups of every deployed form over ``mask``.
 
-    python benchmarks/examples.py            # full run (about 10 minutes on 2 busy cores)
+    python benchmarks/examples.py            # full run (about 8 minutes on 2 busy cores)
     python benchmarks/examples.py --quick    # smoke run: one epoch, few calls, same fields
 
 For each example in ``examples/`` (``gated_mobilenet_v2``: gated inverted residuals;
