@@ -206,6 +206,7 @@ def main() -> None:
         "dataset": {"images": large, "small": small, "made_from": f"digits held-out split ({HELDOUT} images), augmented",
                     "shard_file_rows": SHARD_FILE_ROWS, "build_seconds": round(build_seconds, 1)},
         "threads_per_worker": int(threads[1]),
+        "settings": {"threads": int(threads[1])},  # per worker, as every results file records it
         "reference": "PyTorch reference.pt, batch by batch in each worker",
         "runs": runs,
         "same_report": same,
