@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 
-from slimdeploy.bench import exit_macs_total, gated_macs_total
 from slimdeploy.dataset.sketch import RELATIVE_ERROR, ErrorSketch, ExactSum
 from slimdeploy.dataset.sources import BadItem
 from slimdeploy.parity import (
@@ -41,6 +40,7 @@ from slimdeploy.parity import (
     compare_decisions,
     task_agreement,
 )
+from slimdeploy.predicted import exit_macs_total, gated_macs_total
 
 # How many bad inputs a report lists one by one (the count covers all of them).
 SKIPPED_LISTED = 100

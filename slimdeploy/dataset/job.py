@@ -68,7 +68,7 @@ class SweepAccumulator:
 
     def point(self, batch_size: int) -> Any:
         """The ``bench.SweepPoint`` of everything added."""
-        from slimdeploy.bench import SweepPoint
+        from slimdeploy.predicted import SweepPoint
 
         n = self.samples or 1
         return SweepPoint(
@@ -196,7 +196,7 @@ class ShardWorker:
         return {"samples": writer.write(), "skipped": skipped}
 
     def _sweep(self, shard: Shard) -> dict[str, Any]:
-        from slimdeploy.bench import exit_macs_total
+        from slimdeploy.predicted import exit_macs_total
 
         plan = self.bundle.manifest["exits"]
         macs = [int(plan["macs"][f"stage{j}"]) for j in range(int(plan["n_stages"]))]
