@@ -549,7 +549,6 @@ DEMOS = [
     ("condensenet_digits", None),
     ("skipnet38_digits", "staged"),
     ("skipnet38_digits", "if"),
-    ("skipnet38_digits", "mask"),
     ("skipnet38_digits", "compact"),
     ("skipnet38_digits", "loop"),
 ]
