@@ -222,6 +222,7 @@ def deciding_stages(graphs: ExportedGraphs) -> list[str]:
     """The pieces of a staged early-exit form whose exit decides (every stage but the last,
     which answers whatever reaches it); empty for other forms."""
     plan = graphs.plan or {}
-    if graphs.form != "staged" or plan.get("kind") != "early_exit":
+    # An exit plan counts stages, a gated one blocks (exporters' plan_dict).
+    if graphs.form != "staged" or "n_stages" not in plan:
         return []
     return [f"stage{stage}" for stage in range(int(plan["n_stages"]) - 1)]
