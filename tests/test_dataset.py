@@ -155,6 +155,12 @@ def test_a_bad_image_is_skipped_and_listed_by_flag(exported_bundle: Path, folder
     assert report.task.samples == 20
 
 
+def test_a_dataset_job_with_user_code_needs_reference_shards(exported_bundle: Path, digits_image_folder: Path) -> None:
+    """Dataset workers never import a factory: --arch without --references is refused first."""
+    result = run_cli("check", str(exported_bundle), "--data", str(digits_image_folder), "--arch", "tests/own_models.py:gated_net")
+    assert_one_line_error(result, 2, "--arch is not supported with a dataset source", "slimdeploy reference", "--references")
+
+
 @pytest.mark.parametrize(("args", "fragments"), [
     (["--data", "{missing}"], ["does not exist"]),
     (["--data", "{empty}"], ["neither class sub-folders", "Fix:"]),
