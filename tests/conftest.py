@@ -56,6 +56,25 @@ def pytest_configure(config: pytest.Config) -> None:
                             "folders (require_fixture: fails under CI when one is missing, skips elsewhere)")
 
 
+LONGEST_FIRST = [
+    "test_trt_cpu", "test_own_network_cli", "test_adversarial_inputs", "test_precision_export", "test_trt_lint",
+    "test_adversarial_bundle", "test_gated_forms", "test_gated_cli", "test_examples", "test_s2d_cli",
+    "test_benchmarks_precision", "test_condensenet_cli", "test_cli", "test_benchmarks_loop", "test_benchmarks",
+    "test_condensenetv2", "test_spconv_fold", "test_benchmarks_condensenet", "test_readme", "test_s2d", "test_models",
+    "test_bias_correction", "test_foreign_checkpoints", "test_skipnet",
+]
+"""Test files that take longest (``pytest --durations=0``, 2026-12-04), longest first. xdist
+hands whole files to its workers in collection order (``--no-loadscope-reorder`` in
+pyproject.toml), so these start first and the workers finish together instead of one worker
+running a long file alone at the end."""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run the ``LONGEST_FIRST`` files first, in that order, then the rest as collected."""
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: order within a file kept
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """Apply ``@pytest.mark.needs_fixture(path, ...)`` before the test and its fixtures run."""
     for marker in item.iter_markers("needs_fixture"):
@@ -63,13 +82,81 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
             require_fixture(Path(path))
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run ``python -m slimdeploy ARGS`` and return the completed process (text output)."""
+CLI_TIMEOUT_S = 600
+"""Seconds a command may run before ``run_cli`` stops it (a hang is a failure, not a wait)."""
+
+
+def _cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment commands run in: the test's, wide output without colour, no debug traces."""
     base = {key: value for key, value in os.environ.items() if key != "SLIMDEPLOY_DEBUG"}
-    full_env = {**base, "COLUMNS": "200", "NO_COLOR": "1", **(env or {})}
+    return {**base, "COLUMNS": "200", "NO_COLOR": "1", **(extra or {})}
+
+
+class _WarmCli:
+    """One ``tests/cli_zygote.py`` process per test worker: it imports torch and slimdeploy once
+    and forks a child per command (a real process, with its own exit code and output)."""
+
+    def __init__(self) -> None:
+        self.env = _cli_env()
+        self.process = subprocess.Popen([sys.executable, str(REPO / "tests" / "cli_zygote.py")], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, text=True, env=self.env, cwd=REPO)
+
+    def serves(self, env: dict[str, str]) -> bool:
+        """True when ``env`` is the one this process imported under (module-level settings such
+        as the consoles' width were read then); the test's name may differ."""
+        def same(e: dict[str, str]) -> dict[str, str]:
+            return {k: v for k, v in e.items() if k != "PYTEST_CURRENT_TEST"}
+
+        return self.process.poll() is None and same(env) == same(self.env)
+
+    def run(self, args: tuple[str, ...], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+        import json
+        import signal
+        import tempfile
+        import threading
+
+        assert self.process.stdin is not None and self.process.stdout is not None
+        with tempfile.TemporaryDirectory(prefix="slimdeploy-cli-") as folder:
+            out, err = Path(folder) / "stdout", Path(folder) / "stderr"
+            request = {"args": list(args), "cwd": str(cwd), "env": env, "out": str(out), "err": str(err)}
+            self.process.stdin.write(json.dumps(request) + "\n")
+            self.process.stdin.flush()
+            pid = json.loads(self.process.stdout.readline())["pid"]
+            fired = threading.Event()
+
+            def stop() -> None:
+                fired.set()
+                os.kill(pid, signal.SIGKILL)
+
+            watchdog = threading.Timer(CLI_TIMEOUT_S, stop)
+            watchdog.start()
+            try:
+                code = json.loads(self.process.stdout.readline())["code"]
+            finally:
+                watchdog.cancel()
+            if fired.is_set():
+                raise subprocess.TimeoutExpired(["slimdeploy", *args], CLI_TIMEOUT_S)
+            stdout, stderr = (path.read_text(errors="replace") for path in (out, err))
+        return subprocess.CompletedProcess([sys.executable, "-m", "slimdeploy", *args], code, stdout, stderr)
+
+
+_warm_cli: list[_WarmCli] = []
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m slimdeploy ARGS`` and return the completed process (text output).
+
+    Commands in the suite's own environment are forked from a warm parent (``_WarmCli``; the
+    imports are paid once per worker); one with ``env`` changes runs as a plain subprocess."""
+    full_env = _cli_env(env)
+    if not env:
+        if not _warm_cli or _warm_cli[0].process.poll() is not None:
+            _warm_cli[:] = [_WarmCli()]
+        if _warm_cli[0].serves(full_env):
+            return _warm_cli[0].run(args, full_env, cwd or REPO)
     return subprocess.run(
         [sys.executable, "-m", "slimdeploy", *args],
-        capture_output=True, text=True, env=full_env, cwd=cwd or REPO, timeout=600,
+        capture_output=True, text=True, env=full_env, cwd=cwd or REPO, timeout=CLI_TIMEOUT_S,
     )
 
 
@@ -110,15 +197,57 @@ def zoo_resnet_checkpoint() -> Path:
     return zoo_checkpoint_path("spconv_resnet20_digits")
 
 
-@pytest.fixture(scope="session")
-def exported_bundle(tmp_path_factory: pytest.TempPathFactory, zoo_resnet_checkpoint: Path) -> Path:
-    """One bundle of the trained SPConv ResNet-20, exported once for the whole session."""
-    from slimdeploy.export import export
+class SharedBundles:
+    """Zoo bundles exported once per test run and shared by every test file and every xdist
+    worker: several files read the same bundle (the demo SkipNet's staged form, the SPConv
+    baseline, ...), and an export costs 5-30 s of ``torch.export``.
 
-    out = tmp_path_factory.mktemp("bundles") / "resnet20"
-    result = export(zoo_resnet_checkpoint, out, samples=16, batch_sizes=(1, 8))
-    assert result.passed
-    return out
+    ``get(name, **options)`` returns the bundle ``export(zoo_checkpoint_path(name), out,
+    **options)`` wrote, made by whichever worker asks first (a file lock keeps the others
+    waiting). A test must not change a shared bundle: copy it first (``shutil.copytree``)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def get(self, name: str, **options: Any) -> Path:
+        """The passed export of zoo model ``name`` with ``options`` (keyword arguments of
+        ``slimdeploy.export.export``), made now if no worker has made it yet."""
+        import hashlib
+
+        from filelock import FileLock
+
+        key = hashlib.sha256(repr((name, sorted(options.items()))).encode()).hexdigest()[:16]
+        out, done = self.root / f"{name}-{key}", self.root / f"{name}-{key}.done"
+        self.root.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self.root / f"{name}-{key}.lock")):
+            if not done.exists():
+                from slimdeploy.export import export
+                from slimdeploy.zoo import zoo_checkpoint_path
+
+                result = export(zoo_checkpoint_path(name), out, **options)
+                assert result.passed, (name, options)
+                done.touch()  # only a passed, complete export is reused
+        return out
+
+
+@pytest.fixture(scope="session")
+def shared_bundles(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> SharedBundles:
+    """The run's ``SharedBundles``: under xdist in the folder all workers of this run share
+    (the parent of each worker's own base folder), else in this session's base folder."""
+    base = tmp_path_factory.getbasetemp()
+    return SharedBundles((base.parent if worker_id != "master" else base) / "shared-bundles")
+
+
+DEMO_EXPORT = {"samples": 8, "batch_sizes": (1, 4), "threads": 1}
+"""The export options of the shared demo bundles: few samples, two batch sizes, one thread
+(two xdist workers share two cores)."""
+
+
+@pytest.fixture(scope="session")
+def exported_bundle(shared_bundles: SharedBundles) -> Path:
+    """One bundle of the trained SPConv ResNet-20 (shipped demo), exported once for the whole
+    run; tests that change it copy it first."""
+    return shared_bundles.get("spconv_resnet20_digits", samples=16, batch_sizes=(1, 8))
 
 
 DIGITS_FOLDER_IMAGES = 240

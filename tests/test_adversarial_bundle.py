@@ -30,40 +30,38 @@ from hypothesis import strategies as st
 
 from slimdeploy.bundle import MANIFEST, load_bundle, sha256_file
 from slimdeploy.errors import BundleError
-from tests.conftest import REPO, assert_one_line_error, run_cli, snapshot
+from tests.conftest import (
+    DEMO_EXPORT,
+    REPO,
+    SharedBundles,
+    assert_one_line_error,
+    run_cli,
+    snapshot,
+)
 
 FAKE_ENV = {"PYTHONPATH": f"{REPO / 'tests' / 'fakes'}:{REPO}"}
 
 
 # -- real bundles, and how to make hostile ones from them --------------------------------------------
 @pytest.fixture(scope="module")
-def gated_staged_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The demo SkipNet (recurrent gates) in the staged form: one graph per piece."""
-    from slimdeploy.export import export
-
-    out = tmp_path_factory.mktemp("adversarial") / "skipnet_staged"
-    assert export(_zoo("skipnet38_digits"), out, dynamic="staged", samples=8, batch_sizes=(1, 4)).passed
-    return out
+def gated_staged_bundle(shared_bundles: SharedBundles) -> Path:
+    """The demo SkipNet (recurrent gates) in the staged form: one graph per piece (shared: copy
+    before changing it)."""
+    return shared_bundles.get("skipnet38_digits", dynamic="staged", **DEMO_EXPORT)
 
 
 @pytest.fixture(scope="module")
-def exit_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The demo S2D early-exit network in its default (staged) form, without reference weights."""
-    from slimdeploy.export import export
-
-    out = tmp_path_factory.mktemp("adversarial") / "s2d"
-    assert export(_zoo("s2d_resnet20_digits"), out, samples=8, batch_sizes=(1, 4), reference_weights=False).passed
-    return out
+def exit_bundle(shared_bundles: SharedBundles) -> Path:
+    """The demo S2D early-exit network in its default (staged) form, without reference weights
+    (shared: copy before changing it)."""
+    return shared_bundles.get("s2d_resnet20_digits", reference_weights=False, **DEMO_EXPORT)
 
 
 @pytest.fixture(scope="module")
-def int8_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The demo MobileNet in ONNX Runtime's INT8 form: ``calibration.json`` beside the graph."""
-    from slimdeploy.export import export
-
-    out = tmp_path_factory.mktemp("adversarial") / "int8"
-    assert export(_zoo("mobilenet_v1_digits"), out, precision="int8", samples=8, batch_sizes=(1, 4)).passed
-    return out
+def int8_bundle(shared_bundles: SharedBundles) -> Path:
+    """The demo MobileNet in ONNX Runtime's INT8 form: ``calibration.json`` beside the graph
+    (shared: copy before changing it)."""
+    return shared_bundles.get("mobilenet_v1_digits", precision="int8", **DEMO_EXPORT)
 
 
 @pytest.fixture(scope="module")
@@ -320,6 +318,7 @@ ESCAPES: list[tuple[Callable[[Path, Path], None], tuple[str, ...]]] = [
 
 
 @pytest.mark.parametrize(("make", "fragments"), ESCAPES, ids=[make.__name__ for make, _ in ESCAPES])
+@pytest.mark.slow
 def test_path_escapes_are_refused(tmp_path: Path, exported_bundle: Path, make: Callable[[Path, Path], None],
                                   fragments: tuple[str, ...]) -> None:
     bundle = copy_bundle(exported_bundle, tmp_path)
@@ -331,6 +330,7 @@ def test_path_escapes_are_refused(tmp_path: Path, exported_bundle: Path, make: C
     assert snapshot(tmp_path) == before  # nothing written or removed, inside or outside
 
 
+@pytest.mark.slow
 def test_symlinked_stage_folder_is_refused(tmp_path: Path, gated_staged_bundle: Path) -> None:
     """The stage graphs moved outside and the folder replaced by a link: digests all match."""
     bundle = copy_bundle(gated_staged_bundle, tmp_path)
@@ -340,6 +340,7 @@ def test_symlinked_stage_folder_is_refused(tmp_path: Path, gated_staged_bundle: 
 
 
 @pytest.mark.parametrize("command", ["check", "run", "bench", "inspect", "lint", "build"])
+@pytest.mark.slow
 def test_every_command_refuses_an_escaping_graph(tmp_path: Path, exported_bundle: Path, command: str) -> None:
     bundle = copy_bundle(exported_bundle, tmp_path)
     outside = tmp_path / "outside"
@@ -378,6 +379,7 @@ def test_build_writes_only_inside_the_bundle(tmp_path: Path, exported_bundle: Pa
 
 # -- tampered files ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.slow
 def test_every_listed_file_is_verified(tmp_path: Path, bundles: Callable[[str], Path], kind: str) -> None:
     """One flipped byte in any file the manifest lists is refused, naming that file."""
     bundle = copy_bundle(bundles(kind), tmp_path)
@@ -402,6 +404,7 @@ def test_every_listed_file_is_verified(tmp_path: Path, bundles: Callable[[str], 
 
 
 @pytest.mark.parametrize("relative", ["trt/model.engine", "trt/timing.cache", "calibration.json"])
+@pytest.mark.slow
 def test_tampered_build_files_stop_the_commands_that_use_them(tmp_path: Path, trt_built_bundle: Path, relative: str) -> None:
     """A flipped byte in an engine, the timing cache or the calibration ranges: ``check
     --device tensorrt`` and ``build`` refuse the bundle (exit 2, naming the file) before any
@@ -516,6 +519,7 @@ VIOLATIONS: list[tuple[str, str, Callable[[dict[str, Any]], Any], tuple[str, ...
 
 
 @pytest.mark.parametrize(("kind", "change", "fragments"), [v[1:] for v in VIOLATIONS], ids=[v[0] for v in VIOLATIONS])
+@pytest.mark.slow
 def test_schema_violations_are_one_line_exit_2(tmp_path: Path, bundles: Callable[[str], Path], kind: str,
                                                 change: Callable[[dict[str, Any]], Any], fragments: tuple[str, ...]) -> None:
     bundle = copy_bundle(bundles(kind), tmp_path)

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from slimdeploy.errors import BadInputError, InputValidationError
 from slimdeploy.parity import check_parity, check_rows, compare_values
 from slimdeploy.tolerance import check_tolerances
-from tests.conftest import REPO, assert_clean_error, run_cli
+from tests.conftest import DEMO_EXPORT, REPO, SharedBundles, assert_clean_error, run_cli
 
 ARCH = "spconv_resnet20_cifar"
 
@@ -108,6 +108,7 @@ def test_hostile_checkpoint_is_refused_and_nothing_is_written(tmp_path: Path, zo
         assert "--trust-pickle would run code" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_model_computing_nan_fails_parity(tmp_path: Path, zoo_resnet_checkpoint: Path) -> None:
     """Finite weights, broken numbers: a negative BatchNorm variance makes the model output NaN.
     The export fails parity (exit 1, the bundle and its report kept for inspection) instead of
@@ -126,6 +127,7 @@ def test_a_model_computing_nan_fails_parity(tmp_path: Path, zoo_resnet_checkpoin
     assert "float32 noise not measured" in report["tolerance_rule"]["note"]
 
 
+@pytest.mark.slow
 def test_absurd_arch_args_are_refused_before_allocating(tmp_path: Path, zoo_resnet_checkpoint: Path) -> None:
     out = tmp_path / "bundle"
     result = run_cli("export", str(zoo_resnet_checkpoint), "--arch-args", '{"num_classes": 1000000000000}', "--out", str(out))
@@ -151,6 +153,7 @@ def test_model_sizes_are_read_on_the_meta_device() -> None:
         check_model_fits(estimate, info.name, batch=64, memory=2**28)
 
 
+@pytest.mark.slow
 def test_safetensors_state_dict_loads_with_arch(tmp_path: Path, zoo_resnet_checkpoint: Path) -> None:
     from safetensors.torch import save_file
 
@@ -205,6 +208,7 @@ def test_hostile_check_data_is_refused(tmp_path: Path, exported_bundle: Path, go
 
 
 @pytest.mark.parametrize("case", ["nan-input", "labels-rows-differ"])
+@pytest.mark.slow
 def test_hostile_export_data_is_refused_before_the_export(tmp_path: Path, zoo_resnet_checkpoint: Path, golden: dict[str, np.ndarray],
                                                           case: str) -> None:
     arrays, fragment = _feed_cases(golden)[case]
@@ -259,6 +263,7 @@ def test_broken_numbers_stored_in_a_manifest_are_refused(tmp_path: Path, exporte
     assert_clean_error(result, 2, *fragments)
 
 
+@pytest.mark.slow
 def test_empty_batches_run_on_every_form(tmp_path: Path, skipnet_bundles: dict[str, Path], exported_bundle: Path) -> None:
     """A 0-row batch once aborted ONNX Runtime on a compact gated bundle: now empty outputs with
     the shapes and dtypes a full batch has."""
@@ -278,18 +283,9 @@ def test_empty_batches_run_on_every_form(tmp_path: Path, skipnet_bundles: dict[s
 
 
 @pytest.fixture(scope="module")
-def skipnet_bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from slimdeploy.export import export
-    from slimdeploy.zoo import zoo_checkpoint_path
-
-    root = tmp_path_factory.mktemp("gated")
-    bundles = {}
-    for form in ("compact", "staged"):
-        bundles[form] = root / form
-        result = export(zoo_checkpoint_path("skipnet38_digits"), bundles[form], dynamic=form, samples=8, batch_sizes=(1,),
-                        reference_weights=False)
-        assert result.passed
-    return bundles
+def skipnet_bundles(shared_bundles: SharedBundles) -> dict[str, Path]:
+    """The demo SkipNet's compact and staged bundles (shared with other test files)."""
+    return {form: shared_bundles.get("skipnet38_digits", dynamic=form, **DEMO_EXPORT) for form in ("compact", "staged")}
 
 
 # -- hostile options --------------------------------------------------------------------------------
@@ -328,6 +324,7 @@ def test_hostile_bench_options_are_bad_input(exported_bundle: Path, args: list[s
     assert_clean_error(run_cli("bench", str(exported_bundle), *args), 2, fragment)
 
 
+@pytest.mark.slow
 def test_hostile_export_and_run_options(tmp_path: Path, exported_bundle: Path, zoo_resnet_checkpoint: Path) -> None:
     out = tmp_path / "b"
     for args, fragment in ((["--threads", "100000"], "--threads 100000"), (["--samples", "0"], "--samples 0"),

@@ -116,6 +116,7 @@ def test_an_import_that_fails_is_refused(tmp_path: Path, state_dict_file: Path) 
 
 
 @pytest.mark.parametrize("case", ["syntax", "keys", "named_by_checkpoint"])
+@pytest.mark.slow
 def test_cli_errors_are_one_line_exit_2(tmp_path: Path, factory_file: Path, state_dict_file: Path, case: str) -> None:
     if case == "syntax":
         bad = tmp_path / "bad.py"

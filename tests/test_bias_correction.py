@@ -64,6 +64,7 @@ def _channel_error(fp32: dict[str, np.ndarray], quantized: dict[str, np.ndarray]
 
 
 @pytest.mark.parametrize("target", ["trt", "ort"])
+@pytest.mark.slow
 def test_bias_correction_reduces_the_per_channel_error(setup: dict, target: str) -> None:
     model, calib, heldout = setup["model"], setup["calib"], setup["heldout"]
     quantized = quantize_int8(model, setup["ranges"], target=target)

@@ -96,6 +96,7 @@ def test_check_data_without_reference_uses_torch_weights(tmp_path: Path, exporte
     assert report["reference"] == "torch" and report["samples"] == 5
 
 
+@pytest.mark.slow
 def test_tolerance_zero_fails_export_but_keeps_bundle(tmp_path: Path, zoo_resnet_checkpoint: Path) -> None:
     out = tmp_path / "strict"
     result = run_cli("export", str(zoo_resnet_checkpoint), "--out", str(out), "--samples", "4",
@@ -171,6 +172,7 @@ def test_export_truncated_checkpoint(tmp_path: Path, zoo_resnet_checkpoint: Path
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.slow
 def test_export_unknown_and_wrong_arch(tmp_path: Path, zoo_resnet_checkpoint: Path) -> None:
     result = run_cli("export", str(zoo_resnet_checkpoint), "--arch", "resnet9000", "--out", str(tmp_path / "b"))
     assert_clean_error(result, 2, "unknown architecture 'resnet9000'")
@@ -219,6 +221,7 @@ def test_debug_env_shows_traceback(tmp_path: Path) -> None:
     assert result.returncode != 0 and "Traceback" in result.stderr
 
 
+@pytest.mark.slow
 def test_bench_reports_both_runners(exported_bundle: Path) -> None:
     result = run_cli("bench", str(exported_bundle), "--batch", "1,4", "--warmup", "2", "--iterations", "5", "--json", "-")
     assert result.returncode == 0, result.stderr
@@ -238,6 +241,7 @@ def test_bench_no_torch_says_why_torch_is_left_out(exported_bundle: Path) -> Non
     assert "PyTorch reference not timed (not asked for)" in report["notes"]
 
 
+@pytest.mark.slow
 def test_inspect_bundle_and_checkpoint(exported_bundle: Path, zoo_resnet_checkpoint: Path) -> None:
     bundle_info = json.loads(run_cli("inspect", str(exported_bundle), "--json", "-").stdout)
     ckpt_info = json.loads(run_cli("inspect", str(zoo_resnet_checkpoint), "--json", "-").stdout)

@@ -150,6 +150,7 @@ def test_batch_one(learned: CondenseNet, kit: dict) -> None:
 
 
 @needs_kit
+@pytest.mark.slow
 def test_condensed_onnx_export_dynamic_batch(learned: CondenseNet, kit: dict, tmp_path: Path) -> None:
     pytest.importorskip("onnxscript")
     ort = pytest.importorskip("onnxruntime")

@@ -284,6 +284,7 @@ def test_args_are_inferred_from_learned_and_converted_state_dicts(small: Condens
         assert inferred == {k: config[k] for k in inferred}
 
 
+@pytest.mark.slow
 def test_official_style_checkpoint_loads(small: CondenseNetV2, tmp_path: Path) -> None:
     # Upstream saves {'state_dict': ...} from a DataParallel model ('module.' prefix).
     path = tmp_path / "official.pth.tar"
@@ -316,6 +317,7 @@ def test_official_style_checkpoint_loads(small: CondenseNetV2, tmp_path: Path) -
     assert json.loads(shown.stdout)["arch"] == "condensenetv2"
 
 
+@pytest.mark.slow
 def test_export_refuses_condense_classifier(small: CondenseNetV2, tmp_path: Path) -> None:
     path = tmp_path / "v2.pt"
     save_checkpoint(path, small, "condensenetv2", small.config, Preprocessing.default_for((3, 32, 32)))

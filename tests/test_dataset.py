@@ -81,6 +81,7 @@ def test_two_worker_processes_give_the_same_report(exported_bundle: Path, digits
     assert comparable_report(two) == comparable_report(single)
 
 
+@pytest.mark.slow
 def test_ray_local_cluster_gives_the_same_report(tmp_path: Path, exported_bundle: Path, digits_image_folder: Path,
                                                  digits_references: Path, single: Any) -> None:
     pytest.importorskip("ray", reason="Ray is not installed here (pip install 'slimdeploy[ray]'): the Ray path is not tested")
@@ -175,6 +176,7 @@ def test_bad_sources_and_options_get_one_line(tmp_path: Path, exported_bundle: P
     assert not (tmp_path / "missing").exists()
 
 
+@pytest.mark.slow
 def test_reference_command_writes_shards_a_check_reads(tmp_path: Path, exported_bundle: Path, folder_with_bad_image: Path) -> None:
     """``slimdeploy reference`` writes reference shards (bad image skipped and named); a check
     against them gives the figures of a check against PyTorch; a folder it did not make is

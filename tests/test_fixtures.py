@@ -57,6 +57,7 @@ def run_pytest_on(test_file: Path, ci: str | None) -> tuple[int, str]:
     return done.returncode, done.stdout.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_the_marker_and_the_helper_in_a_real_pytest_run(tmp_path: Path) -> None:
     """Three tests: one marked with a missing fixture, one asking ``require_fixture`` for a
     missing file inside a fixture, one marked with a fixture that exists."""

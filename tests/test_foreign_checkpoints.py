@@ -37,6 +37,7 @@ def test_a_checkpoint_without_arch_is_told_the_architecture_its_keys_point_to(en
 
 
 @pytest.mark.needs_fixture(UPSTREAM / "condensenet_cifar10_small" / "converted_checkpoint.pth.tar")
+@pytest.mark.slow
 def test_a_converted_condensenet_is_told_condensenet_converted(tmp_path: Path) -> None:
     result = run_cli("export", str(UPSTREAM / "condensenet_cifar10_small" / "converted_checkpoint.pth.tar"),
                      "--out", str(tmp_path / "b"))

@@ -60,6 +60,7 @@ def run_in_batches(runner: Runner, x: np.ndarray, batch: int, **extra: Any) -> d
 
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("batch", [8, 1])
+@pytest.mark.slow
 def test_form_reproduces_official_outputs(kit: dict[str, Any], form: str, batch: int) -> None:
     with form_runner(kit, form) as runner:
         out = run_in_batches(runner, kit["input"], batch)
@@ -69,6 +70,7 @@ def test_form_reproduces_official_outputs(kit: dict[str, Any], form: str, batch:
 
 
 @pytest.mark.parametrize("form", FORMS)
+@pytest.mark.slow
 def test_threshold_is_a_runtime_input(kit: dict[str, Any], form: str) -> None:
     x = kit["input"]
     with form_runner(kit, form) as runner:
@@ -227,6 +229,7 @@ def test_simplified_forms_keep_the_threshold_input(kit: dict[str, Any]) -> None:
     assert strict["gates"].sum() < default["gates"].sum()
 
 
+@pytest.mark.slow
 def test_imagenet_recurrent_gate_forms_match_pytorch() -> None:
     """ImageNet SkipNet (7x7 stem + maxpool, Conv2d proj): forms agree with the reference."""
     from slimdeploy.models import get_arch

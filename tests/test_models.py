@@ -300,6 +300,7 @@ def test_mobilenet_width_multiplier_and_resolution() -> None:
     ("name", "arch_args"),
     [("spconv_resnet20_cifar", {}), ("mobilenet_v1", {"resolution": _FAST_RESOLUTION})],
 )
+@pytest.mark.slow
 def test_onnx_export_with_dynamic_batch_matches_torch(
     name: str, arch_args: dict[str, Any], tmp_path: Path
 ) -> None:

@@ -236,6 +236,7 @@ def test_full_disk_while_writing_a_result(faults: dict[str, Any], exported_bundl
     assert (full / "result").read_bytes() == b"the previous result"
 
 
+@pytest.mark.slow
 def test_full_disk_during_export_keeps_the_old_bundle(faults: dict[str, Any], exported_bundle: Path) -> None:
     full = faults["full"] / "export"
     full.mkdir()

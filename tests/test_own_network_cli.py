@@ -109,7 +109,10 @@ def test_every_form_exports_and_checks(bundles: Bundles, network: str, form: str
     ("gated", "compact", "int8"), ("controlled", "staged", "fp16"), ("trunk", "staged", "fp16"),
 ])
 def test_reduced_precision(bundles: Bundles, network: str, form: str, precision: str) -> None:
-    bundle = bundles.export(network, "--dynamic", form, "--precision", precision)
+    # The speed check (tested in test_precision_speed.py) runs on the dynamic forms here, once
+    # each: the compact graph and the staged controller.
+    speed = [] if network in ("gated", "controlled") else ["--no-speed-check"]
+    bundle = bundles.export(network, "--dynamic", form, "--precision", precision, *speed)
     manifest = manifest_of(bundle)
     assert manifest["precision"] == precision and manifest["parity"]["passed"]
     assert manifest["calibration"]["decisions_fp32"]  # gate and exit heads stay FP32

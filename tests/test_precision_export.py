@@ -17,7 +17,8 @@ from onnx import numpy_helper
 
 from slimdeploy.zoo import zoo_checkpoint_path
 
-FAST = ["--samples", "40", "--batch-sizes", "8"]
+# The export's own INT8/FP16 speed check is tested in test_precision_speed.py; off here (5-7 s each).
+FAST = ["--samples", "40", "--batch-sizes", "8", "--no-speed-check"]
 
 
 def _scales(path: Path) -> dict[str, np.ndarray]:
@@ -104,6 +105,7 @@ def test_fp16_bundle_passes_check(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("form", "precision"), [("if", "int8"), ("loop", "int8"), ("loop", "fp16")])
+@pytest.mark.slow
 def test_reduced_precision_of_subgraph_forms_is_refused(form: str, precision: str) -> None:
     result = run_cli("export", "zoo:skipnet38_digits", "--out", "/nonexistent/never", "--precision", precision, "--dynamic", form)
     assert_clean_error(result, 2, f"--precision {precision}", f"'{form}' form", "compact, staged or mask")
@@ -212,7 +214,7 @@ def test_early_exit_int8_keeps_the_deciding_stages_fp32_and_passes(tmp_path: Pat
     the stages that decide an exit FP32, with Q/DQ on the last stage's convolutions only: its
     exits are FP32's, and it passes check."""
     bundle = tmp_path / "s2d-int8"
-    result = run_cli("export", "zoo:s2d_resnet20_digits", "--out", str(bundle), "--precision", "int8")
+    result = run_cli("export", "zoo:s2d_resnet20_digits", "--out", str(bundle), "--precision", "int8", "--no-speed-check")
     assert result.returncode == 0, result.stdout + result.stderr
     calibration = json.loads((bundle / "manifest.json").read_text())["calibration"]
     candidates = calibration["method_choice"]["candidates"]

@@ -175,6 +175,7 @@ HAND_EXIT = {
 }
 
 
+@pytest.mark.slow
 def test_stage_macs_are_the_hand_computed_ones() -> None:
     torch.manual_seed(0)
     _, plan = exit_pieces(S2DResNetCifar(depth=8).eval(), (3, 32, 32))

@@ -116,6 +116,7 @@ def torch_outputs(model: Any, x: np.ndarray, thresholds: Any = None) -> dict[str
     return {"logits": logits.numpy(), "exit_stage": stage.numpy(), "exit_confidence": confidence.numpy()}
 
 
+@pytest.mark.slow
 def test_demo_model_exits_early_at_final_stage_accuracy(demo: dict[str, Any]) -> None:
     reference = torch_outputs(demo["model"], demo["input"])
     with torch.no_grad():
@@ -126,6 +127,7 @@ def test_demo_model_exits_early_at_final_stage_accuracy(demo: dict[str, Any]) ->
 
 
 @pytest.mark.parametrize("form", FORMS)
+@pytest.mark.slow
 def test_form_matches_pytorch(demo: dict[str, Any], form: str) -> None:
     reference = torch_outputs(demo["model"], demo["input"])
     counts = np.bincount(reference["exit_stage"], minlength=3)
@@ -212,6 +214,7 @@ def _gap_threshold(values: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize("form", FORMS)
+@pytest.mark.slow
 def test_branchy_mobilenet_forms_match_pytorch(form: str) -> None:
     from slimdeploy.models.registry import get_arch
 
@@ -266,6 +269,7 @@ def test_check_parity_takes_margins_at_the_fed_thresholds(demo: dict[str, Any]) 
     assert report.excluded_samples == {"8": 1} and not report.passed
 
 
+@pytest.mark.slow
 def test_entropy_rule_in_every_form() -> None:
     torch.manual_seed(1)
     model = S2DResNetCifar(depth=8, exit_rule="entropy").eval()

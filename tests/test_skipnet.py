@@ -469,6 +469,7 @@ def test_every_skipnet_runs_at_batch_one_and_two(name: str) -> None:
 # --- the `mask` form baseline: the reference forward as one ONNX graph ------------------------
 
 
+@pytest.mark.slow
 def test_mask_form_onnx_export_matches_onnxruntime(tmp_path: Path) -> None:
     # The `mask` form baseline: the reference forward exported whole, with a dynamic batch and
     # gate_threshold as a 0-D float32 graph input. (The recurrent kit model exports the same

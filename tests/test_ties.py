@@ -110,6 +110,7 @@ def _gated(runner: Runner, x: np.ndarray, threshold: np.float32) -> dict[str, np
     return runner.infer({"input": x, "gate_threshold": np.array(threshold, dtype=np.float32)})
 
 
+@pytest.mark.slow
 def test_a_gate_tie_skips_in_every_form(gated_setup: dict[str, Any]) -> None:
     """Probability exactly 0.5: threshold 0.5 skips the block, the float32 just below runs it."""
     x, checked = gated_setup["x"], []
@@ -184,6 +185,7 @@ def _exit(runner: Runner, x: np.ndarray, thresholds: list[np.float32]) -> dict[s
     return runner.infer({"input": x, "exit_thresholds": np.array(thresholds, dtype=np.float32)})
 
 
+@pytest.mark.slow
 def test_an_exit_tie_exits_in_every_form(exit_setup: dict[str, Any]) -> None:
     """Confidence exactly at the threshold (0.5 for max softmax, 0 for entropy): every sample
     leaves at stage 0; the float32 beside it on the other side keeps them all going."""
@@ -202,6 +204,7 @@ def test_an_exit_tie_exits_in_every_form(exit_setup: dict[str, Any]) -> None:
     assert len(checked) == 2 * 2 + 2
 
 
+@pytest.mark.slow
 def test_an_exit_threshold_equal_to_the_engines_own_confidence(exit_setup: dict[str, Any]) -> None:
     """Stage 1's threshold = one sample's stage-1 confidence as this engine computed it (every
     sample reaches stage 1 on the same rows both times): that sample leaves at stage 1, and

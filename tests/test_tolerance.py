@@ -42,6 +42,7 @@ def scaled_bundles(tmp_path_factory: pytest.TempPathFactory, zoo_resnet_checkpoi
 
 
 @pytest.mark.parametrize("label", sorted(SCALES))
+@pytest.mark.slow
 def test_correct_exports_pass_at_large_and_small_logit_scales(scaled_bundles: dict[str, Path], label: str) -> None:
     bundle = scaled_bundles[label]
     manifest = json.loads((bundle / "manifest.json").read_text())
@@ -66,6 +67,7 @@ def test_correct_exports_pass_at_large_and_small_logit_scales(scaled_bundles: di
 
 @pytest.mark.parametrize("label", sorted(SCALES))
 @pytest.mark.parametrize("factor", [1.01, 1.02])
+@pytest.mark.slow
 def test_a_one_percent_change_of_one_convolution_fails(tmp_path: Path, scaled_bundles: dict[str, Path], label: str, factor: float) -> None:
     """A hostile or broken bundle: one Conv's weights scaled, digests updated to match."""
     bundle = tmp_path / "bundle"

@@ -106,6 +106,7 @@ def _copy(bundle: Path, tmp_path: Path) -> Path:
 
 
 # -- export --target trt ---------------------------------------------------------------------------
+@pytest.mark.slow
 def test_static_bundle_records_the_build(static_trt_bundle: Path) -> None:
     manifest = _manifest(static_trt_bundle)
     assert manifest["target"] == "trt" and manifest["dynamic"] is None and manifest["parity"]["passed"]
@@ -151,6 +152,7 @@ def test_staged_bundle_has_one_trtexec_line_per_piece(staged_trt_bundle: Path) -
     assert gate["engine"] == "trt/gate0.engine" and gate["onnx"] == "stages/gate0.onnx"
 
 
+@pytest.mark.slow
 def test_compact_is_refused_for_tensorrt(tmp_path: Path) -> None:
     result = run_cli("export", "zoo:skipnet38_digits", "--target", "trt", "--dynamic", "compact", "--out", str(tmp_path / "b"))
     assert_clean_error(result, 2, "compact", "--dynamic staged")
@@ -194,6 +196,7 @@ def test_profile_and_trtexec_helpers() -> None:
         BuildSpec.resolve({}, {"opt_batch": 64})
 
 
+@pytest.mark.slow
 def test_cpu_paths_import_no_tensorrt_or_cuda(static_trt_bundle: Path) -> None:
     import subprocess
 
@@ -231,6 +234,7 @@ def test_build_without_tensorrt_exits_3(tmp_path: Path, static_trt_bundle: Path)
     assert_clean_error(result, 2, "no TensorRT engines", "slimdeploy build")
 
 
+@pytest.mark.slow
 def test_build_and_check_with_stand_in_tensorrt(tmp_path: Path, static_trt_bundle: Path) -> None:
     bundle = _copy(static_trt_bundle, tmp_path)
     result = run_cli("build", str(bundle), "--json", "-", env=FAKE_ENV)

@@ -24,7 +24,7 @@ from slimdeploy.exporters.trt_lint import (
     rule_ids,
 )
 from slimdeploy.exporters.trt_lint.facts import FACTS_FILE
-from tests.conftest import REPO, assert_clean_error, run_cli
+from tests.conftest import DEMO_EXPORT, REPO, SharedBundles, assert_clean_error, run_cli
 
 F = T.FLOAT
 
@@ -504,6 +504,7 @@ def test_lint_path_file_and_missing(tmp_path: Path) -> None:
         lint_path(tmp_path / "junk.onnx")
 
 
+@pytest.mark.slow
 def test_cli_exit_codes(tmp_path: Path) -> None:
     good, bad = tmp_path / "good.onnx", tmp_path / "bad.onnx"
     onnx.save(relu_model(), str(good))
@@ -555,19 +556,13 @@ DEMOS = [
 
 
 @pytest.fixture(scope="module")
-def demo_bundles(tmp_path_factory: pytest.TempPathFactory, exported_bundle: Path) -> dict[tuple[str, str | None], Path]:
-    from slimdeploy.export import export
-    from slimdeploy.zoo import zoo_checkpoint_path
-
-    root = tmp_path_factory.mktemp("lint_demos")
+def demo_bundles(shared_bundles: SharedBundles, exported_bundle: Path) -> dict[tuple[str, str | None], Path]:
+    """Every demo model's bundle, in each form for the gated one (shared with other test files)."""
     bundles: dict[tuple[str, str | None], Path] = {("spconv_resnet20_digits", None): exported_bundle}  # the session's
     for name, form in DEMOS:
-        if (name, form) in bundles:
-            continue
-        out = root / f"{name}_{form or 'static'}"
-        result = export(zoo_checkpoint_path(name), out, dynamic=form, samples=8, batch_sizes=(1, 4), threads=1)
-        assert result.passed, (name, form)
-        bundles[(name, form)] = out
+        if (name, form) not in bundles:
+            forms = {"dynamic": form} if form else {}
+            bundles[(name, form)] = shared_bundles.get(name, **forms, **DEMO_EXPORT)
     return bundles
 
 
