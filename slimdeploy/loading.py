@@ -427,16 +427,8 @@ def load_checkpoint(
         size = tuple(getattr(module, "input_size", (3, 224, 224)))
         return LoadedModel(module, name, dict(arch_args or {}), Preprocessing.default_for(size),
                            source, notes=["loaded a pickled nn.Module (--trust-pickle)"])
-    if not isinstance(obj, Mapping):
-        raise CheckpointError(
-            f"'{path}' holds a {type(obj).__name__}, not a state_dict or checkpoint dict | Fix: "
-            "save model.state_dict() or a dict with a 'state_dict' entry"
-        )
-
-    own_format = obj.get("format") == FORMAT_NAME
-    own = _own_fields(obj, path) if own_format else None
-    state_dict = _find_state_dict(obj, path, torch)
-    _refuse_nonfinite(state_dict, path, torch)
+    weights = _read_weights(obj, path, torch)
+    own = weights.own
     named_arch = own.arch if own is not None else _named_arch(obj)
     name = arch or named_arch
     if is_factory_spec(name):
@@ -444,47 +436,103 @@ def load_checkpoint(
             f"'{path}' holds a model built by user code ({name}); slimdeploy imports code only where you name it | "
             f"Fix: pass --arch {name} if you trust that code")
     if not name:
-        raise _no_arch_error(path, state_dict)
+        raise _no_arch_error(path, weights.state_dict)
     info = get_arch(name)
     notes: list[str] = []
-    if not own_format and isinstance(obj.get("state_dict_ema"), Mapping) and obj["state_dict_ema"]:
+    if own is None and isinstance(obj.get("state_dict_ema"), Mapping) and obj["state_dict_ema"]:
         notes.append("loaded the moving-average weights (state_dict_ema), as the official evaluation does")
-    state_dict, stripped = _strip_prefix(state_dict)
-    if stripped:
-        notes.append(f"stripped the '{stripped}' key prefix")
+    if weights.stripped:
+        notes.append(f"stripped the '{weights.stripped}' key prefix")
 
-    args: dict[str, Any] = {}
-    if info.infer_args is not None:
-        args.update(info.infer_args(state_dict))
-    if own is not None:
-        args.update(own.arch_args)
-    args.update(arch_args or {})
-    # Sized on the meta device first: absurd arguments are refused, never allocated.
-    declared = own.preprocessing.input_size if own is not None and own.preprocessing else None
-    _, estimate = estimate_model(lambda: info.build(**args), declared or info.input_size)
-    check_model_fits(estimate, info.name)
-    module = info.build(**args)
-    missing_tracked = _load_state_dict(module, state_dict, info.name, path)
+    inferred = info.infer_args(weights.state_dict) if info.infer_args is not None else {}
+    args = weights.arguments(arch_args, inferred)
+    module, estimate = _build_sized(lambda: info.build(**args), weights.declared_input_size or info.input_size, info.name)
+    missing_tracked = _load_state_dict(module, weights.state_dict, info.name, path)
     if missing_tracked:
         notes.append(f"{missing_tracked} num_batches_tracked buffers were missing (pre-0.4 checkpoint); kept defaults")
     module.eval()
 
-    size = tuple(getattr(module, "input_size", info.input_size))
-    if own is not None and own.preprocessing is not None:
-        preprocessing = Preprocessing.from_dict(own.preprocessing.model_dump())
-    else:
-        preprocessing = Preprocessing.default_for(size)  # type: ignore[arg-type]
-    meta = dict(own.meta) if own is not None else {}
-    recorded = "checkpoint" if own is not None and own.preprocessing is not None else "default"
-    return LoadedModel(module, info.name, args, preprocessing, source, meta, notes, estimate,
-                       dict.fromkeys(PREPROCESSING_FIELDS, recorded))
+    preprocessing, sources = weights.preprocessing(getattr(module, "input_size", info.input_size))
+    return LoadedModel(module, info.name, args, preprocessing, source, weights.meta, notes, estimate, sources)
+
+
+@dataclass
+class CheckpointWeights:
+    """A state_dict checkpoint read and checked by ``_read_weights``: slimdeploy's own fields
+    (None for a foreign checkpoint), its finite weights with any DataParallel prefix stripped,
+    and that prefix ("" when none)."""
+
+    own: OwnCheckpoint | None
+    state_dict: dict[str, Any]
+    stripped: str
+
+    @property
+    def recorded(self) -> PreprocessingFields | None:
+        """The preprocessing slimdeploy's format records; None when it records none."""
+        return self.own.preprocessing if self.own is not None else None
+
+    @property
+    def declared_input_size(self) -> tuple[int, int, int] | None:
+        """The (C, H, W) the checkpoint records, for sizing the model; None when it records none."""
+        return self.recorded.input_size if self.recorded is not None else None
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return dict(self.own.meta) if self.own is not None else {}
+
+    def arguments(self, given: Mapping[str, Any] | None, inferred: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Constructor arguments: ``inferred`` (from the keys), overridden by the checkpoint's own,
+        overridden by ``given`` (the caller's). Both default to none."""
+        own_args = self.own.arch_args if self.own is not None else {}
+        return {**dict(inferred or {}), **own_args, **dict(given or {})}
+
+    def preprocessing(self, input_size: Any) -> tuple[Preprocessing, dict[str, str]]:
+        """The preprocessing the checkpoint records, else the default statistics for
+        ``input_size`` (C, H, W); with where each part came from (``"checkpoint"`` or ``"default"``)."""
+        if self.recorded is not None:
+            return Preprocessing.from_dict(self.recorded.model_dump()), dict.fromkeys(PREPROCESSING_FIELDS, "checkpoint")
+        return Preprocessing.default_for(tuple(input_size)), dict.fromkeys(PREPROCESSING_FIELDS, "default")
+
+
+def _read_weights(obj: Any, path: str | Path, torch: Any) -> CheckpointWeights:
+    """What every state_dict checkpoint passes, in this order, for a registered architecture and
+    for ``--arch module:factory`` alike: a mapping; slimdeploy's own fields validated (when it
+    says it is in that format); the state_dict found; every floating tensor finite. Then the
+    DataParallel ``module.`` prefix is stripped."""
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(
+            f"'{path}' holds a {type(obj).__name__}, not a state_dict or checkpoint dict | Fix: "
+            "save model.state_dict() or a dict with a 'state_dict' entry"
+        )
+    own = _own_fields(obj, path) if obj.get("format") == FORMAT_NAME else None
+    state_dict = _find_state_dict(obj, path, torch)
+    _refuse_nonfinite(state_dict, path, torch)
+    state_dict, stripped = _strip_prefix(state_dict)
+    return CheckpointWeights(own, state_dict, stripped)
+
+
+def _build_sized(build: Callable[[], Any], input_size: Any, name: str, meta_may_fail: bool = False) -> tuple[Any, Any]:
+    """``build()``'s module and its estimate, sized on the meta device first: absurd arguments
+    are refused (``check_model_fits``), never allocated. With ``meta_may_fail`` (user code, which
+    may need real tensors) an ``ArchitectureError`` on the meta device leaves the estimate None
+    and the real build says what failed. Defaults to False."""
+    try:
+        _, estimate = estimate_model(build, input_size)
+    except ArchitectureError:
+        if not meta_may_fail:
+            raise
+        estimate = None
+    if estimate is not None:
+        check_model_fits(estimate, name)
+    return build(), estimate
 
 
 def _no_arch_error(path: str | Path, state_dict: Mapping[str, Any]) -> ArchitectureError:
-    """The error for a checkpoint that names no architecture, naming those its keys point to."""
+    """The error for a checkpoint that names no architecture, naming those its keys (prefix
+    already stripped) point to."""
     from slimdeploy.models.suggest import suggest_archs
 
-    names = suggest_archs(_strip_prefix(dict(state_dict))[0])
+    names = suggest_archs(dict(state_dict))
     if not names:
         return ArchitectureError(
             f"'{path}' does not say which architecture it holds, and its keys match none registered | Fix: pass "
@@ -709,44 +757,27 @@ def load_factory_model(path: str | Path, spec: str, arch_args: Mapping[str, Any]
     attribute with the default statistics, else 3x224x224.
     """
     torch = optional_import("torch", "load a checkpoint")
-    obj = read_checkpoint(path)
-    if not isinstance(obj, Mapping):
-        raise CheckpointError(f"'{path}' holds a {type(obj).__name__}, not a state_dict | Fix: save model.state_dict()")
-    # The same checks as a registered architecture's checkpoint: the declared schema, finite
-    # weights, and the model sized on the meta device before anything is allocated.
-    own = _own_fields(obj, path) if obj.get("format") == FORMAT_NAME else None
-    raw_state_dict = _find_state_dict(obj, path, torch)
-    _refuse_nonfinite(raw_state_dict, path, torch)
-    state_dict, stripped = _strip_prefix(raw_state_dict)
-    args = {**(dict(own.arch_args) if own is not None else {}), **dict(arch_args or {})}
-    declared = own.preprocessing.input_size if own is not None and own.preprocessing else None
-    try:
-        _, estimate = estimate_model(lambda: build_from_factory(spec, args), declared)
-    except ArchitectureError:  # a factory that needs real tensors: the real build below says what failed
-        estimate = None
-    if estimate is not None:
-        check_model_fits(estimate, spec)
-    module = build_from_factory(spec, args)
+    # The same reader as a registered architecture's checkpoint: the declared schema, finite
+    # weights; then the model sized on the meta device before anything is allocated.
+    weights = _read_weights(read_checkpoint(path), path, torch)
+    args = weights.arguments(arch_args)
+    module, estimate = _build_sized(lambda: build_from_factory(spec, args), weights.declared_input_size, spec,
+                                    meta_may_fail=True)
     notes = [f"built by {spec} (--arch: your code)"]
-    if stripped:
-        notes.append(f"stripped the '{stripped}' key prefix")
-    missing_tracked = _load_state_dict(module, state_dict, spec, path)
+    if weights.stripped:
+        notes.append(f"stripped the '{weights.stripped}' key prefix")
+    missing_tracked = _load_state_dict(module, weights.state_dict, spec, path)
     if missing_tracked:
         notes.append(f"{missing_tracked} num_batches_tracked buffers were missing; kept defaults")
     module.eval()
-    recorded = "default"
-    if own is not None and own.preprocessing is not None:
-        preprocessing = Preprocessing.from_dict(own.preprocessing.model_dump())
-        recorded = "checkpoint"
-    elif getattr(module, "input_size", None) is not None:
-        preprocessing = Preprocessing.default_for(tuple(module.input_size))  # type: ignore[arg-type]
-    else:
-        preprocessing = Preprocessing.default_for((3, 224, 224))
-        notes.append("the input size is not known: assumed 3x224x224 (set input_size = (C, H, W) on the model, or "
-                     "save the checkpoint with slimdeploy.loading.save_checkpoint)")
-    meta = dict(own.meta) if own is not None else {}
-    return LoadedModel(module, spec, args, preprocessing, str(path), meta, notes, estimate,
-                       dict.fromkeys(PREPROCESSING_FIELDS, recorded))
+    input_size = getattr(module, "input_size", None)
+    if input_size is None:
+        input_size = (3, 224, 224)
+        if weights.recorded is None:
+            notes.append("the input size is not known: assumed 3x224x224 (set input_size = (C, H, W) on the model, or "
+                         "save the checkpoint with slimdeploy.loading.save_checkpoint)")
+    preprocessing, sources = weights.preprocessing(input_size)
+    return LoadedModel(module, spec, args, preprocessing, str(path), weights.meta, notes, estimate, sources)
 
 
 def _one_line(exc: BaseException) -> str:

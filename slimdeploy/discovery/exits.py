@@ -39,9 +39,7 @@ class DiscoveredExitNet(EarlyExitNet):
     def __init__(self, model: nn.Module, traced: TracedNetwork) -> None:
         super().__init__()
         self.model = model
-        nodes = traced.calls(Exit)
-        self.paths: list[str] = [str(node.target) for node in nodes]
-        self.exit_modules: list[Exit] = [model.get_submodule(path) for path in self.paths]
+        nodes, self.paths, self.exit_modules = traced.protocol_calls(Exit)
         self.__dict__["_traced"] = traced
         rules = sorted({e.rule for e in self.exit_modules})
         if len(rules) > 1:

@@ -59,9 +59,7 @@ class DiscoveredGatedNet(GatedNetwork):
     def __init__(self, model: nn.Module, traced: TracedNetwork) -> None:
         super().__init__()
         self.model = model
-        nodes = traced.calls(GatedBlock)
-        self.paths: list[str] = [str(node.target) for node in nodes]
-        self.blocks: list[GatedBlock] = [model.get_submodule(path) for path in self.paths]
+        nodes, self.paths, self.blocks = traced.protocol_calls(GatedBlock)
         self.__dict__["_traced"] = traced
         logits = _returned_logits(traced)
         _refuse_crossings(traced, nodes)

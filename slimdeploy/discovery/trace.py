@@ -19,7 +19,7 @@ import inspect
 import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import fx, nn
@@ -32,6 +32,7 @@ from slimdeploy.nn.gated_block import GatedBlock
 PROTOCOL_LEAVES = (GatedBlock, Exit)
 # In-place operators torch.fx records as functions (``x += y``).
 _INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.iand, operator.ior}
+ModuleKind = TypeVar("ModuleKind", bound=nn.Module)
 
 
 class _ProtocolTracer(fx.Tracer):
@@ -97,6 +98,13 @@ class TracedNetwork:
                     f"in {self.name}.forward | Note: it takes one tensor, the features it decides on | Fix: call it as "
                     f"self.{node.target}(x)")
         return found
+
+    def protocol_calls(self, kind: type[ModuleKind]) -> tuple[list[fx.Node], list[str], list[ModuleKind]]:
+        """The calls of modules of ``kind`` (``calls``), their module paths and the modules, in
+        call order: where a discovered network starts."""
+        nodes = self.calls(kind)
+        paths = [str(node.target) for node in nodes]
+        return nodes, paths, [self.model.get_submodule(path) for path in paths]
 
     @property
     def name(self) -> str:
