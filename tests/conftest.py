@@ -57,13 +57,13 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 LONGEST_FIRST = [
-    "test_trt_cpu", "test_own_network_cli", "test_adversarial_inputs", "test_precision_export", "test_trt_lint",
-    "test_adversarial_bundle", "test_gated_forms", "test_gated_cli", "test_examples", "test_s2d_cli",
-    "test_benchmarks_precision", "test_condensenet_cli", "test_cli", "test_benchmarks_loop", "test_benchmarks",
-    "test_condensenetv2", "test_spconv_fold", "test_benchmarks_condensenet", "test_readme", "test_s2d", "test_models",
-    "test_bias_correction", "test_foreign_checkpoints", "test_skipnet",
+    "test_trt_cpu", "test_own_network_cli", "test_precision_export", "test_benchmarks_precision",
+    "test_gated_forms", "test_gated_cli", "test_cli", "test_s2d_cli", "test_adversarial_inputs",
+    "test_benchmarks_loop", "test_benchmarks", "test_benchmarks_condensenet", "test_examples",
+    "test_condensenet_cli", "test_trt_lint", "test_bias_correction", "test_readme", "test_spconv_fold", "test_s2d",
+    "test_adversarial_bundle", "test_models", "test_skipnet", "test_outputs", "test_foreign_checkpoints",
 ]
-"""Test files that take longest (``pytest --durations=0``, 2026-12-04), longest first. xdist
+"""Test files that take longest (``pytest --durations=0``, 2026-12-05), longest first. xdist
 hands whole files to its workers in collection order (``--no-loadscope-reorder`` in
 pyproject.toml), so these start first and the workers finish together instead of one worker
 running a long file alone at the end."""
