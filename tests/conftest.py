@@ -92,22 +92,25 @@ def _cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return {**base, "COLUMNS": "200", "NO_COLOR": "1", **(extra or {})}
 
 
+def _without_test_name(env: dict[str, str]) -> dict[str, str]:
+    """``env`` less the variable pytest sets to the running test's name."""
+    return {key: value for key, value in env.items() if key != "PYTEST_CURRENT_TEST"}
+
+
 class _WarmCli:
     """One ``tests/cli_zygote.py`` process per test worker: it imports torch and slimdeploy once
     and forks a child per command (a real process, with its own exit code and output)."""
 
     def __init__(self) -> None:
-        self.env = _cli_env()
+        env = _cli_env()
+        self.imported_under = _without_test_name(env)
         self.process = subprocess.Popen([sys.executable, str(REPO / "tests" / "cli_zygote.py")], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, text=True, env=self.env, cwd=REPO)
+                                        stdout=subprocess.PIPE, text=True, env=env, cwd=REPO)
 
     def serves(self, env: dict[str, str]) -> bool:
         """True when ``env`` is the one this process imported under (module-level settings such
         as the consoles' width were read then); the test's name may differ."""
-        def same(e: dict[str, str]) -> dict[str, str]:
-            return {k: v for k, v in e.items() if k != "PYTEST_CURRENT_TEST"}
-
-        return self.process.poll() is None and same(env) == same(self.env)
+        return _without_test_name(env) == self.imported_under
 
     def run(self, args: tuple[str, ...], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
         import json
@@ -147,7 +150,8 @@ def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = No
     """Run ``python -m slimdeploy ARGS`` and return the completed process (text output).
 
     Commands in the suite's own environment are forked from a warm parent (``_WarmCli``; the
-    imports are paid once per worker); one with ``env`` changes runs as a plain subprocess."""
+    imports are paid once per worker); one with ``env`` changes, or run while the test has
+    changed the environment the parent started in, runs as a plain subprocess."""
     full_env = _cli_env(env)
     if not env:
         if not _warm_cli or _warm_cli[0].process.poll() is not None:
@@ -221,9 +225,12 @@ class SharedBundles:
         self.root.mkdir(parents=True, exist_ok=True)
         with FileLock(str(self.root / f"{name}-{key}.lock")):
             if not done.exists():
+                import shutil
+
                 from slimdeploy.export import export
                 from slimdeploy.zoo import zoo_checkpoint_path
 
+                shutil.rmtree(out, ignore_errors=True)  # a failed attempt's files: start clean
                 result = export(zoo_checkpoint_path(name), out, **options)
                 assert result.passed, (name, options)
                 done.touch()  # only a passed, complete export is reused
