@@ -72,3 +72,20 @@ def test_env_lists_openvino() -> None:
         assert "slimdeploy[openvino]" in row["reason"]
     else:
         assert row["version"]
+
+
+@needs_openvino
+@pytest.mark.slow
+def test_int8_compact_skipnet_passes_check_on_openvino(tmp_path: Path) -> None:
+    """The bundle whose gates OpenVINO's fused residual sum used to flip (issue 16): with the
+    runner reading residual identities before rounding, its gates agree as the criteria ask."""
+    bundle = tmp_path / "skipnet-int8"
+    export = run_cli("export", "zoo:skipnet38_digits", "--out", str(bundle), "--dynamic", "compact",
+                     "--precision", "int8", "--calib", "digits", "--no-speed-check")
+    assert export.returncode == 0, export.stdout + export.stderr
+    check = run_cli("check", str(bundle), "--device", "openvino", "--json", "-")
+    assert check.returncode == 0, check.stdout + check.stderr
+    report = json.loads(check.stdout)
+    assert report["passed"] is True
+    gates = report["decisions"]["gates"]
+    assert gates and all(row["agreement"] >= 0.98 for row in gates), [row["agreement"] for row in gates]

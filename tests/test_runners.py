@@ -285,3 +285,69 @@ def test_ort_metadata_of_thresholds_and_dynamic_axes(tmp_path: Path) -> None:
         x = np.array([[0.2, 0.7]], np.float32)
         np.testing.assert_array_equal(runner.infer({"x": x})["y"], [[False, True]])
         np.testing.assert_array_equal(runner.infer({"x": x, "t": np.array(0.1, np.float32)})["y"], [[True, True]])
+
+
+def _qdq(nodes: list, tensor: str, zero_point: str) -> str:
+    """Append QuantizeLinear/DequantizeLinear of ``tensor`` to ``nodes``; return the DQ output."""
+    from onnx import helper
+
+    nodes.append(helper.make_node("QuantizeLinear", [tensor, "scale", zero_point], [f"{tensor}_q"]))
+    nodes.append(helper.make_node("DequantizeLinear", [f"{tensor}_q", "scale", zero_point], [f"{tensor}_dq"]))
+    return f"{tensor}_dq"
+
+
+def _residual_graph(quantized: bool, identity_from_conv: bool = False):
+    """x → conv_a → (Q/DQ) ┐
+       x → relu or conv_b → (Q/DQ) ┴ Add → y: the residual pattern of a gated block."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("Conv", ["x", "w"], ["conv_out"], pads=[1, 1, 1, 1])]
+    if identity_from_conv:
+        nodes.append(helper.make_node("Conv", ["x", "w"], ["identity"], pads=[1, 1, 1, 1]))
+    else:
+        nodes.append(helper.make_node("Relu", ["x"], ["identity"]))
+    left, right = "conv_out", "identity"
+    if quantized:
+        left, right = _qdq(nodes, "conv_out", "zp_conv"), _qdq(nodes, "identity", "zp_identity")
+        nodes.append(helper.make_node("GlobalAveragePool", [right], ["pooled"]))  # another consumer of the identity's DQ
+    nodes.append(helper.make_node("Add", [left, right], ["y"]))
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 4, 4])]
+    if quantized:
+        outputs.append(helper.make_tensor_value_info("pooled", TensorProto.FLOAT, [1, 2, 1, 1]))
+    initializers = [
+        numpy_helper.from_array(np.full((2, 2, 3, 3), 0.1, np.float32), "w"),
+        numpy_helper.from_array(np.array(0.05, np.float32), "scale"),
+        numpy_helper.from_array(np.array(106, np.uint8), "zp_conv"),
+        numpy_helper.from_array(np.array(0, np.uint8), "zp_identity"),
+    ]
+    graph = helper.make_graph(nodes, "residual", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])],
+                              outputs, initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_openvino_reads_a_quantized_residual_identity_before_rounding() -> None:
+    """OpenVINO's fused u8 residual sum drifted on SkipNet's INT8 gated blocks; the runner feeds
+    such an Add the identity before its Q/DQ, and leaves every other graph and consumer as is."""
+    import onnx
+
+    from slimdeploy.engines.openvino_runner import unround_residual_identities
+
+    model = _residual_graph(quantized=True)
+    assert unround_residual_identities(model) == 1
+    add = next(node for node in model.graph.node if node.op_type == "Add")
+    assert list(add.input) == ["conv_out_dq", "identity"]  # the convolution keeps its Q/DQ
+    pool = next(node for node in model.graph.node if node.op_type == "GlobalAveragePool")
+    assert list(pool.input) == ["identity_dq"]  # other readers keep the rounded tensor
+    onnx.checker.check_model(model)
+    x = np.random.default_rng(0).standard_normal((1, 2, 4, 4)).astype(np.float32)
+    import onnxruntime
+
+    y = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(["y"], {"x": x})[0]
+    conv = onnxruntime.InferenceSession(_residual_graph(quantized=False).SerializeToString(),
+                                        providers=["CPUExecutionProvider"]).run(["y"], {"x": x})[0] - np.maximum(x, 0)
+    np.testing.assert_allclose(y - np.maximum(x, 0), conv, atol=0.05 / 2 + 1e-6)  # only the conv's rounding is left
+
+    for untouched in (_residual_graph(quantized=False), _residual_graph(quantized=True, identity_from_conv=True)):
+        before = untouched.SerializeToString()
+        assert unround_residual_identities(untouched) == 0
+        assert untouched.SerializeToString() == before
