@@ -14,12 +14,16 @@ run (a figure other load on a shared machine barely moves; it leaves out the gap
 compares two graphs of one model layer by layer (each profiled node traced back to its layer,
 ``slimdeploy.engines.ort_profile``), the layers the second spends most time on beyond the
 first listed first: what the export's speed warning names.
+
+``--out FILE.json`` also writes what was printed, with the machine's facts and the settings
+(what benchmarks/README.md quotes a profile from, e.g. ``results/op_profile_mobilenet.json``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
@@ -27,6 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def graph_path(target: str) -> Path:
@@ -108,18 +117,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--compare", action="store_true", help="two graphs (e.g. FP32 then INT8): their layers side by side")
+    parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here (with the machine's facts)")
     args = parser.parse_args(argv)
+    if args.compare and len(args.graphs) != 2:
+        parser.error("--compare takes two graphs: the baseline, then the candidate")
+    from common import OtherLoad, machine_facts, save_json
+
+    record: dict[str, Any] = {"benchmark": "op_profile", "machine": machine_facts(),
+                              "settings": {"batch": args.batch, "threads": args.threads, "runs": args.runs,
+                                           "compare": args.compare, "graphs": args.graphs}}
+    with OtherLoad() as load:
+        if args.compare:
+            record["compare"] = compare(graph_path(args.graphs[0]), graph_path(args.graphs[1]), args.batch, args.threads, args.runs)
+        else:
+            record["profiles"] = [profile(graph_path(target), args.batch, args.threads, args.runs) for target in args.graphs]
+    record["other_processes_cpu_cores"] = load.cores
+    if args.out:
+        save_json(record, args.out)
     if args.compare:
-        if len(args.graphs) != 2:
-            parser.error("--compare takes two graphs: the baseline, then the candidate")
-        rows = compare(graph_path(args.graphs[0]), graph_path(args.graphs[1]), args.batch, args.threads, args.runs)
         print(f"layer: baseline ms -> candidate ms (ops), batch {args.batch}, {args.threads} threads, median of {args.runs} runs")
-        for row in rows:
+        for row in record["compare"]:
             print(f"  {row['layer']}: {row['baseline_ms']:.3f} ({'/'.join(row['baseline_ops']) or '-'}) -> "
                   f"{row['candidate_ms']:.3f} ({'/'.join(row['candidate_ops']) or '-'})")
-        return
-    for target in args.graphs:
-        result = profile(graph_path(target), args.batch, args.threads, args.runs)
+    for result in record.get("profiles", []):
         print(f"{result['graph']}: p50 {result['p50_ms']} ms at batch {args.batch}, {args.threads} threads; "
               f"sum of per-node minima {result['sum_of_node_minima_ms']} ms")
         print("  ops:  " + ", ".join(f"{op} {n}" for op, n in result["op_counts"].items()))

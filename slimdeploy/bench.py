@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from slimdeploy._optional import is_available
-from slimdeploy.bundle import Bundle, bundle_runner, load_bundle, reference_runner
+from slimdeploy.bundle import Bundle, bundle_runner, load_bundle, reference_runner, resolve_device
 from slimdeploy.engines.base import Runner
 from slimdeploy.errors import BackendUnavailableError, BadInputError
 from slimdeploy.files import atomic_output, write_json
@@ -220,6 +220,33 @@ def compare_runners(
             mean_ms=float(np.median(round_means[name])) * 1e3, throughput=batch / p50,
         )
     return results
+
+
+def time_within(runners: Mapping[str, Runner], feeds: Sequence[dict[str, np.ndarray]], budget_s: float,
+                rounds: int = 5, max_calls: int = 200) -> tuple[dict[str, float], int]:
+    """``compare_runners`` sized to take about ``budget_s`` seconds: the mean call time (ms) of
+    each runner, and the calls per turn that sizing gave (at least 1, at most ``max_calls``).
+
+    One untimed and one timed call per runner size the turns (and warm up what a first call
+    allocates); the rounds then warm up on every feed. Defaults: 5 rounds, 200 calls per turn.
+    """
+    slowest = 0.0
+    for runner in runners.values():
+        runner.infer(feeds[0], check_inputs=False)
+        started = time.perf_counter()
+        runner.infer(feeds[0], check_inputs=False)
+        slowest = max(slowest, time.perf_counter() - started)
+    turn_s = budget_s / (rounds * len(runners))
+    calls = int(min(max_calls, max(1, turn_s // max(slowest, 1e-6))))
+    timed = compare_runners(runners, feeds, warmup=len(feeds), rounds=rounds, calls_per_round=calls)
+    return {name: result.mean_ms for name, result in timed.items()}, calls
+
+
+def image_feeds(images: np.ndarray, batch: int, count: int) -> list[dict[str, np.ndarray]]:
+    """Up to ``count`` distinct ``{"input": ...}`` feeds of ``batch`` rows of ``images`` (at
+    least one: the first ``batch`` rows)."""
+    count = max(1, min(count, len(images) // batch))
+    return [{"input": np.ascontiguousarray(images[i * batch:(i + 1) * batch])} for i in range(count)]
 
 
 def tiled_feed(bundle: Bundle, batch_size: int) -> dict[str, np.ndarray]:
@@ -492,8 +519,9 @@ def bench_bundle(
             the report gives this bundle's speed-up over it. Defaults to none.
         progress: optional callable told each step. Defaults to silence.
         device: where the bundle (and the baseline) run: ``"cpu"``/``"cuda"`` (ONNX Runtime),
-            ``"openvino"`` (OpenVINO's CPU plugin) or ``"tensorrt"`` (the engines ``slimdeploy
-            build`` made). Defaults to ``"cpu"``.
+            ``"openvino"`` (OpenVINO's CPU plugin), ``"tensorrt"`` (the engines ``slimdeploy
+            build`` made), or ``"auto"`` (this bundle's default CPU runtime, for the baseline
+            too). Defaults to ``"cpu"``.
         sweep: early-exit bundles: thresholds to sweep (``sweep_exits``, at the first batch
             size; max-softmax values, or entropies for the entropy rule), and the bundle's
             default thresholds. Defaults to none.
@@ -524,6 +552,7 @@ def bench_bundle(
         raise BadInputError(f"--sweep thresholds must be finite numbers, got {list(sweep)} | Fix: e.g. --sweep 0.5,0.9,0.99")
     threads = threads or os.cpu_count() or 1
     bundle = load_bundle(path)
+    device = resolve_device(bundle, device)
     if sweep and not bundle.manifest.get("exits"):
         raise BadInputError("--sweep applies to early-exit bundles (exit thresholds); this bundle has none | Fix: leave out --sweep")
     golden_input = bundle.golden()["input"]

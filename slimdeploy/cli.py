@@ -56,7 +56,7 @@ def _result_file(option: str) -> Any:
 # Shared options, defined once.
 JsonOpt = Annotated[str | None, typer.Option("--json", help="Write the result as JSON to FILE, or '-' for stdout.", callback=_result_file("--json"))]
 ThreadsOpt = Annotated[int, typer.Option(help="Intra-op threads; 0 lets the backend choose.")]
-DeviceOpt = Annotated[str, typer.Option(help="cpu or cuda (ONNX Runtime), openvino (the same graphs on OpenVINO's CPU plugin: pip install 'slimdeploy[openvino]'), or tensorrt (the engines slimdeploy build made).")]
+DeviceOpt = Annotated[str, typer.Option(help="auto (the default: the bundle's default CPU runtime, ONNX Runtime unless its export found OpenVINO faster and OpenVINO is installed here), cpu or cuda (ONNX Runtime), openvino (the same graphs on OpenVINO's CPU plugin: pip install 'slimdeploy[openvino]'), or tensorrt (the engines slimdeploy build made).")]
 MinBatchOpt = Annotated[int | None, typer.Option("--min-batch", help="TensorRT: smallest batch the engines accept (export: 1; build: the bundle's).")]
 OptBatchOpt = Annotated[int | None, typer.Option("--opt-batch", help="TensorRT: batch the kernels are tuned for (export: 8; build: the bundle's).")]
 MaxBatchOpt = Annotated[int | None, typer.Option("--max-batch", help="TensorRT: largest batch the engines accept (export: 32; build: the bundle's).")]
@@ -370,7 +370,7 @@ def export(
     calib_method: Annotated[str, typer.Option("--calib-method", help="Calibration method: auto (MinMax and Percentile tried, the closer to FP32 on the calibration images kept; if it misses the INT8 criteria, Q/DQ on Conv/Gemm/MatMul only is tried too), MinMax, Entropy or Percentile.")] = "auto",
     quantize_decisions: Annotated[bool, typer.Option("--quantize-decisions", help="Also reduce the precision of gate and exit heads (kept FP32 by default).")] = False,
     no_bias_correction: Annotated[bool, typer.Option("--no-bias-correction", help="INT8: keep the quantized layers' biases as trained (by default each is shifted by its mean output error against FP32 on the calibration images).")] = False,
-    no_speed_check: Annotated[bool, typer.Option("--no-speed-check", help="FP16/INT8 for ort: skip timing the reduced graph against FP32 on this CPU (by default a few seconds; a reduced graph slower than FP32 is a warning naming its costliest layers).")] = False,
+    no_speed_check: Annotated[bool, typer.Option("--no-speed-check", help="For ort: skip the export's timings on this CPU (by default a few seconds each): FP16/INT8 against FP32 (a reduced graph slower than FP32 is a warning naming its costliest layers), and, where OpenVINO is installed, OpenVINO against ONNX Runtime (the faster one, if it passes parity, becomes the bundle's default runtime).")] = False,
     atol: AtolOpt = None,
     rtol: RtolOpt = None,
     threads: ThreadsOpt = 0,
@@ -558,7 +558,7 @@ def check(
     batch_sizes: Annotated[str | None, typer.Option("--batch-sizes", help="Comma-separated batch sizes (default: the manifest's).")] = None,
     atol: CheckAtolOpt = None,
     rtol: CheckRtolOpt = None,
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = "auto",
     threads: Annotated[int, typer.Option(help="Intra-op threads (per worker for a dataset); 0 lets the backend choose, for a dataset 1 per worker, which keeps the figures the same in every mode.")] = 0,
     references: Annotated[Path | None, typer.Option("--references", help="Dataset jobs: reference shards written by 'slimdeploy reference' (no torch needed here).")] = None,
     workers: WorkersOpt = 1,
@@ -578,6 +578,7 @@ def check(
     """
     from slimdeploy.parity import check_bundle
 
+    _print_device_note(bundle, device)
     parsed_batches = _parse_ints(batch_sizes, "--batch-sizes") if batch_sizes else None
     tolerances = _tolerances(atol, rtol, _bundle_precision(bundle))
     streamed = _dataset_job(data, workers, ray, work_dir, references, on_bad_input, shard_size, retries, force)
@@ -615,6 +616,23 @@ def check(
         report.write_junit(junit)
     if not report.passed:
         raise CheckFailedError(f"parity failed for '{bundle}'")
+
+
+def _print_device_note(bundle: Any, device: str) -> None:
+    """Say which runtime ``--device auto`` runs on where the bundle's default is not ONNX
+    Runtime (``bundle.device_note``). ``bundle``: a loaded ``Bundle`` or its path (read
+    without verifying its files, which the command does; one that does not load is left to it)."""
+    from slimdeploy.bundle import Bundle, device_note, load_bundle
+    from slimdeploy.errors import SlimDeployError
+
+    if device != "auto":
+        return
+    try:
+        note = device_note(bundle if isinstance(bundle, Bundle) else load_bundle(bundle, verify=False), device)
+    except SlimDeployError:
+        return
+    if note:
+        err_console.print(f"[yellow]note:[/yellow] {escape(note)}", soft_wrap=True)
 
 
 def _dataset_job(data: str | None, workers: int, ray: str | None, work_dir: Path | None, references: Path | None,
@@ -739,7 +757,7 @@ def run(
     gate_threshold: Annotated[float | None, typer.Option("--gate-threshold", help="Gated bundles: a block runs iff its gate probability is above this (default: the bundle's, 0.5 unless exported otherwise).")] = None,
     exit_thresholds: Annotated[str | None, typer.Option("--exit-thresholds", help="Early-exit bundles: one confidence threshold per stage, comma-separated (default: the bundle's).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = "auto",
     threads: ThreadsOpt = 0,
 ) -> None:
     """Run a bundle on inputs from an .npz file and write its outputs to an .npz file."""
@@ -753,6 +771,7 @@ def run(
     check_threads(threads)
     check_output_file(out, "--out", force=force)  # before any work
     loaded = load_bundle(bundle)
+    _print_device_note(loaded, device)
     feed = read_arrays(inputs)
     feed.update(_threshold_feed(loaded, gate_threshold, _parse_floats(exit_thresholds, "--exit-thresholds")))
     for note in _cast_float64(feed, {name: loaded.input_meta(name) for name in loaded.input_names}):
@@ -822,7 +841,7 @@ def bench(
     threads: Annotated[int, typer.Option(help="Threads for every runner; 0 = one per CPU core.")] = 0,
     no_torch: Annotated[bool, typer.Option("--no-torch", help="Do not time the PyTorch reference (timed by default where torch and the bundle's reference weights are).")] = False,
     baseline: Annotated[Path | None, typer.Option(help="Another bundle of the same model (e.g. its mask form) to time side by side (default: none).")] = None,
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = "auto",
     sweep: Annotated[str | None, typer.Option(help="Early-exit bundles: exit thresholds to sweep, comma-separated, or 'default' (0,0.5,0.8,0.9,0.95,0.98,0.99,0.995,0.999,1.01); the bundle's own thresholds are measured too. Default: no sweep.")] = None,
     data: Annotated[str | None, typer.Option(help="With --sweep: .npz (input, labels) or .npy of inputs to sweep over, or a dataset streamed as in check --data (an image folder, a folder or glob of .npz/.npy shards) (default: the whole digits held-out split for a bundle checked on digits, else its golden inputs).")] = None,
     plot: Annotated[Path | None, typer.Option(help="With --sweep: draw the sweep to this PNG (needs matplotlib: pip install 'slimdeploy\\[plot]').", callback=_result_file("--plot"))] = None,
@@ -845,6 +864,7 @@ def bench(
         raise BadInputError("--data gives the inputs of a threshold sweep | Fix: add --sweep default (or a list of thresholds)")
     execution = _dataset_job(data, workers, ray, work_dir, None, on_bad_input, shard_size, retries, force)
     stream = None if execution is None else _dataset_options(execution, None, None, device, 0, None, on_bad_input, shard_size)
+    _print_device_note(bundle, device)
     if plot is not None:  # before the benchmark, not after it
         from slimdeploy._optional import optional_import
 

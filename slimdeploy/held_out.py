@@ -58,12 +58,12 @@ class HeldOut:
         return {"input": self.inputs}
 
     def check(self, graphs: ExportedGraphs, options: ExportOptions, label: str, say: Callable[[str], None],
-              precision: str = "fp32") -> ParityReport:
-        """Parity of ``graphs`` against the reference at ``options.batch_sizes``, with this
-        held-out set's FP32 tolerances for FP32, else ``options.tolerances`` or the precision's
-        defaults."""
+              precision: str = "fp32", backend: str = "onnxruntime") -> ParityReport:
+        """Parity of ``graphs`` on ``backend`` (default ONNX Runtime) against the reference at
+        ``options.batch_sizes``, with this held-out set's FP32 tolerances for FP32, else
+        ``options.tolerances`` or the precision's defaults."""
         fp32 = precision == "fp32"
-        with graphs.runner(options.threads) as runner:
+        with graphs.runner(options.threads, backend=backend) as runner:
             return check_parity(runner, self.feed, self.reference, options.batch_sizes, "torch", precision=precision,
                                 tolerances=self.tolerances if fp32 else options.tolerances,
                                 labels=self.labels, decisions=self.decisions, batch_inputs=["input"],

@@ -23,7 +23,7 @@ from slimdeploy.errors import BadInputError
 
 # Threads beyond a few per core only add contention; 100000 would hang thread creation.
 THREADS_PER_CORE = 4
-DEVICES = ("cpu", "cuda", "openvino", "tensorrt")
+DEVICES = ("auto", "cpu", "cuda", "openvino", "tensorrt")
 # Copies of the weights an export holds at once (model, folded or float64 copy, ONNX bytes,
 # reference.pt bytes): a lower bound, so only models that cannot fit are refused.
 WEIGHT_COPIES = 4

@@ -725,14 +725,15 @@ def check_bundle(
         batch_sizes: batch sizes to run at. Defaults to the manifest's.
         tolerances: per-output (atol, rtol), ``""`` the default. Defaults to the manifest's.
         device: ONNX Runtime device (``"cpu"``, ``"cuda"``), ``"openvino"`` (OpenVINO's CPU
-            plugin), or ``"tensorrt"`` for the engines ``slimdeploy build`` recorded. Defaults to ``"cpu"``.
+            plugin), ``"tensorrt"`` for the engines ``slimdeploy build`` recorded, or ``"auto"``
+            (the bundle's default CPU runtime). Defaults to ``"cpu"``.
         threads: intra-op threads. Defaults to 0 (ONNX Runtime's choice).
         progress: optional callable told each step. Defaults to silence.
         arch: for a model built by the user's code, the factory that builds it
             (``module.path:factory`` or ``file.py:factory``), which references computed from
             ``data`` need; the bundle's record of it is never imported on its own. Defaults to none.
     """
-    from slimdeploy.bundle import bundle_runner, load_bundle
+    from slimdeploy.bundle import bundle_runner, load_bundle, resolve_device
     from slimdeploy.limits import check_device, check_threads
 
     check_device(device)
@@ -741,6 +742,7 @@ def check_bundle(
         raise InputValidationError(f"batch sizes must be positive integers, got {list(batch_sizes)}")
     given = check_tolerances(tolerances, "--atol/--rtol") if tolerances else None
     bundle = load_bundle(path)
+    device = resolve_device(bundle, device)
     manifest = bundle.manifest
     stored, stored_rule = _stored_tolerances(bundle)
     arrays, reference_name = _check_arrays(bundle, data, threads, arch)

@@ -34,6 +34,11 @@ def test_openvino_benchmark_quick_writes_complete_results(tmp_path: Path) -> Non
         assert row["export_parity_passed"] and row["openvino_check_passed"], row["openvino_check_failures"]
         assert row["same_top1"] >= 0.95 and row["max_abs_logits_openvino_vs_onnxruntime"] < 1.0
         assert [t["batch"] for t in row["timings"]] == [1, 32]
+        # The export's choice of default runtime is recorded, measured, and follows its own rows.
+        choice = row["runtime_choice"]
+        assert choice["measured"] is True and row["default_runtime"] == choice["default"] in ("onnxruntime", "openvino")
+        assert (choice["default"] == "openvino") == (all(b["speedup"] >= choice["margin"] for b in choice["batches"])
+                                                      and choice.get("openvino_parity_passed", False))
         for timing in row["timings"]:
             assert timing["onnxruntime"] > 0 and timing["openvino"] > 0
             assert timing["openvino_speedup_over_onnxruntime"] == pytest.approx(timing["onnxruntime"] / timing["openvino"], rel=2e-2)  # times are rounded to 4 decimals of a ms

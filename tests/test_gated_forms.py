@@ -229,6 +229,37 @@ def test_simplified_forms_keep_the_threshold_input(kit: dict[str, Any]) -> None:
     assert strict["gates"].sum() < default["gates"].sum()
 
 
+@pytest.mark.parametrize("form", ["if", "compact"])
+def test_simplified_recurrent_gates_lose_their_round_trips_and_keep_the_official_outputs(kit: dict[str, Any], form: str) -> None:
+    """simplify's rewrites (issue 16, per-piece overheads): the LSTM state no longer goes through
+    Gather/Unsqueeze/Slice between steps, the embedding conv is folded into the LSTM, and the
+    decisions and logits are still the official code's."""
+    from slimdeploy.exporters import simplify
+
+    model = compose_form(form, kit["graphs"], kit["plan"], (3, 32, 32))
+    slimmed = simplify(model)
+    assert not slimmed.error
+    lstms = [node for node in slimmed.model.graph.node if node.op_type == "LSTM"]
+    producer = {output: node for node in slimmed.model.graph.node for output in node.output}
+    if "rnn" in kit["name"]:
+        assert len(lstms) == sum(1 for node in model.graph.node if node.op_type == "LSTM") > 1
+        for index, lstm in enumerate(lstms):
+            assert producer[lstm.input[0]].op_type == "Reshape"  # the pooled feature, no conv, no Unsqueeze
+            assert producer[producer[lstm.input[0]].input[0]].op_type == "GlobalAveragePool"
+            if index:  # initial h and c: the previous step's Y_h / Y_c themselves (the first starts at zeros)
+                assert [producer[state].op_type for state in lstm.input[5:7]] == ["LSTM", "LSTM"]
+        gate_nodes = slimmed.ops_after.get("Slice", 0) + slimmed.ops_after.get("Unsqueeze", 0)
+        assert gate_nodes < slimmed.ops_before.get("Slice", 0) + slimmed.ops_before.get("Unsqueeze", 0) - 3 * len(lstms)
+    else:
+        assert not lstms
+    with OrtRunner(slimmed.model.SerializeToString(), threads=1) as runner:
+        for batch in (8, 1):
+            out = run_in_batches(runner, kit["input"], batch)
+            np.testing.assert_array_equal(out["gates"], kit["executed"])
+            np.testing.assert_allclose(out["logits"], kit["logits"], atol=1e-4, rtol=0)
+            np.testing.assert_allclose(out["gate_probs"], kit["p_execute"], atol=1e-5, rtol=0)
+
+
 @pytest.mark.slow
 def test_imagenet_recurrent_gate_forms_match_pytorch() -> None:
     """ImageNet SkipNet (7x7 stem + maxpool, Conv2d proj): forms agree with the reference."""

@@ -26,7 +26,7 @@ from slimdeploy.bundle.reader import (
     resolve_inside,
     sha256_file,
 )
-from slimdeploy.bundle.runners import bundle_runner, reference_runner
+from slimdeploy.bundle.runners import bundle_runner, device_note, reference_runner, resolve_device
 from slimdeploy.bundle.schema import MANIFEST, SCHEMA_VERSION, Manifest, validate_manifest
 from slimdeploy.bundle.writer import (
     bundle_size_hint,
@@ -38,6 +38,6 @@ from slimdeploy.bundle.writer import (
 
 __all__ = [
     "GOLDEN", "MANIFEST", "REFERENCE_WEIGHTS", "REPORT", "SCHEMA_VERSION", "TENSORRT", "Bundle", "Manifest",
-    "bundle_runner", "bundle_size_hint", "ensure_writable", "load_bundle", "recover_interrupted_swap", "reference_runner",
-    "resolve_inside", "sha256_file", "update_bundle", "validate_manifest", "write_bundle",
+    "bundle_runner", "bundle_size_hint", "device_note", "ensure_writable", "load_bundle", "recover_interrupted_swap", "reference_runner",
+    "resolve_device", "resolve_inside", "sha256_file", "update_bundle", "validate_manifest", "write_bundle",
 ]

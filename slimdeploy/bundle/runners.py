@@ -12,6 +12,39 @@ from slimdeploy.errors import BundleError
 
 # The transform that marks a network whose decisions were discovered (recipes.discovered).
 DISCOVER = "discover"
+# --device auto: the bundle's default CPU runtime (manifest ``runtime``, chosen at export).
+AUTO = "auto"
+
+
+def resolve_device(bundle: Bundle, device: str) -> str:
+    """``device`` itself, or for ``"auto"`` the bundle's default CPU runtime: ``"openvino"``
+    where the export found OpenVINO faster (manifest ``runtime.default``, ``export.runtime``)
+    and it is installed here, else ``"cpu"`` (ONNX Runtime)."""
+    if device != AUTO:
+        return device
+    return OPENVINO if _prefers_openvino(bundle) and _openvino_here() else "cpu"
+
+
+def device_note(bundle: Bundle, device: str) -> str | None:
+    """One line for the user when ``--device auto`` follows (or cannot follow) a bundle's
+    default runtime other than ONNX Runtime; None otherwise."""
+    if device != AUTO or not _prefers_openvino(bundle):
+        return None
+    if _openvino_here():
+        return ("running on OpenVINO, this bundle's default CPU runtime (faster than ONNX Runtime when it was exported: "
+                "manifest runtime) | Note: --device cpu runs ONNX Runtime")
+    return ("this bundle runs fastest on OpenVINO (measured when it was exported), which is not installed here: running on "
+            "ONNX Runtime | Fix: pip install 'slimdeploy[openvino]'")
+
+
+def _prefers_openvino(bundle: Bundle) -> bool:
+    return (bundle.manifest.get("runtime") or {}).get("default") == OPENVINO
+
+
+def _openvino_here() -> bool:
+    from slimdeploy.engines.openvino_runner import is_available
+
+    return is_available()
 
 
 def bundle_runner(bundle: Bundle, device: str = "cpu", threads: int = 0, replay: bool = False) -> Any:
@@ -22,12 +55,14 @@ def bundle_runner(bundle: Bundle, device: str = "cpu", threads: int = 0, replay:
     Args:
         bundle: a loaded bundle.
         device: ``"cpu"`` or ``"cuda"`` (ONNX Runtime), ``"openvino"`` (the same graphs on
-            OpenVINO's CPU plugin), or ``"tensorrt"``. Defaults to ``"cpu"``.
+            OpenVINO's CPU plugin), ``"tensorrt"``, or ``"auto"`` (the bundle's default CPU
+            runtime, ``resolve_device``). Defaults to ``"cpu"``.
         threads: intra-op threads; 0 lets ONNX Runtime choose. Defaults to 0.
         replay: staged bundles only: take gate decisions from the feed. Defaults to False.
     """
     from slimdeploy.engines.factory import make_runner
 
+    device = resolve_device(bundle, device)
     manifest = bundle.manifest
     graphs: dict[str, Path] = {graph["name"]: bundle.file(graph["file"]) for graph in bundle.graphs}
     backend, batch_range = "onnxruntime", None

@@ -268,6 +268,14 @@ class CalibrationInfo(Open):
     ranges: RelativePath | None = None
 
 
+class RuntimeChoice(Open):
+    """The CPU runtime the bundle runs on by default (``--device auto``) and whether it was
+    timed at export (``export.runtime``); bundles without it run on ONNX Runtime."""
+
+    default: Literal["onnxruntime", "openvino"]
+    measured: bool
+
+
 Shape = Annotated[list[Annotated[int, Field(ge=1, le=MAX_DIM)]], Field(min_length=1, max_length=8)]
 
 
@@ -385,6 +393,7 @@ class Manifest(Open):
     dynamic: Literal[GATED_FORMS] | None  # type: ignore[valid-type]
     precision: Literal[PRECISIONS]  # type: ignore[valid-type]
     calibration: CalibrationInfo | None = None
+    runtime: RuntimeChoice | None = None
     opset: Annotated[int, Field(ge=1, le=1000)]
     inputs: Annotated[list[TensorSpec], Field(min_length=1)]
     outputs: Annotated[list[TensorSpec], Field(min_length=1)]

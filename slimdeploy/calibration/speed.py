@@ -19,7 +19,6 @@ FP32 are named, in the manifest and in the warning.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -138,26 +137,18 @@ def speed_warning(precision: str, rows: Sequence[dict[str, Any]], layers: Sequen
 
 def _feeds(images: np.ndarray, batch: int) -> list[dict[str, np.ndarray]]:
     """Up to ``FEEDS[batch]`` distinct feeds of ``batch`` rows of ``images``."""
-    count = max(1, min(FEEDS.get(batch, 3), len(images) // batch))
-    return [{"input": np.ascontiguousarray(images[i * batch:(i + 1) * batch])} for i in range(count)]
+    from slimdeploy.bench import image_feeds
+
+    return image_feeds(images, batch, FEEDS.get(batch, 3))
 
 
 def _time_batch(runners: dict[str, Runner], feeds: Sequence[dict[str, np.ndarray]], precision: str,
                 budget_s: float) -> dict[str, Any]:
     """One batch size timed side by side within about ``budget_s`` seconds."""
-    from slimdeploy.bench import compare_runners
+    from slimdeploy.bench import time_within
 
-    # One call each to size the turns (and to warm up what the first call allocates).
-    slowest = 0.0
-    for runner in runners.values():
-        runner.infer(feeds[0], check_inputs=False)
-        started = time.perf_counter()
-        runner.infer(feeds[0], check_inputs=False)
-        slowest = max(slowest, time.perf_counter() - started)
-    turn_s = budget_s / (ROUNDS * len(runners))
-    calls = int(min(200, max(1, turn_s // max(slowest, 1e-6))))
-    timed = compare_runners(runners, feeds, warmup=len(feeds), rounds=ROUNDS, calls_per_round=calls)
-    fp32_ms, reduced_ms = timed["fp32"].mean_ms, timed[precision].mean_ms
+    times, calls = time_within(runners, feeds, budget_s, rounds=ROUNDS)
+    fp32_ms, reduced_ms = times["fp32"], times[precision]
     return {
         "batch": len(next(iter(feeds[0].values()))), "calls_per_round": calls, "rounds": ROUNDS,
         "fp32_ms": round(fp32_ms, 4), "reduced_ms": round(reduced_ms, 4),

@@ -12,6 +12,7 @@ Each stage is a function in the folder of its stage, with a typed value between 
     export_graphs        exporters/forms.py       → ExportedGraphs  (torch.export, onnx.checker)
     check_and_simplify   exporters/checked.py     → CheckedGraphs   (parity, onnxslim, parity again)
     reduce_precision     calibration/stage.py     → CheckedGraphs   (FP16 / INT8, parity, vs FP32)
+    choose_cpu_runtime   export/runtime.py        → CheckedGraphs   (the default CPU runtime, timed)
     bundle_contents      export/manifest.py       → files and manifest, written atomically
 
 What is special about a family (transforms, forms, outputs, decisions, sample cover, MACs,
@@ -87,6 +88,7 @@ def export(checkpoint: str | Path, out: str | Path, options: ExportOptions | Non
     from slimdeploy.calibration import check_precision
     from slimdeploy.calibration.stage import read_calibration, reduce_precision
     from slimdeploy.export.manifest import bundle_contents
+    from slimdeploy.export.runtime import choose_cpu_runtime
     from slimdeploy.exporters.checked import check_and_simplify
     from slimdeploy.exporters.forms import export_graphs
     from slimdeploy.held_out import REFERENCE_BATCH, held_out_samples
@@ -121,6 +123,7 @@ def export(checkpoint: str | Path, out: str | Path, options: ExportOptions | Non
     checked = check_and_simplify(exported, held_out, options, say)
     if options.precision != "fp32":
         checked = reduce_precision(checked, held_out, calibration, model_id, options, say)
+    checked = choose_cpu_runtime(checked, held_out, options, say)
 
     say("writing the bundle")
     notes = [*loaded.notes, *_target_notes(form, options), *held_out.notes, *checked.notes]

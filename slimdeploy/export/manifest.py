@@ -88,6 +88,8 @@ def bundle_contents(out: Path, deployed: DeployedModel, held_out: HeldOut, check
         # Reduced precision: how it was made (calibration source, size, method, synthetic or
         # not, decision heads kept FP32) and its agreement with the FP32 graphs.
         "calibration": checked.calibration,
+        # The CPU runtime `run`, `check` and `bench` use by default, and the timing that chose it.
+        "runtime": checked.runtime,
         "opset": exported.opset,
         "inputs": inputs_spec,
         "outputs": outputs_spec,

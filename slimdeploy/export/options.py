@@ -78,9 +78,10 @@ class ExportOptions:
             or one for all. Defaults to the checkpoint's; a foreign checkpoint gets the CIFAR
             statistics (inputs of 64 pixels or less) or ImageNet's, with a note.
         std: per-channel std divided by, as ``mean``. Defaults as ``mean``.
-        speed_check: fp16/int8 for ``ort``: time the reduced graphs against FP32 on this CPU
-            (a few seconds), record the ratio (manifest ``calibration.speed_vs_fp32``) and warn
-            when they are slower. Defaults to True.
+        speed_check: for ``ort``, the export's timings on this CPU (a few seconds each):
+            fp16/int8 graphs against FP32 (manifest ``calibration.speed_vs_fp32``, a warning
+            when they are slower), and, where OpenVINO is installed, OpenVINO against ONNX
+            Runtime (manifest ``runtime``: the bundle's default CPU runtime). Defaults to True.
     """
 
     arch: str | None = None

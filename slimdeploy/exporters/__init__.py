@@ -1,5 +1,5 @@
 """Export stage: torch.export → ONNX (``export_onnx``), then simplification (``simplify``);
-exact rewrites for quantization (``to_global_average_pool``).
+rewrites that keep results and cut ONNX Runtime's work (``exporters.rewrite``).
 
 Importing this package is torch-free; torch is imported inside ``export_onnx``.
 """

@@ -31,6 +31,8 @@ class CheckedGraphs:
         calibration: reduced precision only: how it was made and its agreement with the FP32
             graphs (manifest ``calibration``). None for FP32.
         record: INT8 only: the calibration ranges (``calibration.json``), or None.
+        runtime: the CPU runtime the bundle runs on by default and the timing that chose it
+            (manifest ``runtime``, ``export.runtime.choose_cpu_runtime``). None until chosen.
     """
 
     exported: ExportedGraphs
@@ -40,6 +42,7 @@ class CheckedGraphs:
     warnings: list[str] = field(default_factory=list)
     calibration: dict[str, Any] | None = None
     record: bytes | None = None
+    runtime: dict[str, Any] | None = None
 
     @property
     def graphs(self) -> dict[str, Any]:

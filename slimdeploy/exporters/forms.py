@@ -43,15 +43,16 @@ class ExportedGraphs:
     opset: int
     seconds: float = 0.0
 
-    def runner(self, threads: int = 0, profile: bool = False) -> Runner:
-        """A runner over the in-memory graphs (ONNX Runtime; the staged controller for
-        ``staged``), with ``threads`` intra-op threads (0: ONNX Runtime's choice); with
-        ``profile``, its sessions record their nodes' times (``engines.ort_profile``)."""
+    def runner(self, threads: int = 0, profile: bool = False, backend: str = "onnxruntime") -> Runner:
+        """A runner over the in-memory graphs (the staged controller for ``staged``), with
+        ``threads`` intra-op threads (0: the runtime's choice); with ``profile``, its sessions
+        record their nodes' times (``engines.ort_profile``). ``backend``: ``"onnxruntime"``
+        (the default) or ``"openvino"``."""
         from slimdeploy.engines.factory import make_runner
 
         sources = {name: graph.SerializeToString() for name, graph in self.graphs.items()}
         return make_runner(sources, self.form, self.input_meta, plan=self.plan,
-                           decision_defaults=dict(self.thresholds), threads=threads, profile=profile)
+                           decision_defaults=dict(self.thresholds), threads=threads, profile=profile, backend=backend)
 
     def with_graphs(self, graphs: dict[str, Any]) -> ExportedGraphs:
         """The same form with other graphs (simplified, reduced precision)."""

@@ -1,4 +1,7 @@
-"""Graph simplification with onnxslim (constant folding, dead-node removal, fusions).
+"""Graph simplification with onnxslim (constant folding, dead-node removal, fusions), then the
+rewrites onnxslim leaves (``exporters.rewrite``): whole-map pools as ``GlobalAveragePool``, the
+recurrent gate's LSTM state round trips dropped and its embedding conv folded into the LSTM.
+Each saves fixed per-node costs that matter for gates at batch 1 (issue 16).
 
 The caller re-checks parity after simplifying; ``simplify`` itself only reports what changed.
 """
@@ -12,6 +15,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from slimdeploy._optional import optional_import
+from slimdeploy.exporters.rewrite import (
+    drop_unit_axis_round_trips,
+    fold_embedding_into_lstm,
+    to_global_average_pool,
+)
 
 
 @dataclass
@@ -52,6 +60,9 @@ def simplify(model: Any) -> SimplifyResult:
             slimmed = onnxslim.slim(stripped)
     except Exception as exc:  # onnxslim raises assorted errors on graphs it cannot handle
         return SimplifyResult(model, sum(before.values()), sum(before.values()), before, before, error=str(exc)[:300])
+    to_global_average_pool(slimmed)
+    drop_unit_axis_round_trips(slimmed)  # before the fold: it turns Reshape + Unsqueeze into the Reshape the fold reads
+    fold_embedding_into_lstm(slimmed)
     kept_inputs = {value.name for value in slimmed.graph.input}
     slimmed.graph.initializer.extend(init for init in defaults if init.name in kept_inputs)
     after = op_counts(slimmed)
