@@ -115,6 +115,9 @@ def compare(name: str, learned: Any, x: np.ndarray, settings: dict[str, Any], th
             say(f"{name}: exporting {form}")
             started = time.perf_counter()
             graph = export(module, input_size)
+            if settings.get("save_graphs"):  # for benchmarks/op_profile.py
+                Path(settings["save_graphs"]).mkdir(parents=True, exist_ok=True)
+                (Path(settings["save_graphs"]) / f"{name}_{form}.onnx").write_bytes(graph.SerializeToString())
             forms[form] = {
                 "export_s": round(time.perf_counter() - started, 2),
                 "onnx_initializer_elements": initializer_elements(graph),
@@ -264,8 +267,11 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = benchmark_arguments(__doc__.splitlines()[0], DEFAULT_OUT).parse_args(argv)
-    settings = QUICK if args.quick else FULL
+    parser = benchmark_arguments(__doc__.splitlines()[0], DEFAULT_OUT)
+    parser.add_argument("--save-graphs", type=Path, default=None,
+                        help="also write each form's ONNX graph here (NAME_FORM.onnx), e.g. to profile them with op_profile.py")
+    args = parser.parse_args(argv)
+    settings = {**(QUICK if args.quick else FULL), "save_graphs": str(args.save_graphs) if args.save_graphs else None}
     import torch
 
     torch.set_num_threads(args.threads)

@@ -94,6 +94,17 @@ def test_zoo_int8_export_has_no_gather_or_batchnorm_between_convolutions(tmp_pat
     # Only the classifier's Gather (on [B, C] features) is left; the last pool is global.
     assert "BatchNormalization" not in ops and ops.count("Gather") == 1
     assert ops.count("GlobalAveragePool") == 1 and ops.count("AveragePool") == 2
+    # The 2x2 transition pools stay FP32 (ONNX Runtime's QLinearAveragePool is far slower there):
+    # no Q/DQ pair wraps them, their output is quantized again, and the manifest names them.
+    graph = onnx.load(out / "model.onnx").graph
+    producer = {output: node for node in graph.node for output in node.output}
+    readers = {tensor: node for node in graph.node for tensor in node.input}
+    pools = [node for node in graph.node if node.op_type == "AveragePool"]
+    assert all(producer[pool.input[0]].op_type != "DequantizeLinear" or producer[producer[pool.input[0]].input[0]].op_type != "QuantizeLinear"
+               for pool in pools)
+    assert all(readers[pool.output[0]].op_type == "QuantizeLinear" for pool in pools)
+    calibration = json.loads((out / "manifest.json").read_text())["calibration"]
+    assert sorted(calibration["fp32_average_pools"]["model"]) == sorted(pool.name for pool in pools)
     check = run_cli("check", str(out))
     assert check.returncode == 0, check.stdout + check.stderr
     fp32 = tmp_path / "fp32"

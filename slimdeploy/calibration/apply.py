@@ -179,7 +179,7 @@ def apply_precision(
         feeds = _graph_feeds(graphs, form, plan, input_meta, images, gate_threshold)
 
     say(f"quantizing to INT8 in the {'TensorRT (S8S8)' if target == 'trt' else 'ONNX Runtime (U8S8)'} form")
-    out, fp32_pieces, fp32_blocks, fp32_stems = {}, [], {}, {}
+    out, fp32_pieces, fp32_blocks, fp32_stems, fp32_pools = {}, [], {}, {}, {}
     corrections: dict[str, BiasCorrection] = {}
     if bias_correction and images is not None:
         say("correcting the quantized layers' biases on the calibration images")
@@ -197,11 +197,14 @@ def apply_precision(
             if target == "ort" and not op_types:
                 # Full placement in the ONNX Runtime form (the conv-only fallback of
                 # best_calibration is left as it is: it exists for the decisions' sake).
-                # The convolution reading the image stays FP32 (see ``image_convs``).
-                stems = image_convs(graph)
-                exclude = [*exclude, *stems]
+                # The convolution reading the image stays FP32 (see ``image_convs``), and so
+                # do windowed average pools (``windowed_average_pools``).
+                stems, windowed = image_convs(graph), windowed_average_pools(graph)
+                exclude = [*exclude, *stems, *windowed]
                 if stems:
                     fp32_stems[name] = stems
+                if windowed:
+                    fp32_pools[name] = windowed
                 # The gate heads read the INT8 map's pooled values: one small tensor to
                 # dequantize per gate instead of the whole feature map (decisions.entry_pools).
                 pools = set(scope.entry_pools(graph))
@@ -234,6 +237,8 @@ def apply_precision(
         "fp32_unreached": fp32_blocks,
         # Per graph, the convolutions reading the image, kept FP32 in the ONNX Runtime form.
         "fp32_image_convs": fp32_stems,
+        # Per graph, the windowed average pools, kept FP32 in the ONNX Runtime form.
+        "fp32_average_pools": fp32_pools,
         # Biases shifted by their layer's mean output error on the calibration images.
         "bias_correction": _correction_info(corrections) if corrections else False,
     })
@@ -260,6 +265,16 @@ def image_convs(graph: onnx.ModelProto) -> list[str]:
         if len(dims) == 4 and dims[1].HasField("dim_value") and dims[1].dim_value <= IMAGE_CHANNELS:
             images.add(value.name)
     return [node.name for node in graph.graph.node if node.op_type == "Conv" and node.input and node.input[0] in images]
+
+
+def windowed_average_pools(graph: onnx.ModelProto) -> list[str]:
+    """The average pools over a window smaller than the map (CondenseNet's 2x2 transitions;
+    whole-map pools are ``GlobalAveragePool`` by then, ``exporters.rewrite``): kept FP32 in
+    the ONNX Runtime INT8 form. Its ``QLinearAveragePool`` ran about 20x slower than the FP32
+    ``AveragePool`` on CondenseNet's transition maps, a fifth of the INT8 graph's time, where
+    the DequantizeLinear/QuantizeLinear around an FP32 pool cost far less (ONNX Runtime profile,
+    benchmarks/README.md, ``results/op_profile_condensenet_int8.json``)."""
+    return [node.name for node in graph.graph.node if node.op_type == "AveragePool"]
 
 
 def _graph_feeds(graphs: Mapping[str, onnx.ModelProto], form: str | None, plan: Mapping[str, Any] | None,
