@@ -43,6 +43,15 @@ def graph_path(target: str) -> Path:
     return path / "model.onnx" if path.is_dir() else path
 
 
+def random_feed(inputs: list[tuple[str, Any]], batch: int) -> dict[str, np.ndarray]:
+    """Random normal float32 arrays for every graph input (a staged piece takes the features
+    the previous piece carried as well as the image): axis 0 is the batch, the other axes as
+    declared (a dynamic one other than the batch: 1)."""
+    rng = np.random.default_rng(0)
+    return {name: rng.standard_normal((batch, *[d if isinstance(d, int) else 1 for d in shape[1:]])).astype(np.float32)
+            for name, shape in inputs}
+
+
 def profile(path: Path, batch: int, threads: int, runs: int) -> dict[str, Any]:
     """Operator counts and time shares of one graph, and its p50 latency in ms."""
     import onnx
@@ -58,8 +67,7 @@ def profile(path: Path, batch: int, threads: int, runs: int) -> dict[str, Any]:
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
         options.enable_profiling, options.profile_file_prefix = True, str(Path(tmp) / "profile")
         profiled = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        meta = profiled.get_inputs()[0]
-        feed = {meta.name: np.random.default_rng(0).standard_normal((batch, *meta.shape[1:])).astype(np.float32)}
+        feed = random_feed([(meta.name, meta.shape) for meta in profiled.get_inputs()], batch)
         for _ in range(runs + 1):
             profiled.run(None, feed)
         events = json.loads(Path(profiled.end_profiling()).read_text())
@@ -102,8 +110,7 @@ def compare(baseline: Path, candidate: Path, batch: int, threads: int, runs: int
     times = {}
     for label, path in (("baseline", baseline), ("candidate", candidate)):
         with OrtRunner(path, threads=threads, profile=True) as runner:
-            meta = next(iter(runner.input_metadata().values()))
-            feed = {meta.name: np.random.default_rng(0).standard_normal((batch, *meta.shape[1:])).astype(np.float32)}
+            feed = random_feed([(meta.name, meta.shape) for meta in runner.input_metadata().values() if not meta.optional], batch)
             for _ in range(runs + 1):
                 runner.infer(feed)
             times[label] = layer_times(runner, {"model": onnx.load(path)}, runs + 1)

@@ -32,6 +32,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from slimdeploy.engines.ort_runner import OrtRunner
+from slimdeploy.exporters.rewrite import graph_links
 
 # Operators with a per-output-channel bias on axis 1 of their output (MatMul has none).
 BIAS_OPS = ("Conv", "Gemm")
@@ -131,11 +132,7 @@ def _layers(model: onnx.ModelProto, fp32: onnx.ModelProto) -> tuple[list[_Layer]
     fp32_producers = {out: node for node in fp32.graph.node for out in node.output}
     graph = model.graph
     inits = {init.name: init for init in graph.initializer}
-    producers = {out: node for node in graph.node for out in node.output}
-    readers: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers[name] = readers.get(name, 0) + 1
+    producers, readers = graph_links(graph)
     layers: list[_Layer] = []
     skipped: dict[str, str] = {}
     for node in graph.node:

@@ -85,6 +85,17 @@ def to_global_average_pool(model: Any) -> int:
     return replaced
 
 
+def graph_links(graph: Any) -> tuple[dict[str, Any], dict[str, int]]:
+    """Of a graph's main nodes: the node producing each tensor, and how many node inputs read
+    each tensor (subgraphs not counted)."""
+    producer = {output: node for node in graph.node for output in node.output}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for tensor in node.input:
+            readers[tensor] = readers.get(tensor, 0) + 1
+    return producer, readers
+
+
 def drop_unit_axis_round_trips(model: Any) -> int:
     """Remove, in place, the axis-0 round trips that the recurrent gate's LSTM state takes
     between two ``LSTM`` nodes, which onnxslim leaves; returns how many nodes were removed.
@@ -110,7 +121,7 @@ def drop_unit_axis_round_trips(model: Any) -> int:
     for node in graph.node:
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
             constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-    producer = {output: node for node in graph.node for output in node.output}
+    producer, readers = graph_links(graph)
     graph_outputs = {value.name for value in graph.output}
 
     def ints(name: str) -> list[int] | None:
@@ -129,10 +140,6 @@ def drop_unit_axis_round_trips(model: Any) -> int:
         direction = next((a.s.decode() for a in node.attribute if a.name == "direction"), "forward")
         return direction in ("forward", "reverse")
 
-    readers: dict[str, int] = {}
-    for node in graph.node:
-        for tensor in node.input:
-            readers[tensor] = readers.get(tensor, 0) + 1
     renamed: dict[str, str] = {}  # output of a removed node -> the tensor it equals
     reshaped: set[str] = set()  # Reshape outputs that gained the unit axis
     for node in graph.node:
@@ -205,11 +212,7 @@ def fold_embedding_into_lstm(model: Any) -> int:
     numpy_helper = onnx.numpy_helper
     graph = model.graph
     weights = {init.name: init for init in graph.initializer}
-    producer = {output: node for node in graph.node for output in node.output}
-    readers: dict[str, int] = {}
-    for node in graph.node:
-        for tensor in node.input:
-            readers[tensor] = readers.get(tensor, 0) + 1
+    producer, readers = graph_links(graph)
     graph_outputs = {value.name for value in graph.output}
     inferred = onnx.shape_inference.infer_shapes(model).graph
     shapes = {value.name: [d.dim_value for d in value.type.tensor_type.shape.dim]
