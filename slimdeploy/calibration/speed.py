@@ -75,7 +75,7 @@ def speed_vs_fp32(fp32: ExportedGraphs, reduced: ExportedGraphs, images: np.ndar
     with fp32.runner(threads) as fp32_runner, reduced.runner(threads) as reduced_runner:
         runners = {"fp32": fp32_runner, precision: reduced_runner}
         for batch in batches:
-            rows.append(_time_batch(runners, _feeds(images, batch), precision, budget_s / len(batches)))
+            rows.append(_time_batch(runners, timing_feeds(images, batch), precision, budget_s / len(batches)))
     info: dict[str, Any] = {
         "precision": precision, "runtime": f"onnxruntime {package_version('onnxruntime')}", "device": "cpu",
         "threads": threads, "cores": os.cpu_count(), "inputs": source,
@@ -86,7 +86,7 @@ def speed_vs_fp32(fp32: ExportedGraphs, reduced: ExportedGraphs, images: np.ndar
     warning = None
     if info["slower"]:
         worst = min(rows, key=lambda row: row["speedup"])
-        layers = profile_layers(fp32, reduced, _feeds(images, worst["batch"]), threads)
+        layers = profile_layers(fp32, reduced, timing_feeds(images, worst["batch"]), threads)
         info["profile"] = {"batch": worst["batch"], "calls": PROFILE_CALLS, "layers": layers[:RECORDED_LAYERS]}
         warning = speed_warning(precision, rows, layers, threads)
         info["warning"] = warning
@@ -135,7 +135,7 @@ def speed_warning(precision: str, rows: Sequence[dict[str, Any]], layers: Sequen
     )
 
 
-def _feeds(images: np.ndarray, batch: int) -> list[dict[str, np.ndarray]]:
+def timing_feeds(images: np.ndarray, batch: int) -> list[dict[str, np.ndarray]]:
     """Up to ``FEEDS[batch]`` distinct feeds of ``batch`` rows of ``images``."""
     from slimdeploy.bench import image_feeds
 

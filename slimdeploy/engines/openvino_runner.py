@@ -37,6 +37,7 @@ from onnx import numpy_helper
 from slimdeploy._optional import optional_import
 from slimdeploy.engines.base import Dim, Runner, TensorMeta
 from slimdeploy.errors import BackendUnavailableError, BundleError
+from slimdeploy.exporters.rewrite import graph_links
 from slimdeploy.limits import check_threads
 
 OPENVINO = "openvino"
@@ -158,7 +159,7 @@ def unround_residual_identities(graph: onnx.ModelProto) -> int:
     reading ``identity`` itself (FP32) leaves a plain float sum. Other consumers of the
     identity's DequantizeLinear keep it. An FP32 graph has no such pattern and is unchanged.
     """
-    producer = {output: node for node in graph.graph.node for output in node.output}
+    producer, _ = graph_links(graph.graph)
 
     def quantized_source(tensor: str) -> str | None:
         """The float tensor behind ``tensor`` when it is DequantizeLinear(QuantizeLinear(x))."""

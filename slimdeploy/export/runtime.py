@@ -26,19 +26,15 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from slimdeploy.calibration.speed import BUDGET_S, ROUNDS, SPEED_BATCHES, timing_feeds
+from slimdeploy.engines.openvino_runner import OPENVINO
+
 if TYPE_CHECKING:
     from slimdeploy.export.options import ExportOptions
     from slimdeploy.exporters.checked import CheckedGraphs
     from slimdeploy.held_out import HeldOut
 
-ONNXRUNTIME, OPENVINO = "onnxruntime", "openvino"
-CPU_RUNTIMES = (ONNXRUNTIME, OPENVINO)
-TIMED_BATCHES = (1, 32)
-# Distinct feeds per batch size (a gated model's cost varies per image).
-FEEDS = {1: 8, 32: 3}
-# Seconds the side-by-side timing aims at, both batch sizes together.
-BUDGET_S = 3.0
-ROUNDS = 5
+ONNXRUNTIME = "onnxruntime"
 # OpenVINO must be at least this much faster at every batch size to become the default: a
 # smaller lead is within what two runs on a shared CPU differ by.
 MARGIN = 1.1
@@ -52,6 +48,7 @@ def not_measured(reason: str) -> dict[str, Any]:
 def choose_cpu_runtime(checked: CheckedGraphs, held_out: HeldOut, options: ExportOptions,
                        say: Callable[[str], None]) -> CheckedGraphs:
     """``checked`` with ``runtime`` set: the CPU runtime the bundle runs on by default."""
+    # Looked up per call, where the tests replace it.
     from slimdeploy.engines.openvino_runner import is_available
 
     graphs = checked.exported
@@ -92,17 +89,18 @@ def choose_cpu_runtime(checked: CheckedGraphs, held_out: HeldOut, options: Expor
 
 
 def time_runtimes(checked: CheckedGraphs, held_out: HeldOut, threads: int) -> list[dict[str, Any]]:
-    """Per batch size of ``TIMED_BATCHES`` (cut to the samples there are): ONNX Runtime's and
+    """Per batch size of the precision speed check's (``calibration.speed``: batch 1 and 32,
+    cut to the samples there are, the same feeds, budget and rounds): ONNX Runtime's and
     OpenVINO's mean call time side by side, and OpenVINO's speed-up."""
-    from slimdeploy.bench import image_feeds, time_within
+    from slimdeploy.bench import time_within
 
     graphs = checked.exported
-    batches = sorted({min(batch, len(held_out.inputs)) for batch in TIMED_BATCHES})
+    batches = sorted({min(batch, len(held_out.inputs)) for batch in SPEED_BATCHES})
     rows = []
     with graphs.runner(threads) as ort_runner, graphs.runner(threads, backend=OPENVINO) as openvino_runner:
         runners = {ONNXRUNTIME: ort_runner, OPENVINO: openvino_runner}
         for batch in batches:
-            feeds = image_feeds(held_out.inputs, batch, FEEDS.get(batch, 3))
+            feeds = timing_feeds(held_out.inputs, batch)
             times, calls = time_within(runners, feeds, BUDGET_S / len(batches), rounds=ROUNDS)
             rows.append({
                 "batch": batch, "calls_per_round": calls, "rounds": ROUNDS,

@@ -59,11 +59,7 @@ def to_global_average_pool(model: Any) -> int:
     for node in graph.node:
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
             constants[node.output[0]] = node.attribute[0].t
-    inferred = onnx.shape_inference.infer_shapes(model).graph
-    # Static dims as ints, symbolic ones (batch) as 0.
-    shapes = {value.name: [d.dim_value for d in value.type.tensor_type.shape.dim]
-              for value in [*inferred.input, *inferred.value_info, *inferred.output]
-              if value.type.tensor_type.HasField("shape")}
+    shapes = _static_shapes(model)
     replaced = 0
     for index, node in enumerate(graph.node):
         if node.domain not in ("", "ai.onnx"):
@@ -188,10 +184,7 @@ def drop_unit_axis_round_trips(model: Any) -> int:
                 and node.op_type in ("Slice", "Unsqueeze", "Gather")]
         if not dead:
             # Shapes recorded for the tensors that changed rank or went away are stale.
-            stale = reshaped | set(renamed)
-            kept = [value for value in graph.value_info if value.name not in stale]
-            del graph.value_info[:]
-            graph.value_info.extend(kept)
+            _drop_value_info(graph, reshaped | set(renamed))
             return removed
         for node in dead:
             graph.node.remove(node)
@@ -214,15 +207,12 @@ def fold_embedding_into_lstm(model: Any) -> int:
     weights = {init.name: init for init in graph.initializer}
     producer, readers = graph_links(graph)
     graph_outputs = {value.name for value in graph.output}
-    inferred = onnx.shape_inference.infer_shapes(model).graph
-    shapes = {value.name: [d.dim_value for d in value.type.tensor_type.shape.dim]
-              for value in [*inferred.input, *inferred.value_info, *inferred.output]
-              if value.type.tensor_type.HasField("shape")}
+    shapes = _static_shapes(model)
 
     def single_reader(tensor: str) -> bool:
         return readers.get(tensor) == 1 and tensor not in graph_outputs
 
-    folded = 0
+    folded, stale = 0, set()
     for lstm in list(graph.node):
         if lstm.op_type != "LSTM" or len(lstm.input) < 4 or lstm.input[1] not in weights or lstm.input[3] not in weights:
             continue
@@ -264,12 +254,10 @@ def fold_embedding_into_lstm(model: Any) -> int:
         reshape.input[0], reshape.input[1] = conv.input[0], names["shape"]
         lstm.input[1], lstm.input[3] = names["W"], names["B"]
         graph.node.remove(conv)
-        stale = {conv.output[0], reshape.output[0]}
-        kept = [value for value in graph.value_info if value.name not in stale]
-        del graph.value_info[:]
-        graph.value_info.extend(kept)
+        stale |= {conv.output[0], reshape.output[0]}  # their recorded shapes no longer hold
         folded += 1
-    if folded:  # the replaced weights, where nothing (subgraphs included) reads them any more
+    if folded:
+        _drop_value_info(graph, stale)  # the replaced weights, where nothing (subgraphs included) reads them any more
         used = _tensors_read(graph)
         kept = [init for init in graph.initializer if init.name in used or init.name in {v.name for v in graph.input}]
         del graph.initializer[:]
@@ -286,3 +274,19 @@ def _tensors_read(graph: Any) -> set[str]:
             for body in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
                 read |= _tensors_read(body)
     return read
+
+
+def _static_shapes(model: Any) -> dict[str, list[int]]:
+    """Inferred shapes by tensor name: static dims as ints, symbolic ones (batch) as 0."""
+    onnx = optional_import("onnx", "rewrite ONNX graphs")
+    inferred = onnx.shape_inference.infer_shapes(model).graph
+    return {value.name: [d.dim_value for d in value.type.tensor_type.shape.dim]
+            for value in [*inferred.input, *inferred.value_info, *inferred.output]
+            if value.type.tensor_type.HasField("shape")}
+
+
+def _drop_value_info(graph: Any, names: set[str]) -> None:
+    """Remove the recorded shapes of ``names`` (tensors a rewrite changed or removed)."""
+    kept = [value for value in graph.value_info if value.name not in names]
+    del graph.value_info[:]
+    graph.value_info.extend(kept)
